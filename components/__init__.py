@@ -1,0 +1,11 @@
+"""KFP components: one lightweight Python component per stage, bodies only call the stage.
+
+Each component runs on the project image (which already holds automoe and kfp), so it
+is compiled with `install_kfp_package=False` and installs nothing at run time.
+"""
+
+from components.images import IMAGE
+from components.prepare_data import prepare_data
+from components.tracking import close_tracking, open_tracking
+
+__all__ = ["IMAGE", "close_tracking", "open_tracking", "prepare_data"]

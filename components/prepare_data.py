@@ -1,0 +1,11 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Metrics, Output
+
+from components.images import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def prepare_data(params: str, overrides: list, parent_run_id: str, prepared: Output[Dataset], metrics: Output[Metrics]):
+    from automoe.stages import prepare_data
+
+    prepare_data.component_main(params, overrides, parent_run_id, prepared.path, metrics)

@@ -1,0 +1,30 @@
+"""`automoe <command>`: one subcommand per pipeline stage (same names as dvc.yaml and KFP)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> module with a `main(argv) -> int`
+COMMANDS = {
+    "prepare_data": "automoe.stages.prepare_data",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: automoe <command> [options]\n\ncommands:")
+        for name, module in COMMANDS.items():
+            doc = (importlib.import_module(module).__doc__ or "").strip().splitlines()[0]
+            print(f"  {name:<16} {doc.split(': ', 1)[-1]}")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[command]).main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

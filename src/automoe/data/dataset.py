@@ -1,0 +1,148 @@
+"""Reading prepared data: memory-mapped token arrays and the token-budget batch sampler."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+from automoe.data.corpus import PAD, SPM_FILE
+from automoe.errors import DataError
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Side:
+    tokens: np.ndarray  # (total_tokens,) all sequences back to back
+    offsets: np.ndarray  # (n + 1,)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+
+@dataclass(frozen=True)
+class ParallelSplit:
+    src: Side
+    tgt: Side
+
+    def __len__(self) -> int:
+        return len(self.src.offsets) - 1
+
+    def collate(self, indices: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (B, S) source and (B, T) target id tensors, in the given order."""
+        return pad([self.src[i] for i in indices]), pad([self.tgt[i] for i in indices])
+
+
+def pad(seqs: list[np.ndarray]) -> torch.Tensor:
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        out[row, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
+    return out
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepare_data output folder: manifest, SentencePiece model, splits."""
+
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, root: Path | str) -> PreparedData:
+        root = Path(root)
+        try:
+            manifest = json.loads((root / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise DataError(f"{root}: not a prepared-data folder ({MANIFEST} missing; run prepare_data)") from None
+        except (json.JSONDecodeError, OSError) as exc:
+            raise DataError(f"{root / MANIFEST}: unreadable manifest ({exc})") from None
+        return cls(root, manifest)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    def sentencepiece(self) -> spm.SentencePieceProcessor:
+        return spm.SentencePieceProcessor(model_file=str(self.root / SPM_FILE))
+
+    def split(self, name: str) -> ParallelSplit:
+        def side(which: str) -> Side:
+            try:
+                return Side(
+                    np.load(self.root / f"{name}.{which}.tokens.npy", mmap_mode="r"),
+                    np.load(self.root / f"{name}.{which}.offsets.npy"),
+                )
+            except FileNotFoundError as exc:
+                raise DataError(f"{self.root}: split {name!r} is missing ({Path(exc.filename).name})") from None
+
+        return ParallelSplit(side("src"), side("tgt"))
+
+    def raw_lines(self, split: str, side: str) -> list[str]:
+        """The cleaned raw text of a split (references for BLEU), one line per example."""
+        return (self.root / f"{split}.{side}.txt").read_text(encoding="utf-8").splitlines()
+
+
+class TokenBatchSampler:
+    """Length-bucketed batches whose padded size (rows x longest side) fits `max_tokens`.
+
+    The plan of an epoch depends only on (seed, epoch): shuffle, stable-sort by length
+    (so equal lengths stay shuffled), cut greedily, shuffle the batch order. Every
+    example appears exactly once per epoch. `state_dict()` is the position (epoch,
+    batch); loading it continues with the very next batch.
+    """
+
+    def __init__(self, src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, seed: int, shuffle=True):
+        self.lens = np.maximum(np.asarray(src_lens), np.asarray(tgt_lens)).astype(np.int64)
+        if len(self.lens) == 0:
+            raise DataError("batch sampler: no examples")
+        longest = int(self.lens.max())
+        if longest > max_tokens:
+            raise DataError(f"batch sampler: max_tokens={max_tokens} is smaller than the longest example ({longest})")
+        self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._plan: list[np.ndarray] | None = None
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lens)) if self.shuffle else np.arange(len(self.lens))
+        order = order[np.argsort(self.lens[order], kind="stable")]
+        batches, start, longest = [], 0, 0
+        for i, idx in enumerate(order):
+            longest_if_added = max(longest, int(self.lens[idx]))
+            if (i - start + 1) * longest_if_added > self.max_tokens:
+                batches.append(order[start:i])
+                start, longest_if_added = i, int(self.lens[idx])
+            longest = longest_if_added
+        batches.append(order[start:])
+        if self.shuffle:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """Endless stream of batches, epoch after epoch, from the current position."""
+        while True:
+            if self._plan is None:
+                self._plan = self.plan(self.epoch)
+            while self.position < len(self._plan):
+                batch = self._plan[self.position]
+                self.position += 1
+                yield batch
+            self.epoch, self.position, self._plan = self.epoch + 1, 0, None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "max_tokens": self.max_tokens}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed or state["max_tokens"] != self.max_tokens:
+            raise DataError("batch sampler: resume state was made with another seed or max_tokens")
+        self.epoch, self.position, self._plan = int(state["epoch"]), int(state["position"]), None

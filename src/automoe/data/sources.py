@@ -1,0 +1,156 @@
+"""Corpus sources: Multi30k (local mirror or upstream, SHA-256 checked), local files,
+s3:// objects through boto3 and http(s) URLs. Everything ends as a list of lines."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import unicodedata
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from automoe.errors import DataError
+
+MULTI30K_URL = "https://github.com/multi30k/dataset/raw/{commit}/data/task1/raw/{name}"
+MULTI30K_COMMIT = "a3d2e0d26b56f3846f66a952536ffed4e401d05a"
+MULTI30K_SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
+MULTI30K_SHA256 = {
+    "test_2016_flickr.de.gz": "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8",
+    "test_2016_flickr.en.gz": "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9",
+    "test_2016_flickr.fr.gz": "6d326e188d259fb1d04ac19eae3af956559b3a0b93d7635e56c90987c40c8b90",
+    "train.de.gz": "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6",
+    "train.en.gz": "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f",
+    "train.fr.gz": "622e75069e9f4c577425c4f277116ce66e63a2401c0a2312d90073cb12379a3c",
+    "val.de.gz": "f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a",
+    "val.en.gz": "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28",
+    "val.fr.gz": "ca3106f1a72390591d25f6c45cb4cd39dec4cd3f123e099748a3ce5256c160e9",
+}
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Raw bytes of one corpus file and where they came from."""
+
+    uri: str
+    data: bytes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def fetch(uri: str) -> Blob:
+    """Read a local path, `s3://bucket/key` or `http(s)://` URL into memory."""
+    if uri.startswith("s3://"):
+        return Blob(uri, _fetch_s3(uri))
+    if uri.startswith(("http://", "https://")):
+        return Blob(uri, _fetch_http(uri))
+    if "://" in uri:
+        raise DataError(f"{uri}: unknown source scheme (use a path, s3:// or http(s)://)")
+    path = Path(uri)
+    try:
+        return Blob(uri, path.read_bytes())
+    except FileNotFoundError:
+        raise DataError(f"{uri}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{uri}: is a folder, expected a text file") from None
+    except OSError as exc:
+        raise DataError(f"{uri}: cannot read ({exc.strerror})") from None
+
+
+def _fetch_http(uri: str) -> bytes:
+    try:
+        with urllib.request.urlopen(uri, timeout=60) as resp:  # noqa: S310 - scheme checked above
+            return resp.read()
+    except urllib.error.HTTPError as exc:
+        raise DataError(f"{uri}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DataError(f"{uri}: download failed ({reason})") from None
+
+
+def s3_client():
+    """A boto3 S3 client configured only from the standard AWS environment
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, profiles)."""
+    import boto3
+    from botocore.config import Config
+
+    # A fresh session: boto3's default session caches credentials for the process.
+    return boto3.session.Session().client(
+        "s3",
+        region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60),
+    )
+
+
+def _fetch_s3(uri: str) -> bytes:
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket or not key:
+        raise DataError(f"{uri}: expected s3://bucket/key")
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except NoCredentialsError:
+        raise DataError(f"{uri}: no AWS credentials in the environment") from None
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise DataError(f"{uri}: object not found") from None
+        if code == "NoSuchBucket":
+            raise DataError(f"{uri}: bucket {bucket!r} does not exist") from None
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
+            raise DataError(f"{uri}: access denied ({code}); check the AWS credentials") from None
+        raise DataError(f"{uri}: S3 error {code or exc}") from None
+    except BotoCoreError as exc:
+        raise DataError(f"{uri}: S3 request failed ({type(exc).__name__})") from None
+
+
+def decode_lines(blob: Blob) -> list[str]:
+    """Gunzip if needed, decode UTF-8 (naming the first bad line), NFC-normalise, strip."""
+    data = blob.data
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{blob.uri}: corrupt gzip data ({exc})") from None
+    raw_lines = data.split(b"\n")
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()
+    lines = []
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{blob.uri}: line {number}: invalid UTF-8 at byte {exc.start}") from None
+        lines.append(unicodedata.normalize("NFC", text).strip())
+    return lines
+
+
+def default_mirror() -> Path | None:
+    """`../shared/data/multi30k` beside the project, when it exists."""
+    here = Path(__file__).resolve()
+    for parent in [Path.cwd(), *here.parents]:
+        candidate = parent.parent / "shared" / "data" / "multi30k"
+        if (candidate / "SHA256SUMS").is_file():
+            return candidate
+    return None
+
+
+def multi30k_uri(split: str, lang: str, mirror: Path | None) -> str:
+    name = f"{MULTI30K_SPLITS[split]}.{lang}.gz"
+    if name not in MULTI30K_SHA256:
+        raise DataError(f"multi30k: no {split} file for language {lang!r} (have en, de, fr)")
+    if mirror is not None:
+        return str(mirror / name)
+    return MULTI30K_URL.format(commit=MULTI30K_COMMIT, name=name)
+
+
+def verify_multi30k(blob: Blob) -> None:
+    name = blob.uri.rsplit("/", 1)[-1]
+    expected = MULTI30K_SHA256[name]
+    if blob.sha256 != expected:
+        raise DataError(f"{blob.uri}: SHA-256 mismatch (got {blob.sha256[:12]}…, expected {expected[:12]}…)")

@@ -1,0 +1,100 @@
+"""What every stage CLI shares: `--params`, `--set`, output folder, tracking, errors.
+
+A stage CLI only parses arguments and calls the stage's pure `run`; this module wraps
+that call in the stage's MLflow child run and turns user errors into one line on stderr
+and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from automoe import tracking
+from automoe.config import to_dict
+from automoe.errors import AutomoeError
+from automoe.io import atomic_write_json
+
+
+def stage_parser(name: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"automoe {name}", description=description)
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="params file (default: ./params.yaml when present, else the built-in defaults)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one parameter (repeatable), e.g. --set prepare_data.vocab_size=4000",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--metrics", type=Path, help="also write the stage metrics to this JSON file")
+    parser.add_argument("--parent-run-id", help="MLflow parent run (default: the workspace's)")
+    return parser
+
+
+def params_source(path: Path | None) -> Path | None:
+    """An explicit --params must exist; the implicit ./params.yaml is optional."""
+    if path is not None:
+        return path
+    default = Path("params.yaml")
+    return default if default.is_file() else None
+
+
+def execute(
+    stage: str,
+    cfg: Any,
+    body: Callable[[], Mapping[str, float]],
+    artifacts: Callable[[], list[Path]] = list,
+    parent_run_id: str | None = None,
+    metrics_file: Path | None = None,
+) -> dict[str, float]:
+    """Run `body` inside the stage's tracking run; log params, metrics and artifacts."""
+    with tracking.stage_run(stage, parent_run_id) as run:
+        run.log_params(to_dict(cfg))
+        metrics = dict(body())
+        run.log_metrics(metrics)
+        for path in artifacts():
+            run.log_artifact(path)
+    if metrics_file is not None:
+        atomic_write_json(metrics_file, metrics)
+    summary = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
+    print(f"{stage}: done ({summary})", file=sys.stderr)
+    return metrics
+
+
+def guarded(fn: Callable[[list[str] | None], Any]) -> Callable[[list[str] | None], int]:
+    """Wrap a stage main: user errors -> `error: ...` on one line, exit status 2."""
+
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            fn(argv)
+        except AutomoeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        return 0
+
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def write_kfp_metrics(metrics_artifact: Any, metrics: Mapping[str, float]) -> None:
+    """Copy stage metrics onto a KFP `Output[Metrics]` so they show in the UI."""
+    for key, value in metrics.items():
+        metrics_artifact.log_metric(key, float(value))
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import gzip
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    """No test writes to the workspace's MLflow store or picks up a parent run file."""
+    monkeypatch.setenv("AUTOMOE_TRACKING", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("AUTOMOE_PARENT_RUN_ID", raising=False)
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+
+
+@pytest.fixture(scope="session")
+def multi30k() -> Path:
+    """The shared Multi30k copy; its absence is a failure, never a skip."""
+    if not (MULTI30K / "SHA256SUMS").is_file():
+        pytest.fail(f"Multi30k is missing: expected ../shared/data/multi30k beside the project ({MULTI30K})")
+    return MULTI30K
+
+
+def read_gz_lines(path: Path, n: int) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [next(fh).rstrip("\n") for _ in range(n)]
+
+
+@pytest.fixture
+def small_corpus(multi30k, tmp_path) -> str:
+    """Real Multi30k pairs (300/50/50) as plain local files; returns the {split}.{lang} template root."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for split, name, n in (("train", "train", 300), ("valid", "val", 50), ("test", "test_2016_flickr", 50)):
+        for lang in ("en", "de"):
+            lines = read_gz_lines(multi30k / f"{name}.{lang}.gz", n)
+            (folder / f"{split}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(folder)
+
+
+def paths_overrides(folder: str, vocab: int = 400) -> list[str]:
+    return [
+        "prepare_data.source=paths",
+        f"prepare_data.paths.train={folder}/train.{{lang}}",
+        f"prepare_data.paths.valid={folder}/valid.{{lang}}",
+        f"prepare_data.paths.test={folder}/test.{{lang}}",
+        f"prepare_data.vocab_size={vocab}",
+    ]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env

@@ -1,0 +1,155 @@
+"""The walking skeleton end to end: MLflow runs, dvc repro, KFP compile and kfp.local."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, paths_overrides, subprocess_env
+
+from automoe import tracking
+from automoe.stages import prepare_data
+
+TINY = ["prepare_data.max_train_pairs=300", "prepare_data.vocab_size=300"]
+
+
+def mlflow_runs(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("automoe")
+    assert exp is not None, "no automoe experiment was created"
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_stage_runs_are_children_of_one_workspace_parent(small_corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOMOE_TRACKING", "1")
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    args = ["--out", "prepared", *[a for o in paths_overrides(small_corpus) for a in ("--set", o)]]
+    assert prepare_data.main(args) == 0, capsys.readouterr().err
+    assert prepare_data.main(args + ["--set", "prepare_data.vocab_size=350"]) == 0
+    client, runs = mlflow_runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 2
+    for child in children:
+        assert child.info.run_name == "prepare_data" and child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.data.tags["automoe.stage"] == "prepare_data" and "automoe.git_commit" in child.data.tags
+        assert child.data.metrics["train_pairs"] == 300
+        assert child.data.params["source"] == "paths"
+        assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["manifest.json"]
+    assert {c.data.params["vocab_size"] for c in children} == {"400", "350"}
+    assert json.loads((tmp_path / tracking.PARENT_FILE).read_text())["run_id"] == parents[0].info.run_id
+
+
+def test_failed_stage_run_is_marked_failed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOMOE_TRACKING", "1")
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert prepare_data.main(["--out", "p", "--set", "prepare_data.mirror=/nonexistent"]) == 2
+    _, runs = mlflow_runs(uri)
+    assert [r.info.status for r in runs if r.info.run_name == "prepare_data"] == ["FAILED"]
+
+
+def copy_repo(dst: Path) -> Path:
+    top_level = {
+        ".venv",
+        "tmp",
+        "data",
+        "reports",
+        ".git",
+        "mlflow.db",
+        "mlartifacts",
+        ".automoe",
+        ".kfp_local",
+        "dvc.lock",
+        "pipeline.yaml",
+        ".pytest_cache",
+        ".ruff_cache",
+    }
+    anywhere = shutil.ignore_patterns("__pycache__", "*.egg-info")
+
+    def ignore(folder, names):
+        skip = set(anywhere(folder, names))
+        return skip | (top_level & set(names) if Path(folder) == ROOT else set())
+
+    shutil.copytree(ROOT, dst, ignore=ignore)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    return dst
+
+
+def set_params(repo: Path, **sections) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.mark.slow
+def test_dvc_repro_in_a_copy_of_the_repo(multi30k, tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    set_params(repo, prepare_data={"max_train_pairs": 300, "vocab_size": 300, "mirror": str(multi30k)})
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    env = subprocess_env(AUTOMOE_TRACKING="1", MLFLOW_TRACKING_URI=uri, DVC_NO_ANALYTICS="1")
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    first = subprocess.run(dvc + ["repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
+    assert manifest["counts"]["train"]["raw"] == 300
+    assert json.loads((repo / "reports/prepare_data.json").read_text())["train_pairs"] == 300
+    assert (repo / "dvc.lock").is_file()
+    again = subprocess.run(dvc + ["repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "didn't change" in again.stdout + again.stderr
+    _, runs = mlflow_runs(uri)
+    assert [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId")] == ["prepare_data"]
+
+
+def test_pipeline_compiles_to_a_valid_pipeline_spec(tmp_path):
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    out = tmp_path / "pipeline.yaml"
+    proc = subprocess.run(
+        [sys.executable, "pipeline.py", "compile", "--output", str(out)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    spec = yaml.safe_load(out.read_text())
+    parsed = json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())  # strict: unknown fields fail
+    executors = parsed.deployment_spec["executors"]
+    images = {e["container"]["image"] for e in executors.values()}
+    from components import IMAGE
+
+    assert images == {IMAGE}
+    assert set(parsed.root.dag.tasks) == {"exit-handler-1", "close-tracking"}
+    assert {"open-tracking", "prepare-data"} <= set(parsed.components["comp-exit-handler-1"].dag.tasks)
+    for executor in executors.values():  # nothing is pip-installed at run time
+        assert "pip install" not in " ".join(executor["container"]["command"])
+
+
+@pytest.mark.slow
+def test_kfp_local_run_records_a_parent_and_a_child(multi30k, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    env = subprocess_env(AUTOMOE_TRACKING="1", MLFLOW_TRACKING_URI=uri, TMPDIR=str(tmp_path))
+    cmd = [sys.executable, "pipeline.py", "run-local", "--pipeline-root", str(tmp_path / "root")]
+    cmd += [a for o in TINY + [f"prepare_data.mirror={multi30k}"] for a in ("--set", o)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifests = list((tmp_path / "root").rglob("manifest.json"))
+    assert len(manifests) == 1 and json.loads(manifests[0].read_text())["counts"]["train"]["kept"] > 0
+    _, runs = mlflow_runs(uri)
+    parent = [r for r in runs if r.info.run_name == "pipeline"]
+    child = [r for r in runs if r.info.run_name == "prepare_data"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert len(child) == 1 and child[0].data.tags["mlflow.parentRunId"] == parent[0].info.run_id
