@@ -97,4 +97,3 @@ def write_kfp_metrics(metrics_artifact: Any, metrics: Mapping[str, float]) -> No
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
