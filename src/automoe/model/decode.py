@@ -1,0 +1,112 @@
+"""Incremental decoding: greedy and batched beam search.
+
+Both work with any model that has `encode(src, arch)` and
+`decode(tokens, enc, arch, cache) -> (logits, cache)`: a SuperTransformer with an arch,
+or a compact SubTransformer (arch None). Each step feeds one new token per hypothesis;
+self-attention keys/values and the encoder-decoder keys/values come from the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from automoe.space import ArchConfig
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    tokens: list[int]  # without BOS and EOS
+    score: float  # sum of log-probabilities (EOS included) / length ** length_penalty
+
+
+def max_lengths(src: torch.Tensor, pad_id: int, a: float, b: int) -> torch.Tensor:
+    """Most target tokens (before EOS) per sentence: a * source length + b."""
+    return (a * (src != pad_id).sum(dim=1).float() + b).long()
+
+
+@torch.no_grad()
+def greedy(
+    model, src: torch.Tensor, arch: ArchConfig | None = None, max_len_a: float = 1.2, max_len_b: int = 10
+) -> list[list[int]]:
+    args = model.args
+    limits = max_lengths(src, args.pad_id, max_len_a, max_len_b)
+    enc = model.encode(src, arch)
+    batch = src.shape[0]
+    out = torch.empty(batch, 0, dtype=torch.long, device=src.device)
+    last = torch.full((batch, 1), args.bos_id, dtype=torch.long, device=src.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
+    cache = None
+    for step in range(int(limits.max()) + 1):
+        logits, cache = model.decode(last, enc, arch, cache)
+        lprobs = logits[:, -1].float()
+        lprobs[:, [args.pad_id, args.bos_id]] = -torch.inf
+        nxt = lprobs.argmax(dim=-1)
+        nxt = torch.where(step >= limits, args.eos_id, nxt)  # forced EOS at the length limit
+        nxt = torch.where(finished, args.pad_id, nxt)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        finished |= nxt == args.eos_id
+        if bool(finished.all()):
+            break
+        last = nxt[:, None]
+    return [[t for t in row if t not in (args.eos_id, args.pad_id)] for row in out.tolist()]
+
+
+@torch.no_grad()
+def beam_search(
+    model,
+    src: torch.Tensor,
+    arch: ArchConfig | None = None,
+    beam: int = 4,
+    length_penalty: float = 0.6,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+) -> list[Hypothesis]:
+    """Best hypothesis per sentence. A sentence is done once `beam` hypotheses ended with EOS
+    (an EOS among the top `beam` candidates ends a hypothesis); at the length limit only EOS
+    is allowed."""
+    args = model.args
+    batch, device = src.shape[0], src.device
+    limits = max_lengths(src, args.pad_id, max_len_a, max_len_b).repeat_interleave(beam)  # (B * beam,)
+    enc = model.encode(src, arch).repeat_interleave(beam)
+    tokens = torch.full((batch * beam, 1), args.bos_id, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, beam, device=device)
+    scores[:, 1:] = -torch.inf  # all beams start identical: keep one alive at step 0
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    base = (torch.arange(batch, device=device) * beam)[:, None]  # (B, 1)
+    cache = None
+    for step in range(int(limits.max()) + 1):
+        logits, cache = model.decode(tokens[:, -1:], enc, arch, cache)
+        lprobs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B * beam, V)
+        lprobs[:, [args.pad_id, args.bos_id]] = -torch.inf
+        at_limit = step >= limits
+        lprobs[at_limit] = -torch.inf
+        lprobs[at_limit, args.eos_id] = 0.0
+        vocab = lprobs.shape[-1]
+        cand = (scores.view(-1, 1) + lprobs).view(batch, beam * vocab)
+        top_scores, top_idx = cand.topk(2 * beam, dim=1)  # (B, 2 * beam)
+        top_beam, top_tok = top_idx // vocab, top_idx % vocab
+        is_eos = (top_tok == args.eos_id) & torch.isfinite(top_scores)
+
+        # hypotheses ending here: EOS among the first `beam` candidates of unfinished sentences
+        ends = is_eos & (torch.arange(2 * beam, device=device) < beam) & ~done[:, None]
+        for b, j in ends.nonzero().tolist():
+            if len(finished[b]) < beam:
+                prefix = tokens[base[b, 0] + top_beam[b, j], 1:].tolist()
+                finished[b].append(Hypothesis(prefix, float(top_scores[b, j]) / (step + 1) ** length_penalty))
+        done |= torch.tensor([len(f) >= beam for f in finished], device=device)
+        if bool(done.all()):
+            break
+
+        # continue with the best `beam` candidates that are not EOS
+        rank = (is_eos | ~torch.isfinite(top_scores)).long() * (2 * beam) + torch.arange(2 * beam, device=device)
+        keep = rank.argsort(dim=1)[:, :beam]  # (B, beam)
+        scores = top_scores.gather(1, keep)
+        scores = torch.where(top_tok.gather(1, keep) == args.eos_id, -torch.inf, scores)
+        origin = (base + top_beam.gather(1, keep)).view(-1)  # (B * beam,) rows to continue from
+        tokens = torch.cat([tokens[origin], top_tok.gather(1, keep).view(-1, 1)], dim=1)
+        cache = cache.reorder(origin)
+    return [max(f, key=lambda h: h.score) for f in finished]

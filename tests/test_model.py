@@ -1,0 +1,195 @@
+"""SuperTransformer, extraction, persistence, incremental decoding and counting."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from automoe.errors import AutomoeError, ConfigError
+from automoe.model.counting import count, per_token_flops
+from automoe.model.decode import beam_search, greedy
+from automoe.model.subnet import SubTransformer, extract
+from automoe.model.supernet import SuperTransformer
+from automoe.model.transformer import ModelArgs
+from automoe.space import load_space
+
+VOCAB = 64
+
+
+def make_supernet(name: str, seed: int = 0) -> SuperTransformer:
+    space = load_space(name)
+    torch.manual_seed(seed)
+    args = ModelArgs(vocab_size=VOCAB, qkv_dim=space.qkv_dim, max_embed_dim=max(space.encoder_embed_dim))
+    return SuperTransformer(space=space, args=args).eval()
+
+
+@pytest.fixture(scope="module")
+def supernets():
+    return {name: make_supernet(name) for name in ("small", "space0")}
+
+
+def batch(seed: int, b: int = 3, s: int = 9, t: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, VOCAB, (b, s), generator=g)
+    src[0, s - 3 :] = 0  # padding
+    src[0, s - 4] = 3
+    tgt = torch.randint(4, VOCAB, (b, t), generator=g)
+    tgt[:, 0] = 2
+    return src, tgt
+
+
+@pytest.mark.parametrize("name, n_archs", [("small", 25), ("space0", 6)])
+def test_extracted_subtransformer_equals_the_supernet_slice(supernets, name, n_archs):
+    net = supernets[name]
+    rng = np.random.default_rng(11)
+    space = net.space
+    archs = [space.largest(), space.smallest(), space.largest_dense()] + [space.sample(rng) for _ in range(n_archs)]
+    src, tgt = batch(1)
+    outputs = []
+    for arch in archs:
+        sub = extract(net, arch)
+        want, stats = net(src, tgt, arch)
+        got, sub_stats = sub(src, tgt)
+        assert (got - want).abs().max().item() <= 1e-5
+        assert [s is None for s in stats] == [len(e) == 1 for e in arch.encoder_ffn + arch.decoder_ffn]
+        # compact: nothing the arch does not use
+        assert sum(p.numel() for p in sub.parameters()) == count(arch, VOCAB, space.qkv_dim).params_total
+        assert len(sub.core.encoder) == arch.encoder_layers and len(sub.core.decoder) == arch.decoder_layers
+        assert [len(layer.moe.experts) for layer in sub.core.encoder] == [len(e) for e in arch.encoder_ffn]
+        outputs.append(want)
+    # the arch matters: different archs give different outputs from the same weights
+    assert not torch.allclose(outputs[0], outputs[1])
+
+
+def test_supernet_weights_are_shared_front_slices(supernets):
+    net = supernets["small"]
+    arch = net.space.smallest()
+    src, tgt = batch(2)
+    logits, _ = net(src, tgt, arch)
+    logits.sum().backward()
+    w = net.core.encoder[0].moe.experts[0].fc1.weight  # (1024, 256) in the supernet
+    assert w.grad[: arch.encoder_ffn[0][0], : arch.encoder_embed_dim].abs().sum() > 0
+    assert w.grad[arch.encoder_ffn[0][0] :].abs().sum() == 0 and w.grad[:, arch.encoder_embed_dim :].abs().sum() == 0
+    assert net.core.encoder[0].moe.experts[1].fc1.weight.grad is None  # expert 2 is not in the smallest arch
+    assert net.core.encoder[-1].self_attn.q_proj.weight.grad is None  # nor the third encoder layer
+    net.zero_grad(set_to_none=True)
+
+
+def test_train_mode_dropout_scales_with_width(supernets):
+    net = supernets["small"]
+    core = net.core
+    core.train()
+    try:
+        p_big, _ = core._dropouts(256)
+        p_small, _ = core._dropouts(192)
+        assert p_big == pytest.approx(0.3) and p_small == pytest.approx(0.3 * 192 / 256)
+    finally:
+        core.eval()
+
+
+def test_incremental_decoding_equals_the_full_forward(supernets):
+    rng = np.random.default_rng(5)
+    for name, net in supernets.items():
+        for arch in [net.space.sample(rng) for _ in range(3)]:
+            for model, a in ((net, arch), (extract(net, arch), None)):
+                src, tgt = batch(3)
+                full, _ = model(src, tgt, a)
+                enc, cache, steps = model.encode(src, a), None, []
+                for t in range(tgt.shape[1]):
+                    logits, cache = model.decode(tgt[:, t : t + 1], enc, a, cache)
+                    steps.append(logits)
+                torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4), name
+
+
+def test_beam_one_equals_greedy_and_beams_are_batch_independent(supernets):
+    net = supernets["small"]
+    rng = np.random.default_rng(6)
+    for arch in [net.space.sample(rng) for _ in range(3)]:
+        src, _ = batch(4, b=4)
+        assert [h.tokens for h in beam_search(net, src, arch, beam=1)] == greedy(net, src, arch)
+        together = beam_search(net, src, arch, beam=4)
+        alone = [beam_search(net, src[i : i + 1, : int((src[i] != 0).sum())], arch, beam=4)[0] for i in range(4)]
+        assert [h.tokens for h in together] == [h.tokens for h in alone]
+        sub = extract(net, arch)
+        assert [h.tokens for h in beam_search(sub, src, beam=4)] == [h.tokens for h in together]
+
+
+def test_save_and_load_round_trip(supernets, tmp_path):
+    net = supernets["small"]
+    arch = net.space.sample(np.random.default_rng(9))
+    sub = extract(net, arch)
+    sub.save(tmp_path / "model.pt", vocab={"spm_sha256": "abc", "vocab_size": VOCAB})
+    loaded, vocab = SubTransformer.load(tmp_path / "model.pt")
+    assert loaded.arch == arch and vocab["vocab_size"] == VOCAB and loaded.args == sub.args
+    src, tgt = batch(5)
+    torch.testing.assert_close(loaded.eval()(src, tgt)[0], sub(src, tgt)[0], rtol=0, atol=0)
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    with pytest.raises(AutomoeError, match="bad.pt: not a readable model file"):
+        SubTransformer.load(tmp_path / "bad.pt")
+    with pytest.raises(AutomoeError, match="missing.pt: model file not found"):
+        SubTransformer.load(tmp_path / "missing.pt")
+
+
+def test_extract_rejects_an_arch_outside_the_space(supernets):
+    net = supernets["small"]
+    bad = dataclasses.replace(net.space.smallest(), encoder_embed_dim=320)
+    with pytest.raises(ConfigError, match="arch.encoder_embed_dim: 320"):
+        extract(net, bad)
+
+
+@pytest.mark.parametrize("name", ["small", "space0"])
+def test_dense_gflops_match_the_flop_counter(supernets, name):
+    net = supernets[name]
+    rng = np.random.default_rng(7)
+    dense = [net.space.largest_dense(), net.space.smallest()]
+    dense += [
+        dataclasses.replace(
+            a, encoder_ffn=tuple(e[:1] for e in a.encoder_ffn), decoder_ffn=tuple(e[:1] for e in a.decoder_ffn)
+        )
+        for a in (net.space.sample(rng) for _ in range(3))
+    ]
+    src, tgt = batch(8, b=1, s=30, t=30)
+    src[0, -1] = 3
+    for arch in dense:
+        sub = extract(net, arch)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            sub(src, tgt)
+        measured = counter.get_total_flops() / 1e9
+        assert count(arch, VOCAB, net.space.qkv_dim).gflops == pytest.approx(measured, rel=0.02)
+
+
+def test_moe_active_gflops_follow_the_routing(supernets):
+    net = supernets["small"]
+    arch = dataclasses.replace(net.space.largest(), top_k=1)
+    src, tgt = batch(9, b=1, s=30, t=30)
+    sub = extract(net, arch)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, stats = sub(src, tgt)
+    routed = count(arch, VOCAB, net.space.qkv_dim, routing=stats)
+    assert routed.gflops == pytest.approx(counter.get_total_flops() / 1e9, rel=0.02)
+    assert routed.gflops < routed.gflops_all_experts
+    src_flops, tgt_flops = per_token_flops(arch, net.space.qkv_dim, 30, 30, VOCAB, stats)
+    assert (src_flops.sum() + tgt_flops.sum()) / 1e9 == pytest.approx(routed.gflops, rel=1e-9)
+
+
+def test_heterogeneous_experts_make_per_token_cost_adaptive(supernets):
+    net = supernets["small"]
+    base = net.space.largest()
+    arch = dataclasses.replace(base, encoder_ffn=((1024, 256),) * base.encoder_layers, top_k=1)
+    src, tgt = batch(10, b=1, s=30, t=30)
+    _, stats = extract(net, arch)(src, tgt)
+    src_flops, _ = per_token_flops(arch, net.space.qkv_dim, 30, 30, VOCAB, stats)
+    assert len(np.unique(src_flops)) > 1  # tokens routed to the big expert cost more
+
+
+def test_param_counts_active_and_without_embeddings():
+    space = load_space("small")
+    dense = space.largest_dense()
+    c = count(dense, VOCAB, space.qkv_dim)
+    assert c.params_active == c.params_total  # dense: every weight is used by every token
+    assert c.params_total - c.params_total_no_embed == VOCAB * 256
+    moe = count(space.largest(), VOCAB, space.qkv_dim)
+    assert moe.params_total > c.params_total and moe.params_active < moe.params_total
