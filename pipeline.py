@@ -12,7 +12,7 @@ from pathlib import Path
 from kfp import compiler, dsl
 
 from automoe.config import PipelineConfig, load_section, read_yaml
-from components import close_tracking, open_tracking, prepare_data
+from components import close_tracking, open_tracking, prepare_data, retrain, train_supernet
 
 ROOT = Path(__file__).resolve().parent
 # The params travel as one line of JSON: a KFP dict parameter (protobuf Struct) turns ints into
@@ -27,8 +27,12 @@ def automoe_pipeline(params: str = PARAMS, overrides: list = []):  # noqa: B006 
     close = close_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
     with dsl.ExitHandler(close):
         parent = open_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
-        prepared = prepare_data(params=params, overrides=overrides, parent_run_id=parent.output)
-        prepared.set_cpu_limit("2").set_memory_limit("8G")
+        common = {"params": params, "overrides": overrides, "parent_run_id": parent.output}
+        prepared = prepare_data(**common).set_cpu_limit("2").set_memory_limit("8G")
+        supernet = train_supernet(prepared=prepared.outputs["prepared"], **common)
+        supernet.set_cpu_limit("4").set_memory_limit("16G")
+        dense = retrain(prepared=prepared.outputs["prepared"], arch="largest_dense", **common)
+        dense.set_display_name("retrain (dense baseline)").set_cpu_limit("4").set_memory_limit("16G")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ is compiled with `install_kfp_package=False` and installs nothing at run time.
 
 from components.images import IMAGE
 from components.prepare_data import prepare_data
+from components.retrain import retrain
 from components.tracking import close_tracking, open_tracking
+from components.train_supernet import train_supernet
 
-__all__ = ["IMAGE", "close_tracking", "open_tracking", "prepare_data"]
+__all__ = ["IMAGE", "close_tracking", "open_tracking", "prepare_data", "retrain", "train_supernet"]

@@ -65,3 +65,34 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
+
+
+TINY_SPACE = str(Path(__file__).parent / "data" / "tiny_space.yaml")
+TINY_TRAIN = {
+    "max_updates": 6,
+    "max_tokens": 1024,
+    "tokens_per_update": 2048,
+    "warmup_updates": 2,
+    "valid_interval": 3,
+    "valid_max_sentences": 50,
+    "log_interval": 3,
+}
+
+
+def tiny_pipeline_params(mirror: Path) -> dict[str, dict]:
+    """Every stage of the pipeline at toy size: seconds, not minutes."""
+    return {
+        "prepare_data": {"max_train_pairs": 300, "vocab_size": 300, "mirror": str(mirror)},
+        "train_supernet": {"space": TINY_SPACE, "train": dict(TINY_TRAIN)},
+        "retrain": {"space": TINY_SPACE, "train": dict(TINY_TRAIN)},
+    }
+
+
+def as_overrides(sections: dict[str, dict], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            out += as_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={value}")
+    return out

@@ -87,3 +87,10 @@ def test_repository_params_load_for_every_section():
 
     stage_sections = {name for name in data if name != "pipeline"}
     assert stage_sections == set(COMMANDS) & stage_sections  # every section is a stage
+
+
+def test_json_params_keep_exponent_floats():
+    from automoe.config import parse_yaml
+
+    assert parse_yaml('{"a": {"lr": 1e-05}}', "params") == {"a": {"lr": 1e-05}}
+    assert parse_yaml("a:\n  lr: 1.0e-05\n", "params") == {"a": {"lr": 1e-05}}

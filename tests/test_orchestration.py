@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, paths_overrides, subprocess_env
+from conftest import ROOT, as_overrides, paths_overrides, subprocess_env, tiny_pipeline_params
 
 from automoe import tracking
 from automoe.stages import prepare_data
-
-TINY = ["prepare_data.max_train_pairs=300", "prepare_data.vocab_size=300"]
 
 
 def mlflow_runs(uri: str):
@@ -85,17 +83,21 @@ def copy_repo(dst: Path) -> Path:
     return dst
 
 
-def set_params(repo: Path, **sections) -> None:
+def set_params(repo: Path, sections: dict) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for section, values in sections.items():
-        params[section].update(values)
+        for key, value in values.items():
+            if isinstance(value, dict):
+                params[section][key].update(value)
+            else:
+                params[section][key] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 @pytest.mark.slow
 def test_dvc_repro_in_a_copy_of_the_repo(multi30k, tmp_path):
     repo = copy_repo(tmp_path / "repo")
-    set_params(repo, prepare_data={"max_train_pairs": 300, "vocab_size": 300, "mirror": str(multi30k)})
+    set_params(repo, tiny_pipeline_params(multi30k))
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     env = subprocess_env(AUTOMOE_TRACKING="1", MLFLOW_TRACKING_URI=uri, DVC_NO_ANALYTICS="1")
     dvc = [str(Path(sys.executable).parent / "dvc")]
@@ -108,7 +110,10 @@ def test_dvc_repro_in_a_copy_of_the_repo(multi30k, tmp_path):
     again = subprocess.run(dvc + ["repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "didn't change" in again.stdout + again.stderr
     _, runs = mlflow_runs(uri)
-    assert [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId")] == ["prepare_data"]
+    children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId"))
+    assert children == ["prepare_data", "retrain", "train_supernet"]
+    assert len({r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags.get("mlflow.parentRunId")}) == 1
+    assert (repo / "models/supernet/supernet.pt").is_file() and (repo / "models/retrain/dense/model.pt").is_file()
 
 
 def test_pipeline_compiles_to_a_valid_pipeline_spec(tmp_path):
@@ -133,7 +138,8 @@ def test_pipeline_compiles_to_a_valid_pipeline_spec(tmp_path):
 
     assert images == {IMAGE}
     assert set(parsed.root.dag.tasks) == {"exit-handler-1", "close-tracking"}
-    assert {"open-tracking", "prepare-data"} <= set(parsed.components["comp-exit-handler-1"].dag.tasks)
+    inner = set(parsed.components["comp-exit-handler-1"].dag.tasks)
+    assert {"open-tracking", "prepare-data", "train-supernet", "retrain"} <= inner
     for executor in executors.values():  # nothing is pip-installed at run time
         assert "pip install" not in " ".join(executor["container"]["command"])
 
@@ -143,7 +149,7 @@ def test_kfp_local_run_records_a_parent_and_a_child(multi30k, tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     env = subprocess_env(AUTOMOE_TRACKING="1", MLFLOW_TRACKING_URI=uri, TMPDIR=str(tmp_path))
     cmd = [sys.executable, "pipeline.py", "run-local", "--pipeline-root", str(tmp_path / "root")]
-    cmd += [a for o in TINY + [f"prepare_data.mirror={multi30k}"] for a in ("--set", o)]
+    cmd += [a for o in as_overrides(tiny_pipeline_params(multi30k)) for a in ("--set", o)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     manifests = list((tmp_path / "root").rglob("manifest.json"))
@@ -153,3 +159,6 @@ def test_kfp_local_run_records_a_parent_and_a_child(multi30k, tmp_path):
     child = [r for r in runs if r.info.run_name == "prepare_data"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     assert len(child) == 1 and child[0].data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+    stages = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id)
+    assert stages == ["prepare_data", "retrain", "train_supernet"]
+    assert all(r.info.status == "FINISHED" for r in runs)

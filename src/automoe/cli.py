@@ -8,6 +8,8 @@ import sys
 # command -> module with a `main(argv) -> int`
 COMMANDS = {
     "prepare_data": "automoe.stages.prepare_data",
+    "train_supernet": "automoe.stages.train_supernet",
+    "retrain": "automoe.stages.retrain",
 }
 
 

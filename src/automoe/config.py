@@ -10,6 +10,7 @@ are checked the same way.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -35,6 +36,13 @@ def read_yaml(path: Path | str) -> Any:
 
 
 def parse_yaml(text: str, where: str) -> Any:
+    """YAML text, or JSON text (parsed as JSON: PyYAML reads `1e-05` as a string)."""
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -26,8 +26,14 @@ PARENT_FILE = Path(".automoe") / "parent_run.json"
 DEFAULT_EXPERIMENT = "automoe"
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or a plain process): the one that tracks and writes outputs."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def enabled() -> bool:
-    return os.environ.get("AUTOMOE_TRACKING", "1").lower() not in ("0", "false", "off", "no")
+    on = os.environ.get("AUTOMOE_TRACKING", "1").lower() not in ("0", "false", "off", "no")
+    return on and is_main_process()
 
 
 def tracking_uri() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,6 +72,25 @@ class PreparedData:
     @property
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
+
+    def vocab_info(self) -> dict[str, str | int]:
+        """What a model trained on this data must match: the SentencePiece model and languages."""
+        return {
+            "vocab_size": self.vocab_size,
+            "spm_sha256": hashlib.sha256((self.root / SPM_FILE).read_bytes()).hexdigest(),
+            "src_lang": self.manifest["src_lang"],
+            "tgt_lang": self.manifest["tgt_lang"],
+        }
+
+    def check_vocab(self, vocab: dict, what: str) -> None:
+        """Raise if `what` (a model or checkpoint) was trained with another vocabulary."""
+        mine = self.vocab_info()
+        for key in ("spm_sha256", "vocab_size", "src_lang", "tgt_lang"):
+            if key in vocab and vocab[key] != mine[key]:
+                raise DataError(
+                    f"{what}: its vocabulary ({key} {vocab[key]}) differs from the prepared data's "
+                    f"({mine[key]}) in {self.root}"
+                )
 
     def sentencepiece(self) -> spm.SentencePieceProcessor:
         return spm.SentencePieceProcessor(model_file=str(self.root / SPM_FILE))

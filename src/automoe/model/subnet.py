@@ -9,15 +9,13 @@ weights, arch, model args and vocabulary info (loaded with `weights_only=True`).
 from __future__ import annotations
 
 import dataclasses
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from automoe.errors import AutomoeError
-from automoe.io import atomic_write_bytes
+from automoe.model import artifact
 from automoe.model.supernet import SuperTransformer
 from automoe.model.transformer import DecoderCache, EncoderOut, ModelArgs, Transformer
 from automoe.space import ArchConfig
@@ -57,29 +55,22 @@ class SubTransformer(nn.Module):
     # -- persistence ----------------------------------------------------------------
 
     def save(self, path: Path | str, vocab: dict[str, Any] | None = None) -> None:
-        """One self-describing file, written atomically."""
-        payload = {
-            "format": FORMAT,
-            "arch": self.arch.to_dict(),
-            "args": dataclasses.asdict(self.args),
-            "vocab": dict(vocab or {}),
-            "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-        }
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        """One self-describing file: weights, arch, model args, vocabulary info."""
+        artifact.save(
+            path,
+            FORMAT,
+            {
+                "arch": self.arch.to_dict(),
+                "args": dataclasses.asdict(self.args),
+                "vocab": dict(vocab or {}),
+                "state_dict": artifact.cpu_state(self),
+            },
+        )
 
     @classmethod
     def load(cls, path: Path | str, map_location: str | torch.device = "cpu") -> tuple[SubTransformer, dict]:
         """The model and its vocabulary info."""
-        try:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise AutomoeError(f"{path}: model file not found") from None
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise AutomoeError(f"{path}: not a readable model file ({type(exc).__name__})") from None
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise AutomoeError(f"{path}: not an automoe SubTransformer file")
+        payload = artifact.load(path, FORMAT, map_location)
         model = cls(arch=ArchConfig.from_dict(payload["arch"], f"{path}: arch"), args=ModelArgs(**payload["args"]))
         model.load_state_dict(payload["state_dict"])
         return model, payload["vocab"]

@@ -10,11 +10,19 @@ layer, and W[:out, :in] of every matrix. Experts share no weights with each othe
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
+from automoe.config import from_dict
+from automoe.model import artifact
 from automoe.model.transformer import DecoderCache, EncoderOut, ModelArgs, Transformer
 from automoe.space import ArchConfig, SearchSpace
+
+FORMAT = "automoe.supernet/1"
 
 
 class SuperTransformer(nn.Module):
@@ -36,3 +44,24 @@ class SuperTransformer(nn.Module):
     def decode(self, tgt: torch.Tensor, enc: EncoderOut, arch: ArchConfig, cache: DecoderCache | None = None):
         logits, cache, _ = self.core.decode(tgt, enc, arch, cache)
         return logits, cache
+
+    def save(self, path: Path | str, vocab: dict[str, Any] | None = None) -> None:
+        """Weights, the search space, model args and vocabulary info in one file."""
+        artifact.save(
+            path,
+            FORMAT,
+            {
+                "space": self.space.to_dict(),
+                "args": dataclasses.asdict(self.args),
+                "vocab": dict(vocab or {}),
+                "state_dict": artifact.cpu_state(self),
+            },
+        )
+
+    @classmethod
+    def load(cls, path: Path | str, map_location: str | torch.device = "cpu") -> tuple[SuperTransformer, dict]:
+        payload = artifact.load(path, FORMAT, map_location)
+        space = from_dict(SearchSpace, payload["space"], f"{path}: space")
+        model = cls(space=space, args=ModelArgs(**payload["args"]))
+        model.load_state_dict(payload["state_dict"])
+        return model, payload["vocab"]

@@ -52,18 +52,21 @@ def params_source(path: Path | None) -> Path | None:
 def execute(
     stage: str,
     cfg: Any,
-    body: Callable[[], Mapping[str, float]],
+    body: Callable[[tracking.StageRun], Mapping[str, float]],
     artifacts: Callable[[], list[Path]] = list,
     parent_run_id: str | None = None,
     metrics_file: Path | None = None,
 ) -> dict[str, float]:
-    """Run `body` inside the stage's tracking run; log params, metrics and artifacts."""
+    """Run `body(run)` inside the stage's tracking run (the body may log curves to it);
+    then log params, final metrics and artifacts. Only the main worker tracks and writes."""
     with tracking.stage_run(stage, parent_run_id) as run:
         run.log_params(to_dict(cfg))
-        metrics = dict(body())
+        metrics = dict(body(run))
         run.log_metrics(metrics)
         for path in artifacts():
             run.log_artifact(path)
+    if not tracking.is_main_process():
+        return metrics
     if metrics_file is not None:
         atomic_write_json(metrics_file, metrics)
     summary = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))

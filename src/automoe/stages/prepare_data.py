@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     execute(
         NAME,
         cfg,
-        lambda: run(cfg, None, args.out),
+        lambda _: run(cfg, None, args.out),
         artifacts=lambda: [args.out / MANIFEST],
         parent_run_id=args.parent_run_id,
         metrics_file=args.metrics,
@@ -200,6 +200,10 @@ def component_main(params: str, overrides: list, parent_run_id: str, out_path: s
     cfg = load_config(parse_yaml(params, "params"), list(overrides))
     out = Path(out_path)
     result = execute(
-        NAME, cfg, lambda: run(cfg, None, out), artifacts=lambda: [out / MANIFEST], parent_run_id=parent_run_id or None
+        NAME,
+        cfg,
+        lambda _: run(cfg, None, out),
+        artifacts=lambda: [out / MANIFEST],
+        parent_run_id=parent_run_id or None,
     )
     write_kfp_metrics(metrics, result)

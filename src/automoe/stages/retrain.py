@@ -1,0 +1,142 @@
+"""retrain: train one SubTransformer (the searched arch, or a baseline) as a compact model.
+
+The model holds exactly the arch's weights (no supernet padding or unused experts). It
+starts from scratch, or from its slice of a trained supernet with
+`retrain.init_from_supernet: true`. Output folder: `model.pt` (weights + arch + model
+args + vocabulary info), `arch.yaml`, `checkpoints/`, curves, `metrics.json`; the final
+weights are the best checkpoint's (lowest validation NLL) or the average of the last N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from automoe.config import load_section, parse_yaml
+from automoe.data.dataset import PreparedData
+from automoe.errors import ConfigError
+from automoe.io import atomic_write_json, atomic_write_text
+from automoe.model.subnet import SubTransformer, extract
+from automoe.model.supernet import SuperTransformer
+from automoe.space import ArchConfig, SearchSpace, load_space
+from automoe.stages._cli import execute, guarded, params_source, stage_parser, write_kfp_metrics
+from automoe.train import setup
+from automoe.train.distributed import close_world, init_world
+from automoe.train.trainer import MetricsHook, TrainConfig, train, write_curves
+
+NAME = "retrain"
+NAMED_ARCHS = ("largest", "smallest", "largest_dense")
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    space: str = "small"  # the space the arch must belong to (the supernet's, when initialising from it)
+    init_from_supernet: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class RetrainInputs:
+    data: Path
+    arch: str  # an arch YAML file, or one of NAMED_ARCHS of the space
+    supernet: Path | None = None  # supernet.pt, needed with init_from_supernet
+
+
+def resolve_arch(spec: str, space: SearchSpace) -> ArchConfig:
+    if spec in NAMED_ARCHS:
+        return getattr(space, spec)()
+    return ArchConfig.from_yaml(spec).validate(space)
+
+
+def run(
+    cfg: RetrainConfig, inputs: RetrainInputs, out_dir: Path, on_metrics: MetricsHook | None = None
+) -> dict[str, float]:
+    data = PreparedData.open(inputs.data)
+    supernet = None
+    if cfg.init_from_supernet:
+        if inputs.supernet is None:
+            raise ConfigError("retrain.init_from_supernet is true but no --supernet file was given")
+        supernet, vocab = SuperTransformer.load(inputs.supernet)
+        data.check_vocab(vocab, str(inputs.supernet))
+        space = supernet.space
+    else:
+        space = load_space(cfg.space)
+    arch = resolve_arch(inputs.arch, space)
+    out_dir = setup.output_dir(out_dir)
+    world = init_world(cfg.train.device)
+    try:
+        args = setup.model_args(space, data.vocab_size, cfg.train)
+        if supernet is not None:
+            model = extract(supernet, arch)
+            del supernet
+        else:
+            model = setup.seeded(cfg.train.seed, lambda: SubTransformer(arch=arch, args=args))
+        result = train(
+            cfg.train,
+            model,
+            data,
+            out_dir,
+            world=world,
+            archs_for_update=lambda _: [None],
+            valid_archs={"model": None},
+            identity=setup.identity(NAME, cfg, data, space=space.digest(), arch=arch.to_dict()),
+            on_metrics=on_metrics,
+            desc=NAME,
+        )
+        if world.is_main:
+            model.load_state_dict(result.weights)
+            model.cpu().save(out_dir / "model.pt", vocab=data.vocab_info())
+            atomic_write_text(out_dir / "arch.yaml", arch.to_yaml())
+            write_curves(out_dir, result.history, result.valid_history, "retraining")
+            atomic_write_json(out_dir / "metrics.json", result.metrics)
+    finally:
+        close_world(world)
+    return result.metrics
+
+
+def load_config(params: Any, overrides: Any = None) -> RetrainConfig:
+    return load_section(RetrainConfig, NAME, params, overrides)
+
+
+@guarded
+def main(argv: list[str] | None = None) -> None:
+    """automoe retrain --data data/prepared --arch best_arch.yaml --out models/retrained [--supernet supernet.pt]"""
+    parser = stage_parser(NAME, __doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path, help="prepare_data output folder")
+    parser.add_argument("--arch", required=True, help=f"arch YAML, or one of {', '.join(NAMED_ARCHS)}")
+    parser.add_argument("--supernet", type=Path, help="supernet.pt (for retrain.init_from_supernet)")
+    args = parser.parse_args(argv)
+    cfg = load_config(params_source(args.params), args.overrides)
+    execute(
+        NAME,
+        cfg,
+        lambda tracker: run(cfg, RetrainInputs(args.data, args.arch, args.supernet), args.out, tracker.log_metrics),
+        artifacts=lambda: [args.out / "training_curve.png", args.out / "arch.yaml"],
+        parent_run_id=args.parent_run_id,
+        metrics_file=args.metrics,
+    )
+
+
+def component_main(
+    params: str,
+    overrides: list,
+    parent_run_id: str,
+    data_path: str,
+    arch: str,
+    supernet_path: str,
+    out_path: str,
+    metrics: Any,
+) -> None:
+    """Body of the KFP component: the same run, tracked under the pipeline's parent run."""
+    cfg = load_config(parse_yaml(params, "params"), list(overrides))
+    out = Path(out_path)
+    inputs = RetrainInputs(Path(data_path), arch, Path(supernet_path) if supernet_path else None)
+    result = execute(
+        NAME,
+        cfg,
+        lambda tracker: run(cfg, inputs, out, tracker.log_metrics),
+        artifacts=lambda: [out / "training_curve.png", out / "arch.yaml"],
+        parent_run_id=parent_run_id or None,
+    )
+    write_kfp_metrics(metrics, result)

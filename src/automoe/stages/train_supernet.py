@@ -1,0 +1,125 @@
+"""train_supernet: train the weight-sharing SuperTransformer, one sampled SubTransformer per update.
+
+Output folder: `supernet.pt` (weights + search space + model args + vocabulary info),
+`checkpoints/` (resumable), `curves.csv`, `valid_curves.csv`, `training_curve.png`,
+`metrics.json`. The final weights are those of the best checkpoint: the lowest mean
+validation NLL over the largest, the smallest and one fixed random SubTransformer (or
+the average of the last N checkpoints with `train.average_last: N`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from automoe.config import load_section, parse_yaml
+from automoe.data.dataset import PreparedData
+from automoe.io import atomic_write_json
+from automoe.model.supernet import SuperTransformer
+from automoe.space import ArchConfig, SearchSpace, load_space
+from automoe.stages._cli import execute, guarded, params_source, stage_parser, write_kfp_metrics
+from automoe.train import setup
+from automoe.train.distributed import close_world, init_world
+from automoe.train.trainer import MetricsHook, TrainConfig, train, write_curves
+
+NAME = "train_supernet"
+VALID_RANDOM_SEED = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class TrainSupernetConfig:
+    space: str = "small"  # a preset name under configs/spaces/ or a path to a space YAML
+    sampling: Literal["uniform", "sandwich"] = "uniform"  # sandwich: largest + smallest + random per update
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class TrainSupernetInputs:
+    data: Path  # a prepare_data output folder
+
+
+def update_archs(space: SearchSpace, cfg: TrainSupernetConfig, update: int) -> list[ArchConfig]:
+    """The SubTransformer(s) of an update, from the seed and the update count alone, so
+    every worker and every resumed run trains the same ones."""
+    sampled = space.sample(np.random.default_rng([cfg.train.seed, update]))
+    return [space.largest(), space.smallest(), sampled] if cfg.sampling == "sandwich" else [sampled]
+
+
+def valid_archs(space: SearchSpace, seed: int) -> dict[str, ArchConfig]:
+    return {
+        "largest": space.largest(),
+        "smallest": space.smallest(),
+        "random": space.sample(np.random.default_rng([seed, VALID_RANDOM_SEED])),
+    }
+
+
+def run(
+    cfg: TrainSupernetConfig, inputs: TrainSupernetInputs, out_dir: Path, on_metrics: MetricsHook | None = None
+) -> dict[str, float]:
+    data = PreparedData.open(inputs.data)
+    space = load_space(cfg.space)
+    out_dir = setup.output_dir(out_dir)
+    world = init_world(cfg.train.device)
+    try:
+        args = setup.model_args(space, data.vocab_size, cfg.train)
+        net = setup.seeded(cfg.train.seed, lambda: SuperTransformer(space=space, args=args))
+        result = train(
+            cfg.train,
+            net,
+            data,
+            out_dir,
+            world=world,
+            archs_for_update=lambda u: update_archs(space, cfg, u),
+            valid_archs=valid_archs(space, cfg.train.seed),
+            identity=setup.identity(NAME, cfg, data, space=space.digest()),
+            on_metrics=on_metrics,
+            desc=NAME,
+        )
+        if world.is_main:
+            net.load_state_dict(result.weights)
+            net.cpu().save(out_dir / "supernet.pt", vocab=data.vocab_info())
+            write_curves(out_dir, result.history, result.valid_history, f"supernet training ({space.name})")
+            atomic_write_json(out_dir / "metrics.json", result.metrics)
+    finally:
+        close_world(world)
+    return result.metrics
+
+
+def load_config(params: Any, overrides: Any = None) -> TrainSupernetConfig:
+    return load_section(TrainSupernetConfig, NAME, params, overrides)
+
+
+@guarded
+def main(argv: list[str] | None = None) -> None:
+    """automoe train_supernet --data data/prepared --out models/supernet [--set train_supernet.train.KEY=VALUE]"""
+    parser = stage_parser(NAME, __doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path, help="prepare_data output folder")
+    args = parser.parse_args(argv)
+    cfg = load_config(params_source(args.params), args.overrides)
+    execute(
+        NAME,
+        cfg,
+        lambda tracker: run(cfg, TrainSupernetInputs(args.data), args.out, tracker.log_metrics),
+        artifacts=lambda: [args.out / "training_curve.png", args.out / "curves.csv"],
+        parent_run_id=args.parent_run_id,
+        metrics_file=args.metrics,
+    )
+
+
+def component_main(
+    params: str, overrides: list, parent_run_id: str, data_path: str, out_path: str, metrics: Any
+) -> None:
+    """Body of the KFP component: the same run, tracked under the pipeline's parent run."""
+    cfg = load_config(parse_yaml(params, "params"), list(overrides))
+    out = Path(out_path)
+    result = execute(
+        NAME,
+        cfg,
+        lambda tracker: run(cfg, TrainSupernetInputs(Path(data_path)), out, tracker.log_metrics),
+        artifacts=lambda: [out / "training_curve.png", out / "curves.csv"],
+        parent_run_id=parent_run_id or None,
+    )
+    write_kfp_metrics(metrics, result)

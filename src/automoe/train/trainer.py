@@ -1,0 +1,409 @@
+"""One trainer for the supernet and for the retrained SubTransformer.
+
+An update: cut the next batches of the global stream until `tokens_per_update` target
+tokens are reached (the cut does not depend on the number of workers), deal them
+round-robin to the workers, run the update's arch(s) on each micro-batch, sum the
+gradients over workers, clip, step. The loss is summed over tokens and divided by the
+update's global token count, so one process and N workers compute the same update.
+
+The run owns the process RNG: dropout draws from torch's global generator, so its state
+is seeded at the start and saved in / restored from every checkpoint; everything else
+(arch sampling, data order) is derived from the seed and the update count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from automoe.config import to_dict
+from automoe.data.dataset import ParallelSplit, PreparedData, TokenBatchSampler
+from automoe.errors import AutomoeError
+from automoe.io import atomic_write_text
+from automoe.model.moe import load_balancing_loss, router_z_loss
+from automoe.space import ArchConfig
+from automoe.train import checkpoint
+from automoe.train.distributed import World
+from automoe.train.schedule import learning_rate
+
+MetricsHook = Callable[[dict[str, float], int], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_updates: int = 300
+    max_tokens: int = 4096  # padded tokens per micro-batch
+    tokens_per_update: int = 8192  # target tokens accumulated per optimizer update
+    lr: float = 1e-3
+    warmup_updates: int = 50
+    schedule: Literal["cosine", "inverse_sqrt"] = "cosine"
+    min_lr: float = 1e-5
+    adam_betas: tuple[float, ...] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    dropout: float = 0.3
+    attention_dropout: float = 0.1
+    aux_loss_weight: float = 0.0  # Switch load balancing (0.01 when on)
+    z_loss_weight: float = 0.0
+    clip_norm: float = 0.0  # 0 = no clipping
+    valid_interval: int = 100  # validate and checkpoint every N updates (and at the end)
+    valid_max_sentences: int = 500  # a fixed validation subset
+    keep_last: int = 3
+    average_last: int = 1  # the final model averages the last N checkpoints (1 = the best one)
+    log_interval: int = 10
+    threads: int = 2
+    seed: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_updates",
+            "max_tokens",
+            "tokens_per_update",
+            "valid_interval",
+            "valid_max_sentences",
+            "keep_last",
+            "average_last",
+            "log_interval",
+            "threads",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.lr <= 1:
+            raise ValueError(f"lr must be in (0, 1], got {self.lr}")
+        if self.warmup_updates < 0:
+            raise ValueError(f"warmup_updates must be >= 0, got {self.warmup_updates}")
+        for name in ("label_smoothing", "dropout", "attention_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        if self.average_last > self.keep_last:
+            raise ValueError(f"average_last ({self.average_last}) cannot exceed keep_last ({self.keep_last})")
+
+
+@dataclass
+class TrainResult:
+    weights: dict[str, torch.Tensor]  # the final model: best checkpoint, or the average of the last N
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    valid_history: list[dict[str, float]] = field(default_factory=list)
+
+
+def batch_stream(sampler: TokenBatchSampler, tgt_lengths: np.ndarray, tokens_per_update: int) -> Iterator[list]:
+    """Updates as lists of micro-batches (index arrays) from the endless sampler."""
+    it = iter(sampler)
+    while True:
+        batches, tokens = [], 0
+        while tokens < tokens_per_update:
+            b = next(it)
+            batches.append(b)
+            tokens += int(tgt_lengths[b].sum())
+        yield batches
+
+
+def shift_right(tgt: torch.Tensor, bos_id: int, pad_id: int) -> torch.Tensor:
+    """Decoder input: BOS, then the target without its last token; padding stays padding (B, T)."""
+    out = tgt.roll(1, dims=1)
+    out[:, 0] = bos_id
+    return out.masked_fill(tgt == pad_id, pad_id)
+
+
+def train(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    data: PreparedData,
+    work_dir: Path,
+    *,
+    world: World,
+    archs_for_update: Callable[[int], list[ArchConfig | None]],
+    valid_archs: dict[str, ArchConfig | None],
+    identity: dict[str, Any],
+    on_metrics: MetricsHook | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train (or resume) in `work_dir`; returns the final weights and summary metrics."""
+    torch.set_num_threads(cfg.threads)
+    ckpt_dir = work_dir / "checkpoints"
+    train_split, valid_split = data.split("train"), data.split("valid")
+    args = model.args
+    model.to(world.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    sampler = TokenBatchSampler(train_split.src.lengths, train_split.tgt.lengths, cfg.max_tokens, cfg.seed)
+    valid_batches = _valid_batches(valid_split, cfg)
+
+    state = _resume(ckpt_dir, identity, world)
+    if state is None:
+        torch.manual_seed(cfg.seed + world.rank)
+        start, history, valid_history, best = 0, [], [], None
+    else:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"][world.rank] if world.rank < len(state["rng"]) else state["rng"][0])
+        start, history, valid_history, best = state["update"], state["history"], state["valid"], state["best"]
+        if world.is_main:
+            print(f"{desc}: resuming at update {start} from {state['path'].name}", file=sys.stderr)
+
+    stream = batch_stream(sampler, train_split.tgt.lengths, cfg.tokens_per_update)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if world.device.type == "cuda" else contextlib.nullcontext()
+    bar = tqdm(
+        total=cfg.max_updates,
+        initial=start,
+        desc=desc,
+        disable=not world.is_main,
+        mininterval=1.0,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    t_last, tokens_since, speed = time.perf_counter(), 0, 0.0
+    for update in range(start, cfg.max_updates):
+        batches = next(stream)
+        n_tokens = sum(int(train_split.tgt.lengths[b].sum()) for b in batches)
+        mine = batches[world.rank :: world.size]
+        lr = learning_rate(
+            update, peak=cfg.lr, warmup=cfg.warmup_updates, total=cfg.max_updates, kind=cfg.schedule, final=cfg.min_lr
+        )
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        sums = np.zeros(3)  # loss, nll, aux (token-weighted)
+        loads: dict[str, float] = {}
+        for arch in archs_for_update(update):
+            # a worker without a micro-batch still takes part, with a zero-weighted one
+            for idx, weight in [(b, 1.0) for b in mine] or [(batches[0], 0.0)]:
+                src, tgt = (t.to(world.device) for t in train_split.collate(idx))
+                with amp:
+                    logits, stats = model(src, shift_right(tgt, args.bos_id, args.pad_id), arch)
+                lprobs = F.log_softmax(logits.float(), dim=-1).view(-1, logits.shape[-1])
+                target = tgt.view(-1)
+                nll = F.nll_loss(lprobs, target, ignore_index=args.pad_id, reduction="sum")
+                loss = F.cross_entropy(
+                    logits.float().view(-1, logits.shape[-1]),
+                    target,
+                    ignore_index=args.pad_id,
+                    label_smoothing=cfg.label_smoothing,
+                    reduction="sum",
+                )
+                routed = [s for s in stats if s is not None]
+                aux = torch.zeros((), device=world.device)
+                if routed and (cfg.aux_loss_weight or cfg.z_loss_weight):
+                    aux = sum(
+                        cfg.aux_loss_weight * load_balancing_loss(s, 1.0) + cfg.z_loss_weight * router_z_loss(s)
+                        for s in routed
+                    ) / len(routed)
+                b_tokens = int((tgt != args.pad_id).sum())
+                total = (loss + aux * b_tokens) * (weight / n_tokens)
+                total.backward()
+                sums += weight * np.array([loss.item(), nll.item(), float(aux) * b_tokens])
+                loads = _expert_load(stats, arch) if routed else loads
+        _sum_gradients(world, params)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm if cfg.clip_norm > 0 else math.inf))
+        opt.step()
+
+        loss_sum, nll_sum, aux_sum = world.sum(sums.tolist())
+        n_arch = len(archs_for_update(update))
+        row = {
+            "update": update + 1,
+            "loss": loss_sum / n_tokens / n_arch,
+            "nll": nll_sum / n_tokens / n_arch,
+            "aux": aux_sum / n_tokens / n_arch,
+            "lr": lr,
+            "grad_norm": grad_norm,
+        }
+        tokens_since += n_tokens
+        done = update + 1
+        if done % cfg.log_interval == 0 or done == cfg.max_updates:
+            now = time.perf_counter()
+            speed = row["tokens_per_s"] = tokens_since * n_arch / max(now - t_last, 1e-9)
+            t_last, tokens_since = now, 0
+            if on_metrics and world.is_main:
+                on_metrics({k: v for k, v in row.items() if k != "update"} | loads, done)
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}", refresh=False)
+        bar.update(1)
+
+        if done % cfg.valid_interval == 0 or done == cfg.max_updates:
+            valid = validate(model, valid_split, valid_batches, valid_archs, world, amp)
+            valid_history.append({"update": done, **valid})
+            if on_metrics and world.is_main:
+                on_metrics({f"valid_{k}": v for k, v in valid.items()}, done)
+            is_best = best is None or valid["mean"] < best["mean"]
+            if is_best:
+                best = {"update": done, **valid}
+            _checkpoint(
+                ckpt_dir, done, model, opt, sampler, history, valid_history, best, identity, cfg, world, is_best
+            )
+    bar.close()
+
+    if start >= cfg.max_updates and state is not None:
+        history, valid_history, best = state["history"], state["valid"], state["best"]
+    weights = _final_weights(ckpt_dir, cfg)
+    summary = {
+        "updates": float(cfg.max_updates),
+        "final_train_loss": history[-1]["loss"] if history else math.nan,
+        "best_valid_loss": best["mean"] if best else math.nan,
+        "best_update": float(best["update"]) if best else math.nan,
+    }
+    return TrainResult(weights, summary, history, valid_history)
+
+
+def _sum_gradients(world: World, params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over workers; a parameter no worker used keeps grad None (Adam skips it,
+    exactly as in a single process)."""
+    if world.size == 1:
+        return
+    used = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64, device=world.device)
+    used = torch.tensor(world.sum(used.tolist()))
+    world.sum_gradients(params)
+    for p, u in zip(params, used.tolist(), strict=True):
+        if u == 0:
+            p.grad = None
+
+
+def _expert_load(stats, arch: ArchConfig | None) -> dict[str, float]:
+    """Share of assignments taken by the busiest expert, per MoE layer (1/n is perfectly balanced)."""
+    out = {}
+    n_enc = len(stats) - (arch.decoder_layers if arch is not None else 0)
+    for i, s in enumerate(stats):
+        if s is not None:
+            name = f"enc{i}" if i < n_enc else f"dec{i - n_enc}"
+            counts = s.tokens_per_expert.float()
+            out[f"expert_load_max/{name}"] = float(counts.max() / counts.sum().clamp(min=1))
+    return out
+
+
+def _valid_batches(split: ParallelSplit, cfg: TrainConfig) -> list[np.ndarray]:
+    n = min(len(split), cfg.valid_max_sentences)
+    lens = np.maximum(split.src.lengths[:n], split.tgt.lengths[:n])
+    sampler = TokenBatchSampler(lens, lens, max(cfg.max_tokens, int(lens.max())), seed=0, shuffle=False)
+    return sampler.plan(0)
+
+
+@torch.no_grad()
+def validate(
+    model, split: ParallelSplit, batches, archs: dict[str, ArchConfig | None], world: World, amp
+) -> dict[str, float]:
+    """Per-token NLL on the fixed validation subset for each representative arch, and their mean."""
+    model.eval()
+    args = model.args
+    out = {}
+    for name, arch in archs.items():
+        nll, tokens = 0.0, 0
+        for b in batches[world.rank :: world.size]:
+            src, tgt = (t.to(world.device) for t in split.collate(b))
+            with amp:
+                logits, _ = model(src, shift_right(tgt, args.bos_id, args.pad_id), arch)
+            nll += float(
+                F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=args.pad_id, reduction="sum")
+            )
+            tokens += int((tgt != args.pad_id).sum())
+        nll, tokens = world.sum([nll, float(tokens)])
+        out[name] = nll / tokens
+    out["mean"] = float(np.mean([out[name] for name in archs]))
+    return out
+
+
+def _checkpoint(ckpt_dir, done, model, opt, sampler, history, valid_history, best, identity, cfg, world, is_best):
+    rng = [torch.get_rng_state()]
+    if world.size > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world.size
+        dist.all_gather_object(gathered, torch.get_rng_state())
+        rng = gathered
+    if world.is_main:
+        payload = {
+            "update": done,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": rng,
+            "history": history,
+            "valid": valid_history,
+            "best": best,
+            "identity": identity,
+            "config": to_dict(cfg),
+        }
+        path = checkpoint.save(ckpt_dir, done, payload, cfg.keep_last)
+        if is_best:
+            checkpoint.save_best(ckpt_dir, path)
+    world.barrier()
+
+
+def _resume(ckpt_dir: Path, identity: dict[str, Any], world: World) -> dict[str, Any] | None:
+    found = checkpoint.load_latest(ckpt_dir)
+    if found is None:
+        return None
+    payload, path = found
+    if payload.get("identity") != identity:
+        # checkpoints of another configuration, data set or arch: start over, keep nothing stale
+        world.barrier()
+        if world.is_main:
+            print(f"note: {ckpt_dir} holds checkpoints of a different run; starting from scratch", file=sys.stderr)
+            for old in checkpoint.listing(ckpt_dir) + [ckpt_dir / checkpoint.BEST]:
+                old.unlink(missing_ok=True)
+        world.barrier()
+        return None
+    return payload | {"path": path}
+
+
+def _final_weights(ckpt_dir: Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Best checkpoint (lowest mean validation loss), or the average of the last N."""
+    if cfg.average_last > 1:
+        return checkpoint.average(checkpoint.listing(ckpt_dir)[: cfg.average_last])
+    best = ckpt_dir / checkpoint.BEST
+    if not best.is_file():
+        raise AutomoeError(f"{ckpt_dir}: no best checkpoint was written")
+    return checkpoint.read(best)["model"]
+
+
+def write_curves(out_dir: Path, history: list[dict[str, float]], valid: list[dict[str, float]], title: str) -> None:
+    """curves.csv (DVC plots) and training_curve.png."""
+    keys = ["update", "loss", "nll", "lr", "grad_norm"]
+    lines = [",".join(keys)] + [",".join(f"{row[k]:.6g}" for k in keys) for row in history]
+    atomic_write_text(out_dir / "curves.csv", "\n".join(lines) + "\n")
+    if valid:
+        names = [k for k in valid[0] if k != "update"]
+        rows = [",".join(["update", *names])] + [",".join(f"{r[k]:.6g}" for k in ["update", *names]) for r in valid]
+        atomic_write_text(out_dir / "valid_curves.csv", "\n".join(rows) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["update"] for r in history], [r["nll"] for r in history], label="train NLL", alpha=0.7)
+    for name in [k for k in (valid[0] if valid else {}) if k != "update"]:
+        ax.plot([r["update"] for r in valid], [r[name] for r in valid], marker="o", label=f"valid NLL ({name})")
+    ax.set_xlabel("update")
+    ax.set_ylabel("NLL per target token")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_dir / ".training_curve.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(out_dir / "training_curve.png")
+
+
+def read_valid_history(path: Path) -> list[dict[str, float]]:
+    """Rows of valid_curves.csv as dicts."""
+    lines = path.read_text().splitlines()
+    names = lines[0].split(",")
+    return [dict(zip(names, map(float, line.split(",")), strict=True)) for line in lines[1:]]

@@ -1,0 +1,307 @@
+"""The trainer through its two stages: learnability, exact resume after SIGKILL, data
+parallelism with torchrun, checkpoints and bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import subprocess_env
+
+from automoe.model.counting import count
+from automoe.model.subnet import SubTransformer
+from automoe.model.supernet import SuperTransformer
+from automoe.space import load_space
+from automoe.stages import prepare_data, retrain, train_supernet
+from automoe.train import checkpoint
+from automoe.train.trainer import read_valid_history
+
+TINY = str(Path(__file__).parent / "data" / "tiny_space.yaml")
+TINY_ARCH = """\
+encoder_embed_dim: 64
+decoder_embed_dim: 64
+encoder_ffn: [[128, 64], [64]]
+decoder_ffn: [[128, 64, 64]]
+encoder_self_heads: [4, 2]
+decoder_self_heads: [4]
+decoder_ende_heads: [2]
+decoder_ende_span: [2]
+top_k: 1
+"""
+
+
+def sets(section: str, **values) -> list[str]:
+    out = []
+    for key, value in values.items():
+        out += ["--set", f"{section}.{key.replace('__', '.')}={value}"]
+    return out
+
+
+def tiny_train(section: str, updates: int, **extra) -> list[str]:
+    base = {
+        "train__max_updates": updates,
+        "train__max_tokens": 1024,
+        "train__tokens_per_update": 2048,
+        "train__warmup_updates": 5,
+        "train__valid_interval": 5,
+        "train__valid_max_sentences": 100,
+        "train__log_interval": 5,
+        "train__lr": 0.003,
+        "space": TINY,
+    }
+    return sets(section, **(base | extra))
+
+
+@pytest.fixture(scope="module")
+def prepared(multi30k, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "prepared"
+    args = [
+        "--out",
+        str(out),
+        *sets("prepare_data", max_train_pairs=2000, vocab_size=500, max_len=64, mirror=str(multi30k)),
+    ]
+    assert prepare_data.main(args) == 0
+    return out
+
+
+def cli(*args: str, **env: str) -> list[str]:
+    return [sys.executable, "-m", "automoe.cli", *args]
+
+
+def test_supernet_validation_loss_falls_on_multi30k(prepared, tmp_path, capsys):
+    out = tmp_path / "supernet"
+    assert train_supernet.main(["--data", str(prepared), "--out", str(out), *tiny_train("train_supernet", 40)]) == 0
+    valid = read_valid_history(out / "valid_curves.csv")
+    assert [r["update"] for r in valid] == [5, 10, 15, 20, 25, 30, 35, 40]
+    for name in ("largest", "smallest", "random"):
+        assert valid[-1][name] < valid[0][name] - 0.5
+    net, vocab = SuperTransformer.load(out / "supernet.pt")
+    assert vocab["vocab_size"] == 500 and net.space.name == "tiny"
+    assert (out / "training_curve.png").stat().st_size > 1000
+    err = capsys.readouterr().err
+    assert "train_supernet: done (best_update=" in err
+
+
+def test_retrain_learns_a_synthetic_copy_task(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(12)]
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for split, n in (("train", 3000), ("valid", 100), ("test", 100)):
+        lines = [" ".join(rng.choice(words, int(rng.integers(2, 7)))) for _ in range(n)]
+        (folder / f"{split}.en").write_text("\n".join(lines) + "\n")
+        (folder / f"{split}.de").write_text("\n".join(lines) + "\n")
+    prep = tmp_path / "prep"
+    assert (
+        prepare_data.main(
+            [
+                "--out",
+                str(prep),
+                *sets(
+                    "prepare_data",
+                    source="paths",
+                    vocab_size=40,
+                    paths__train=f"{folder}/train.{{lang}}",
+                    paths__valid=f"{folder}/valid.{{lang}}",
+                    paths__test=f"{folder}/test.{{lang}}",
+                ),
+            ]
+        )
+        == 0
+    )
+    (tmp_path / "arch.yaml").write_text(TINY_ARCH)
+    out = tmp_path / "model"
+    args = [
+        "--data",
+        str(prep),
+        "--arch",
+        str(tmp_path / "arch.yaml"),
+        "--out",
+        str(out),
+        *tiny_train(
+            "retrain",
+            400,
+            train__dropout=0.0,
+            train__label_smoothing=0.0,
+            train__valid_interval=100,
+            train__max_tokens=512,
+            train__tokens_per_update=512,
+            train__warmup_updates=20,
+        ),
+    ]
+    assert retrain.main(args) == 0, capsys.readouterr().err
+    valid = read_valid_history(out / "valid_curves.csv")
+    assert valid[-1]["model"] < 0.1 and valid[0]["model"] > 1.0  # copying, not a unigram model
+    model, vocab = SubTransformer.load(out / "model.pt")
+    space = load_space(TINY)
+    compact = count(model.arch, vocab["vocab_size"], space.qkv_dim).params_total
+    assert sum(p.numel() for p in model.parameters()) == compact
+
+
+def run_to_end(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cli(*args), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a: Path, b: Path, tol: float = 1e-6) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= tol
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_result(prepared, tmp_path):
+    env = subprocess_env(AUTOMOE_TRACKING="0")
+    common = ["train_supernet", "--data", str(prepared), *tiny_train("train_supernet", 30, train__dropout=0.3)]
+    run_to_end(common + ["--out", str(tmp_path / "a")], env)
+
+    b = tmp_path / "b"
+    proc = subprocess.Popen(
+        cli(*common, "--out", str(b)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not (b / "checkpoints" / "checkpoint_0000015.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (b / "supernet.pt").exists()
+    resumed = run_to_end(common + ["--out", str(b)], env)
+    assert "resuming at update 15" in resumed.stderr or "resuming at update 20" in resumed.stderr
+    assert_same_weights(tmp_path / "a" / "supernet.pt", b / "supernet.pt")
+    assert (tmp_path / "a" / "curves.csv").read_text() == (b / "curves.csv").read_text()
+
+
+def test_corrupt_checkpoint_falls_back_to_an_older_one(prepared, tmp_path):
+    env = subprocess_env(AUTOMOE_TRACKING="0")
+    common = [
+        "train_supernet",
+        "--data",
+        str(prepared),
+        "--out",
+        str(tmp_path / "run"),
+        *tiny_train("train_supernet", 15, train__dropout=0.0),
+    ]
+    run_to_end(common, env)
+    reference = tmp_path / "reference.pt"
+    reference.write_bytes((tmp_path / "run" / "supernet.pt").read_bytes())
+    newest = checkpoint.listing(tmp_path / "run" / "checkpoints")[0]
+    newest.write_bytes(newest.read_bytes()[:1000])  # torn file
+    proc = run_to_end(common, env)
+    assert f"{newest.name}: corrupt checkpoint" in proc.stderr and "resuming at update 10" in proc.stderr
+    assert_same_weights(reference, tmp_path / "run" / "supernet.pt")
+
+
+def test_torchrun_two_workers_match_one_process(prepared, tmp_path):
+    env = subprocess_env(AUTOMOE_TRACKING="0", OMP_NUM_THREADS="1")
+    args = [
+        "train_supernet",
+        "--data",
+        str(prepared),
+        *tiny_train("train_supernet", 8, train__dropout=0.0, train__attention_dropout=0.0, train__threads=1),
+    ]
+    run_to_end(args + ["--out", str(tmp_path / "one")], env)
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "automoe.cli",
+    ]
+    proc = subprocess.run(
+        torchrun + args[0:] + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one = np.loadtxt(tmp_path / "one" / "curves.csv", delimiter=",", skiprows=1)
+    two = np.loadtxt(tmp_path / "two" / "curves.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(two[:, 1], one[:, 1], rtol=1e-4)  # loss per update
+    # validation of the final weights agrees too (Adam magnifies rounding in near-zero gradients,
+    # so weights are compared through what they compute)
+    valid_one = read_valid_history(tmp_path / "one" / "valid_curves.csv")
+    valid_two = read_valid_history(tmp_path / "two" / "valid_curves.csv")
+    for a, b in zip(valid_one, valid_two, strict=True):
+        assert a == pytest.approx(b, rel=1e-3)
+
+
+def test_sampled_archs_depend_only_on_seed_and_update():
+    space = load_space(TINY)
+    cfg = train_supernet.TrainSupernetConfig(space=TINY)
+    first = [train_supernet.update_archs(space, cfg, u) for u in range(20)]
+    assert first == [train_supernet.update_archs(space, cfg, u) for u in range(20)]
+    assert len({a[0] for a in first}) > 10
+    sandwich = train_supernet.TrainSupernetConfig(space=TINY, sampling="sandwich")
+    largest, smallest, sampled = train_supernet.update_archs(space, sandwich, 3)
+    assert (largest, smallest, sampled) == (space.largest(), space.smallest(), first[3][0])
+
+
+def test_checkpoint_averaging(tmp_path):
+    for update, value in ((1, 1.0), (2, 2.0), (3, 6.0)):
+        checkpoint.save(tmp_path, update, {"update": update, "model": {"w": torch.full((2,), value)}}, keep_last=2)
+    assert [p.name for p in checkpoint.listing(tmp_path)] == ["checkpoint_0000003.pt", "checkpoint_0000002.pt"]
+    torch.testing.assert_close(checkpoint.average(checkpoint.listing(tmp_path))["w"], torch.full((2,), 4.0))
+
+
+def test_mismatched_vocab_is_refused(prepared, multi30k, tmp_path, capsys):
+    net = tmp_path / "supernet"
+    assert train_supernet.main(["--data", str(prepared), "--out", str(net), *tiny_train("train_supernet", 5)]) == 0
+    other = tmp_path / "other"
+    assert (
+        prepare_data.main(
+            ["--out", str(other), *sets("prepare_data", max_train_pairs=500, vocab_size=300, mirror=str(multi30k))]
+        )
+        == 0
+    )
+    (tmp_path / "arch.yaml").write_text(TINY_ARCH)
+    capsys.readouterr()
+    rc = retrain.main(
+        [
+            "--data",
+            str(other),
+            "--arch",
+            str(tmp_path / "arch.yaml"),
+            "--supernet",
+            str(net / "supernet.pt"),
+            "--out",
+            str(tmp_path / "r"),
+            *tiny_train("retrain", 5, init_from_supernet="true"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "supernet.pt: its vocabulary" in err and "differs from the prepared data" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--data", "{tmp}/nowhere"], "nowhere: not a prepared-data folder"),
+        (["--set", "retrain.train.lr=0"], "retrain.train: lr must be in (0, 1], got 0.0"),
+        (["--set", "retrain.train.max_updates=0"], "retrain.train: max_updates must be >= 1"),
+        (["--set", "retrain.train.schedul=cosine"], "retrain.train.schedul: unknown key"),
+        (["--arch", "{tmp}/bad_arch.yaml"], "arch.encoder_embed_dim: 100 is not in the space's choices"),
+        (["--arch", "{tmp}/missing.yaml"], "missing.yaml: file not found"),
+        (["--set", "retrain.init_from_supernet=true"], "init_from_supernet is true but no --supernet"),
+    ],
+)
+def test_retrain_bad_input(prepared, tmp_path, capsys, args, needle):
+    (tmp_path / "arch.yaml").write_text(TINY_ARCH)
+    (tmp_path / "bad_arch.yaml").write_text(TINY_ARCH.replace("encoder_embed_dim: 64", "encoder_embed_dim: 100"))
+    base = {"--data": str(prepared), "--arch": str(tmp_path / "arch.yaml"), "--out": str(tmp_path / "out")}
+    given = [a.format(tmp=tmp_path) for a in args]
+    for flag in list(base):
+        if flag in given:
+            base.pop(flag)
+    argv = [x for kv in base.items() for x in kv] + tiny_train("retrain", 5) + given
+    assert retrain.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err, err
