@@ -11,27 +11,62 @@ from pathlib import Path
 
 from kfp import compiler, dsl
 
+import components as c
 from automoe.config import PipelineConfig, load_section, read_yaml
-from components import close_tracking, open_tracking, prepare_data, retrain, train_supernet
+from automoe.stages.measure_latency import MeasureLatencyConfig
 
 ROOT = Path(__file__).resolve().parent
 # The params travel as one line of JSON: a KFP dict parameter (protobuf Struct) turns ints into
 # floats, and a multi-line default breaks the comment header of the compiled YAML.
 PARAMS = json.dumps(read_yaml(ROOT / "params.yaml"), separators=(",", ":"), sort_keys=True)
 PIPELINE = load_section(PipelineConfig, "pipeline", ROOT / "params.yaml")
+MEASURE = load_section(MeasureLatencyConfig, "measure_latency", ROOT / "params.yaml")
+
+
+def _measure_latency(prepared, supernet, common):
+    """One pod, or `num_shards` pods in parallel on the target hardware, merged into one table."""
+    if MEASURE.num_shards == 1:
+        return _on_target(c.measure_latency(prepared=prepared, supernet=supernet, shard=0, **common)).outputs["latency"]
+    with dsl.ParallelFor(items=list(range(MEASURE.num_shards))) as shard:
+        part = _on_target(c.measure_latency(prepared=prepared, supernet=supernet, shard=shard, **common))
+    return c.merge_latency(shards=dsl.Collected(part.outputs["latency"])).outputs["latency"]
+
+
+def _on_target(task):
+    """Latency is measured on the target hardware: node selector and accelerator from params."""
+    from kfp import kubernetes
+
+    for label, value in MEASURE.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=label, label_value=value)
+    if MEASURE.accelerator:
+        task.set_accelerator_type(MEASURE.accelerator).set_accelerator_limit(1)
+    return task.set_cpu_limit(str(MEASURE.threads)).set_caching_options(True)
 
 
 @dsl.pipeline(name=PIPELINE.name, description="AutoMoE: search, train, evaluate and register a translation MoE")
 def automoe_pipeline(params: str = PARAMS, overrides: list = []):  # noqa: B006 - KFP needs a literal default
     # The exit task closes the parent run (FINISHED or FAILED); it finds it by the KFP run id.
-    close = close_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
+    close = c.close_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
     with dsl.ExitHandler(close):
-        parent = open_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
+        parent = c.open_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
         common = {"params": params, "overrides": overrides, "parent_run_id": parent.output}
-        prepared = prepare_data(**common).set_cpu_limit("2").set_memory_limit("8G")
-        supernet = train_supernet(prepared=prepared.outputs["prepared"], **common)
-        supernet.set_cpu_limit("4").set_memory_limit("16G")
-        dense = retrain(prepared=prepared.outputs["prepared"], arch="largest_dense", **common)
+        prepared = c.prepare_data(**common).set_cpu_limit("2").set_memory_limit("8G").outputs["prepared"]
+        supernet = c.train_supernet(prepared=prepared, **common).set_cpu_limit("4").set_memory_limit("16G")
+        latency = _measure_latency(prepared, supernet.outputs["supernet"], common)
+        predictor = c.train_predictor(latency=latency, **common)
+        found = (
+            c.search(
+                prepared=prepared,
+                supernet=supernet.outputs["supernet"],
+                predictor=predictor.outputs["predictor"],
+                **common,
+            )
+            .set_cpu_limit("4")
+            .set_memory_limit("16G")
+        )
+        searched = c.retrain(prepared=prepared, arch_name="", search_result=found.outputs["result"], **common)
+        searched.set_display_name("retrain (searched)").set_cpu_limit("4").set_memory_limit("16G")
+        dense = c.retrain(prepared=prepared, arch_name="largest_dense", **common)
         dense.set_display_name("retrain (dense baseline)").set_cpu_limit("4").set_memory_limit("16G")
 
 

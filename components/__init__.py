@@ -5,9 +5,23 @@ is compiled with `install_kfp_package=False` and installs nothing at run time.
 """
 
 from components.images import IMAGE
+from components.measure_latency import measure_latency, merge_latency
 from components.prepare_data import prepare_data
 from components.retrain import retrain
+from components.search import search
 from components.tracking import close_tracking, open_tracking
+from components.train_predictor import train_predictor
 from components.train_supernet import train_supernet
 
-__all__ = ["IMAGE", "close_tracking", "open_tracking", "prepare_data", "retrain", "train_supernet"]
+__all__ = [
+    "IMAGE",
+    "close_tracking",
+    "measure_latency",
+    "merge_latency",
+    "open_tracking",
+    "prepare_data",
+    "retrain",
+    "search",
+    "train_predictor",
+    "train_supernet",
+]

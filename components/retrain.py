@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.images import IMAGE
 
@@ -10,11 +10,13 @@ def retrain(
     overrides: list,
     parent_run_id: str,
     prepared: Input[Dataset],
-    arch: str,
+    arch_name: str,
     model: Output[Model],
     metrics: Output[Metrics],
+    search_result: Input[Artifact] = None,
 ):
-    """`arch`: an arch YAML path or a named arch of the space (largest_dense for the baseline)."""
+    """The searched arch (`search_result`), or a named arch of the space (`arch_name`, e.g. largest_dense)."""
     from automoe.stages import retrain
 
+    arch = search_result.path if search_result is not None else arch_name
     retrain.component_main(params, overrides, parent_run_id, prepared.path, arch, "", model.path, metrics)

@@ -84,6 +84,17 @@ def tiny_pipeline_params(mirror: Path) -> dict[str, dict]:
     return {
         "prepare_data": {"max_train_pairs": 300, "vocab_size": 300, "mirror": str(mirror)},
         "train_supernet": {"space": TINY_SPACE, "train": dict(TINY_TRAIN)},
+        "measure_latency": {"n_archs": 10, "warmup": 1, "repeats": 2, "sources": 2, "tgt_steps": 5},
+        "train_predictor": {"fit": {"epochs": 30}},
+        "search": {
+            "population": 6,
+            "parents": 2,
+            "mutations": 2,
+            "crossovers": 2,
+            "iterations": 2,
+            "valid_sentences": 20,
+            "budget": {"kind": "gflops", "value": 0.8},
+        },
         "retrain": {"space": TINY_SPACE, "train": dict(TINY_TRAIN)},
     }
 

@@ -13,6 +13,10 @@ from conftest import ROOT, as_overrides, paths_overrides, subprocess_env, tiny_p
 from automoe import tracking
 from automoe.stages import prepare_data
 
+# one MLflow child run per stage execution (retrain runs twice: searched and dense)
+ALL_STAGE_RUNS = ["prepare_data", "train_supernet", "measure_latency", "train_predictor", "search"]
+ALL_STAGE_RUNS += ["retrain", "retrain"]
+
 
 def mlflow_runs(uri: str):
     from mlflow.tracking import MlflowClient
@@ -111,7 +115,7 @@ def test_dvc_repro_in_a_copy_of_the_repo(multi30k, tmp_path):
     assert again.returncode == 0 and "didn't change" in again.stdout + again.stderr
     _, runs = mlflow_runs(uri)
     children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId"))
-    assert children == ["prepare_data", "retrain", "train_supernet"]
+    assert children == sorted(ALL_STAGE_RUNS)
     assert len({r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags.get("mlflow.parentRunId")}) == 1
     assert (repo / "models/supernet/supernet.pt").is_file() and (repo / "models/retrain/dense/model.pt").is_file()
 
@@ -139,7 +143,16 @@ def test_pipeline_compiles_to_a_valid_pipeline_spec(tmp_path):
     assert images == {IMAGE}
     assert set(parsed.root.dag.tasks) == {"exit-handler-1", "close-tracking"}
     inner = set(parsed.components["comp-exit-handler-1"].dag.tasks)
-    assert {"open-tracking", "prepare-data", "train-supernet", "retrain"} <= inner
+    assert {
+        "open-tracking",
+        "prepare-data",
+        "train-supernet",
+        "measure-latency",
+        "train-predictor",
+        "search",
+        "retrain",
+        "retrain-2",
+    } <= inner
     for executor in executors.values():  # nothing is pip-installed at run time
         assert "pip install" not in " ".join(executor["container"]["command"])
 
@@ -160,5 +173,5 @@ def test_kfp_local_run_records_a_parent_and_a_child(multi30k, tmp_path):
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     assert len(child) == 1 and child[0].data.tags["mlflow.parentRunId"] == parent[0].info.run_id
     stages = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id)
-    assert stages == ["prepare_data", "retrain", "train_supernet"]
+    assert stages == sorted(ALL_STAGE_RUNS)
     assert all(r.info.status == "FINISHED" for r in runs)

@@ -9,6 +9,9 @@ import sys
 COMMANDS = {
     "prepare_data": "automoe.stages.prepare_data",
     "train_supernet": "automoe.stages.train_supernet",
+    "measure_latency": "automoe.stages.measure_latency",
+    "train_predictor": "automoe.stages.train_predictor",
+    "search": "automoe.stages.search",
     "retrain": "automoe.stages.retrain",
 }
 

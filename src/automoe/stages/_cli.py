@@ -100,3 +100,17 @@ def write_kfp_metrics(metrics_artifact: Any, metrics: Mapping[str, float]) -> No
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def html_images(title: str, pngs: list[Path]) -> str:
+    """A self-contained HTML page of PNG plots: a KFP HTML artifact shows it in the UI."""
+    import base64
+
+    imgs = "".join(f"<img src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'/>" for p in pngs)
+    return f"<html><body><h3>{title}</h3>{imgs}</body></html>"
+
+
+def artifact_file(path: Path | str, name: str) -> Path:
+    """A stage output file, given the file itself or the stage's output folder (as KFP passes it)."""
+    path = Path(path)
+    return path / name if path.is_dir() else path

@@ -20,7 +20,7 @@ from automoe.io import atomic_write_json, atomic_write_text
 from automoe.model.subnet import SubTransformer, extract
 from automoe.model.supernet import SuperTransformer
 from automoe.space import ArchConfig, SearchSpace, load_space
-from automoe.stages._cli import execute, guarded, params_source, stage_parser, write_kfp_metrics
+from automoe.stages._cli import artifact_file, execute, guarded, params_source, stage_parser, write_kfp_metrics
 from automoe.train import setup
 from automoe.train.distributed import close_world, init_world
 from automoe.train.trainer import MetricsHook, TrainConfig, train, write_curves
@@ -46,7 +46,7 @@ class RetrainInputs:
 def resolve_arch(spec: str, space: SearchSpace) -> ArchConfig:
     if spec in NAMED_ARCHS:
         return getattr(space, spec)()
-    return ArchConfig.from_yaml(spec).validate(space)
+    return ArchConfig.from_yaml(artifact_file(spec, "best_arch.yaml")).validate(space)
 
 
 def run(
@@ -57,7 +57,7 @@ def run(
     if cfg.init_from_supernet:
         if inputs.supernet is None:
             raise ConfigError("retrain.init_from_supernet is true but no --supernet file was given")
-        supernet, vocab = SuperTransformer.load(inputs.supernet)
+        supernet, vocab = SuperTransformer.load(artifact_file(inputs.supernet, "supernet.pt"))
         data.check_vocab(vocab, str(inputs.supernet))
         space = supernet.space
     else:

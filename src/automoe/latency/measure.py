@@ -1,0 +1,114 @@
+"""Latency of SubTransformers on this machine, with the paper's protocol.
+
+Batch 1, a source of `src_len` tokens cut from real validation sentences (MoE routing
+depends on the tokens), encoder once, then `tgt_steps` incremental decoder steps with
+`beam` hypotheses (cache reordered every step, as beam search does). Warm-up runs, then
+repeated runs; each figure is the mean of the runs between the 10th and 90th percentile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from automoe.data.corpus import EOS
+from automoe.data.dataset import ParallelSplit
+
+
+@dataclass(frozen=True)
+class Latency:
+    encoder_ms: float
+    decoder_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.encoder_ms + self.decoder_ms
+
+
+def trimmed_mean(values: list[float] | np.ndarray, low: float = 10.0, high: float = 90.0) -> float:
+    """Mean of the sorted values from the `low` to the `high` percentile rank (10 runs: the
+    middle 8; fewer than 3 runs: all of them)."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(v)
+    lo, hi = int(np.floor(n * low / 100)), int(np.ceil(n * high / 100))
+    return float(v[lo:hi].mean() if hi > lo else v.mean())
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fingerprint(device: torch.device) -> dict[str, str | int]:
+    """What the latency figures are valid for."""
+    info: dict[str, str | int] = {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count() or 0,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": device.type,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    info["id"] = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
+    return info
+
+
+def source_windows(split: ParallelSplit, length: int, count: int) -> torch.Tensor:
+    """`count` sources of exactly `length` tokens (the last one EOS), cut from the
+    validation sentences laid end to end: (count, length)."""
+    stream = np.concatenate([split.src[i][:-1] for i in range(len(split))]).astype(np.int64)
+    need = count * (length - 1)
+    if len(stream) < need:
+        stream = np.resize(stream, need)
+    windows = stream[:need].reshape(count, length - 1)
+    return torch.from_numpy(np.concatenate([windows, np.full((count, 1), EOS)], axis=1))
+
+
+@torch.inference_mode()
+def measure(
+    model, sources: torch.Tensor, beam: int = 5, steps: int = 30, warmup: int = 3, repeats: int = 10
+) -> Latency:
+    """Encoder and decoder time of `model` (a compact SubTransformer) for batch-1 sources;
+    run r uses source r % len(sources)."""
+    model.eval()
+    device = next(model.parameters()).device
+    bos = model.args.bos_id
+    enc_times, dec_times = [], []
+    for run in range(warmup + repeats):
+        src = sources[run % len(sources)].unsqueeze(0).to(device)  # (1, S)
+        t0 = _now(device)
+        enc = model.encode(src)
+        t1 = _now(device)
+        enc = enc.repeat_interleave(beam)
+        tokens = torch.full((beam, 1), bos, dtype=torch.long, device=device)
+        order = torch.arange(beam, device=device)
+        cache = None
+        for _ in range(steps):
+            logits, cache = model.decode(tokens, enc, None, cache)
+            tokens = logits[:, -1].argmax(-1, keepdim=True)
+            cache = cache.reorder(order)
+        t2 = _now(device)
+        if run >= warmup:
+            enc_times.append((t1 - t0) * 1e3)
+            dec_times.append((t2 - t1) * 1e3)
+    return Latency(trimmed_mean(enc_times), trimmed_mean(dec_times))
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,160 @@
+"""measure_latency: measure sampled SubTransformers on this machine (the target hardware).
+
+Each arch is extracted from the trained supernet (so MoE routing is the trained
+router's) and timed with the paper's protocol on sources cut from real validation
+sentences. Output folder: `latency.csv` (one row per arch: encoder, decoder and total
+ms, the arch), `hardware.json` (CPU model, cores, threads, torch, device). Rows are
+appended as they are measured; rerunning after a kill measures only what is missing;
+a table from other hardware is refused. Under Kubeflow, `shard`/`num_shards` split the
+archs over parallel pods and `automoe merge_latency` joins them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from automoe.config import load_section, parse_yaml
+from automoe.data.dataset import PreparedData
+from automoe.errors import ConfigError
+from automoe.latency import measure as m
+from automoe.latency.table import LatencyTable, save_space
+from automoe.model.subnet import extract
+from automoe.model.supernet import SuperTransformer
+from automoe.space import ArchConfig, SearchSpace
+from automoe.stages._cli import artifact_file, execute, guarded, params_source, stage_parser, write_kfp_metrics
+
+NAME = "measure_latency"
+
+
+@dataclass(frozen=True)
+class MeasureLatencyConfig:
+    n_archs: int = 60  # sampled archs (the paper: 2000); the largest and smallest are added
+    seed: int = 1
+    beam: int = 5
+    src_len: int = 30
+    tgt_steps: int = 30
+    warmup: int = 3
+    repeats: int = 10
+    sources: int = 8  # distinct validation windows cycled through the runs
+    threads: int = 2
+    device: Literal["cpu", "cuda"] = "cpu"
+    num_shards: int = 1  # Kubeflow: parallel pods measuring disjoint archs
+    node_selector: dict[str, str] = field(default_factory=dict)  # Kubeflow: pods of the target hardware
+    accelerator: str = ""  # Kubeflow: e.g. nvidia.com/gpu for a GPU target
+
+    def __post_init__(self) -> None:
+        for name in ("n_archs", "beam", "src_len", "tgt_steps", "repeats", "sources", "threads", "num_shards"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.src_len < 2:
+            raise ValueError("src_len must be at least 2")
+
+
+@dataclass(frozen=True)
+class MeasureLatencyInputs:
+    data: Path
+    supernet: Path
+    shard: int = 0
+
+
+def archs_to_measure(space: SearchSpace, cfg: MeasureLatencyConfig) -> list[ArchConfig]:
+    """The same list for every shard and every rerun: the extremes, then seeded samples."""
+    rng = np.random.default_rng(cfg.seed)
+    return [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(cfg.n_archs)]
+
+
+def run(cfg: MeasureLatencyConfig, inputs: MeasureLatencyInputs, out_dir: Path) -> dict[str, float]:
+    if not 0 <= inputs.shard < cfg.num_shards:
+        raise ConfigError(f"measure_latency: shard {inputs.shard} is outside 0..{cfg.num_shards - 1}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("measure_latency.device: cuda was asked for but no GPU is visible")
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    data = PreparedData.open(inputs.data)
+    supernet, vocab = SuperTransformer.load(artifact_file(inputs.supernet, "supernet.pt"))
+    data.check_vocab(vocab, str(inputs.supernet))
+    table = LatencyTable(out_dir, m.fingerprint(device))
+    save_space(out_dir, supernet.space)
+    done = {row["arch_id"] for row in table.rows()}
+    sources = m.source_windows(data.split("valid"), cfg.src_len, cfg.sources)
+    todo = [
+        (i, a)
+        for i, a in enumerate(archs_to_measure(supernet.space, cfg))
+        if i % cfg.num_shards == inputs.shard and i not in done
+    ]
+    for arch_id, arch in tqdm(todo, desc=NAME, mininterval=5.0):
+        model = extract(supernet, arch).to(device)
+        lat = m.measure(model, sources, cfg.beam, cfg.tgt_steps, cfg.warmup, cfg.repeats)
+        table.append(arch_id, arch, lat.encoder_ms, lat.decoder_ms)
+    rows = table.rows()
+    latencies = np.array([r["latency_ms"] for r in rows])
+    return {
+        "archs_measured": len(rows),
+        "latency_ms_min": float(latencies.min()),
+        "latency_ms_median": float(np.median(latencies)),
+        "latency_ms_max": float(latencies.max()),
+    }
+
+
+def load_config(params: Any, overrides: Any = None) -> MeasureLatencyConfig:
+    return load_section(MeasureLatencyConfig, NAME, params, overrides)
+
+
+@guarded
+def main(argv: list[str] | None = None) -> None:
+    """automoe measure_latency --data data/prepared --supernet models/supernet/supernet.pt --out results/latency"""
+    parser = stage_parser(NAME, __doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path, help="prepare_data output folder")
+    parser.add_argument("--supernet", required=True, type=Path, help="train_supernet's supernet.pt")
+    parser.add_argument("--shard", type=int, default=0, help="which of num_shards to measure")
+    args = parser.parse_args(argv)
+    cfg = load_config(params_source(args.params), args.overrides)
+    inputs = MeasureLatencyInputs(args.data, args.supernet, args.shard)
+    execute(
+        NAME,
+        cfg,
+        lambda _: run(cfg, inputs, args.out),
+        artifacts=lambda: [args.out / "latency.csv", args.out / "hardware.json"],
+        parent_run_id=args.parent_run_id,
+        metrics_file=args.metrics,
+    )
+
+
+def component_main(
+    params: str,
+    overrides: list,
+    parent_run_id: str,
+    data_path: str,
+    supernet_path: str,
+    shard: int,
+    out_path: str,
+    metrics: Any,
+) -> None:
+    cfg = load_config(parse_yaml(params, "params"), list(overrides))
+    out = Path(out_path)
+    result = execute(
+        NAME,
+        cfg,
+        lambda _: run(cfg, MeasureLatencyInputs(Path(data_path), Path(supernet_path), int(shard)), out),
+        artifacts=lambda: [out / "latency.csv"],
+        parent_run_id=parent_run_id or None,
+    )
+    write_kfp_metrics(metrics, result)
+
+
+def merge_main(shard_paths: list[str], out_path: str) -> None:
+    """Join the shard tables of a Kubeflow ParallelFor into one (same hardware only)."""
+    from automoe.latency.table import load_space_of, merge
+
+    folders = [Path(p) for p in shard_paths]
+    n = merge(folders, Path(out_path))
+    save_space(Path(out_path), load_space_of(folders[0]))
+    print(f"merge_latency: {n} archs from {len(folders)} shards")

@@ -1,0 +1,319 @@
+"""search: evolutionary search for the SubTransformer with the lowest validation loss
+(inherited supernet weights) under a latency or GFLOPs budget, with a random-search
+baseline at the same number of evaluations.
+
+Output folder: `best_arch.yaml`, `population.csv` (final population), `pareto.csv`
+(loss vs cost over every evaluated arch), `history.csv` (per iteration), `random.csv`,
+`pareto.png`, `convergence.png`, `metrics.json`, and `state.json` (resume point: a
+killed search reruns only the unfinished iterations and ends with the same result).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from automoe.config import load_section, parse_yaml
+from automoe.data.dataset import PreparedData, TokenBatchSampler
+from automoe.errors import ConfigError
+from automoe.io import atomic_write_json, atomic_write_text
+from automoe.latency import measure as m
+from automoe.latency.predictor import LatencyPredictor
+from automoe.model.counting import count
+from automoe.model.subnet import extract
+from automoe.model.supernet import SuperTransformer
+from automoe.search.evolution import Candidate, EvolutionConfig, evolve, key, random_search
+from automoe.search.pareto import pareto_front
+from automoe.space import ArchConfig
+from automoe.stages._cli import (
+    artifact_file,
+    execute,
+    guarded,
+    html_images,
+    params_source,
+    stage_parser,
+    write_kfp_metrics,
+)
+from automoe.train.trainer import shift_right
+
+NAME = "search"
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: Literal["latency_ms", "gflops"] = "latency_ms"
+    value: float = 0.5
+    relative_to_dense: bool = True  # value is a fraction of the largest dense arch's cost
+    latency_source: Literal["predicted", "measured"] = "predicted"
+
+    def __post_init__(self) -> None:
+        if self.value <= 0:
+            raise ValueError(f"budget.value must be > 0, got {self.value}")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    population: int = 125
+    parents: int = 25
+    mutations: int = 50
+    crossovers: int = 50
+    mutation_prob: float = 0.3
+    iterations: int = 30
+    budget: Budget = field(default_factory=Budget)
+    valid_sentences: int = 200  # the fixed validation subset fitness is measured on
+    max_tokens: int = 4096
+    random_baseline: bool = True
+    seed: int = 1
+    threads: int = 2
+
+    def evolution(self) -> EvolutionConfig:
+        return EvolutionConfig(
+            self.population, self.parents, self.mutations, self.crossovers, self.mutation_prob, self.iterations
+        )
+
+    def __post_init__(self) -> None:
+        self.evolution()  # validates the evolution settings
+        if self.valid_sentences < 1:
+            raise ValueError("valid_sentences must be >= 1")
+
+
+@dataclass(frozen=True)
+class SearchInputs:
+    data: Path
+    supernet: Path
+    predictor: Path | None = None  # needed for a predicted-latency budget
+
+
+class ValidLoss:
+    """Fitness: per-token NLL of the supernet with an arch on a fixed validation subset."""
+
+    def __init__(self, supernet: SuperTransformer, data: PreparedData, sentences: int, max_tokens: int):
+        self.net = supernet.eval()
+        split = data.split("valid")
+        n = min(sentences, len(split))
+        lens = np.maximum(split.src.lengths[:n], split.tgt.lengths[:n])
+        plan = TokenBatchSampler(lens, lens, max(max_tokens, int(lens.max())), seed=0, shuffle=False).plan(0)
+        args = supernet.args
+        self.batches = [
+            (src, shift_right(tgt, args.bos_id, args.pad_id), tgt) for src, tgt in (split.collate(b) for b in plan)
+        ]
+
+    @torch.inference_mode()
+    def __call__(self, archs: list[ArchConfig]) -> list[float]:
+        out = []
+        pad = self.net.args.pad_id
+        for arch in archs:
+            nll, tokens = 0.0, 0
+            for src, tgt_in, tgt in self.batches:
+                logits, _ = self.net(src, tgt_in, arch)
+                nll += float(
+                    torch.nn.functional.cross_entropy(
+                        logits.flatten(0, 1), tgt.flatten(), ignore_index=pad, reduction="sum"
+                    )
+                )
+                tokens += int((tgt != pad).sum())
+            out.append(nll / tokens)
+        return out
+
+
+def cost_function(cfg: SearchConfig, inputs: SearchInputs, supernet: SuperTransformer, data: PreparedData):
+    space = supernet.space
+    if cfg.budget.kind == "gflops":
+        return lambda a: count(a, supernet.args.vocab_size, space.qkv_dim).gflops
+    if cfg.budget.latency_source == "predicted":
+        if inputs.predictor is None:
+            raise ConfigError("search.budget: a predicted-latency budget needs --predictor (train_predictor output)")
+        predictor = LatencyPredictor.load(artifact_file(inputs.predictor, "predictor.pt"))
+        predictor.check_space(space, str(inputs.predictor))
+        return lambda a: float(predictor.predict([a])[0])
+    sources = m.source_windows(data.split("valid"), 30, 4)
+    return lambda a: m.measure(extract(supernet, a), sources, warmup=2, repeats=5).total_ms
+
+
+def absolute_budget(cfg: SearchConfig, cost, space) -> tuple[float, float, float]:
+    """(budget, cost of the largest dense arch, lowest cost seen in the space)."""
+    dense = cost(space.largest_dense())
+    rng = np.random.default_rng([cfg.seed, 7])
+    floor = min([cost(space.smallest())] + [cost(space.sample(rng)) for _ in range(100)])
+    budget = cfg.budget.value * dense if cfg.budget.relative_to_dense else cfg.budget.value
+    unit = "ms" if cfg.budget.kind == "latency_ms" else "GFLOPs"
+    if budget < floor:
+        raise ConfigError(
+            f"search.budget: {budget:.4g} {unit} is below the smallest the space reaches "
+            f"(about {floor:.4g} {unit}; the largest dense arch costs {dense:.4g}); raise the budget"
+        )
+    return budget, dense, floor
+
+
+def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, float]:
+    torch.set_num_threads(cfg.threads)
+    data = PreparedData.open(inputs.data)
+    supernet, vocab = SuperTransformer.load(artifact_file(inputs.supernet, "supernet.pt"))
+    data.check_vocab(vocab, str(inputs.supernet))
+    space = supernet.space
+    cost = cost_function(cfg, inputs, supernet, data)
+    budget, dense_cost, floor = absolute_budget(cfg, cost, space)
+    fitness = ValidLoss(supernet, data, cfg.valid_sentences, cfg.max_tokens)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=cfg.iterations, desc=NAME, mininterval=5.0) as bar:
+        result = evolve(
+            space,
+            cfg.evolution(),
+            fitness,
+            cost,
+            budget,
+            cfg.seed,
+            out_dir / "state.json",
+            progress=lambda it: bar.update(it - bar.n),
+        )
+    metrics = {
+        "best_fitness": result.best.fitness,
+        "best_cost": result.best.cost,
+        "budget": budget,
+        "dense_cost": dense_cost,
+        "space_min_cost": floor,
+        "evaluations": float(len(result.evaluated)),
+    }
+    baseline = None
+    if cfg.random_baseline:
+        baseline = random_search(space, len(result.evaluated), fitness, cost, budget, cfg.seed)
+        metrics["random_best_fitness"] = baseline.best.fitness
+        metrics["random_best_cost"] = baseline.best.cost
+    write_outputs(out_dir, cfg, result, baseline, metrics)
+    return metrics
+
+
+def write_outputs(out_dir: Path, cfg: SearchConfig, result, baseline, metrics: dict[str, float]) -> None:
+    unit = "latency (ms)" if cfg.budget.kind == "latency_ms" else "GFLOPs"
+    everything = result.evaluated + (baseline.evaluated if baseline else [])
+    front = pareto_front(everything, cost=lambda c: c.cost, loss=lambda c: c.fitness)
+    atomic_write_text(out_dir / "population.csv", _csv(result.population))
+    atomic_write_text(out_dir / "pareto.csv", _csv(front))
+    atomic_write_text(out_dir / "history.csv", _rows(result.history))
+    if baseline:
+        atomic_write_text(out_dir / "random.csv", _csv(baseline.evaluated))
+    _plots(out_dir, result, baseline, front, metrics["budget"], unit)
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_text(out_dir / "best_arch.yaml", result.best.arch.to_yaml())
+
+
+def _csv(cands: list[Candidate]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["fitness", "cost", "arch"])
+    for c in cands:
+        writer.writerow([f"{c.fitness:.6f}", f"{c.cost:.6f}", key(c.arch)])
+    return buf.getvalue()
+
+
+def _rows(rows: list[dict[str, float]]) -> str:
+    names = list(rows[0])
+    return "\n".join([",".join(names)] + [",".join(f"{r[n]:.6g}" for n in names) for r in rows]) + "\n"
+
+
+def _plots(out_dir: Path, result, baseline, front, budget: float, unit: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter(
+        [c.cost for c in result.evaluated], [c.fitness for c in result.evaluated], s=10, alpha=0.5, label="evolution"
+    )
+    if baseline:
+        ax.scatter(
+            [c.cost for c in baseline.evaluated],
+            [c.fitness for c in baseline.evaluated],
+            s=10,
+            alpha=0.5,
+            marker="x",
+            label="random search",
+        )
+    ax.plot([c.cost for c in front], [c.fitness for c in front], "k-o", ms=3, label="Pareto front")
+    ax.axvline(budget, color="red", ls="--", label="budget")
+    ax.scatter([result.best.cost], [result.best.fitness], marker="*", s=200, c="gold", edgecolors="k", label="best")
+    ax.set_xlabel(unit)
+    ax.set_ylabel("validation loss (inherited weights)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "pareto.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(
+        [h["evaluations"] for h in result.history],
+        [h["best_fitness"] for h in result.history],
+        "o-",
+        label="evolution (best)",
+    )
+    if baseline:
+        ax.plot(
+            [h["evaluations"] for h in baseline.history],
+            [h["best_fitness"] for h in baseline.history],
+            label="random search (best)",
+        )
+    ax.set_xlabel("fitness evaluations")
+    ax.set_ylabel("best validation loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "convergence.png", dpi=110)
+    plt.close(fig)
+
+
+def load_config(params: Any, overrides: Any = None) -> SearchConfig:
+    return load_section(SearchConfig, NAME, params, overrides)
+
+
+@guarded
+def main(argv: list[str] | None = None) -> None:
+    """automoe search --data data/prepared --supernet supernet.pt --predictor predictor.pt --out results/search"""
+    parser = stage_parser(NAME, __doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--supernet", required=True, type=Path)
+    parser.add_argument("--predictor", type=Path, help="train_predictor's predictor.pt (predicted-latency budget)")
+    args = parser.parse_args(argv)
+    cfg = load_config(params_source(args.params), args.overrides)
+    inputs = SearchInputs(args.data, args.supernet, args.predictor)
+    execute(
+        NAME,
+        cfg,
+        lambda _: run(cfg, inputs, args.out),
+        artifacts=lambda: [args.out / n for n in ("best_arch.yaml", "pareto.csv", "pareto.png", "convergence.png")],
+        parent_run_id=args.parent_run_id,
+        metrics_file=args.metrics,
+    )
+
+
+def component_main(
+    params: str,
+    overrides: list,
+    parent_run_id: str,
+    data_path: str,
+    supernet_path: str,
+    predictor_path: str,
+    out_path: str,
+    metrics: Any,
+    plot_path: str = "",
+) -> None:
+    cfg = load_config(parse_yaml(params, "params"), list(overrides))
+    out = Path(out_path)
+    inputs = SearchInputs(Path(data_path), Path(supernet_path), Path(predictor_path) if predictor_path else None)
+    result = execute(
+        NAME,
+        cfg,
+        lambda _: run(cfg, inputs, out),
+        artifacts=lambda: [out / n for n in ("best_arch.yaml", "pareto.png", "convergence.png")],
+        parent_run_id=parent_run_id or None,
+    )
+    write_kfp_metrics(metrics, result)
+    if plot_path:
+        Path(plot_path).write_text(html_images("Search", [out / "pareto.png", out / "convergence.png"]))

@@ -1,0 +1,377 @@
+"""Latency measurement, the predictor and the evolutionary search."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import TINY_SPACE, subprocess_env
+
+from automoe.errors import AutomoeError, ConfigError, DataError
+from automoe.latency import measure as m
+from automoe.latency.predictor import FitConfig, fit, scores
+from automoe.latency.table import LatencyTable
+from automoe.search.evolution import EvolutionConfig, evolve, key, random_search
+from automoe.search.pareto import pareto_front
+from automoe.space import FEATURE_NAMES, arch_features, load_space
+from automoe.stages import measure_latency, prepare_data, search, train_supernet
+
+SMALL = load_space("small")
+
+
+def test_trimmed_mean_ignores_the_tails():
+    assert m.trimmed_mean(list(range(1, 11))) == pytest.approx(5.5)
+    noisy = [10.0] * 18 + [1000.0, 0.001]
+    assert m.trimmed_mean(noisy) == pytest.approx(10.0)
+    assert m.trimmed_mean([3.0, 5.0]) == 4.0  # too few runs to trim
+
+
+def test_fingerprint_and_table_refuse_other_hardware(tmp_path):
+    import torch
+
+    hw = m.fingerprint(torch.device("cpu"))
+    assert {"cpu_model", "cpu_cores", "threads", "torch", "device", "id"} <= set(hw)
+    table = LatencyTable(tmp_path, hw)
+    table.append(0, SMALL.smallest(), 1.0, 2.0)
+    other = dict(hw, threads=hw["threads"] + 7, id="someotherid")
+    with pytest.raises(DataError, match="measured on other hardware"):
+        LatencyTable(tmp_path, other)
+    with open(tmp_path / "latency.csv", "a") as fh:
+        fh.write('1,3.0,4.0,7.0,abc,"{torn')  # a kill in the middle of a row
+    rows = LatencyTable(tmp_path, hw).rows()
+    assert [r["arch_id"] for r in rows] == [0] and rows[0]["latency_ms"] == 3.0
+
+
+@pytest.fixture(scope="module")
+def tiny_supernet(multi30k, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    prep = root / "prepared"
+    assert (
+        prepare_data.main(
+            [
+                "--out",
+                str(prep),
+                "--set",
+                "prepare_data.max_train_pairs=500",
+                "--set",
+                "prepare_data.vocab_size=300",
+                "--set",
+                f"prepare_data.mirror={multi30k}",
+            ]
+        )
+        == 0
+    )
+    sets = [
+        f"train_supernet.space={TINY_SPACE}",
+        "train_supernet.train.max_updates=4",
+        "train_supernet.train.valid_interval=2",
+        "train_supernet.train.valid_max_sentences=30",
+    ]
+    assert (
+        train_supernet.main(
+            ["--data", str(prep), "--out", str(root / "supernet"), *[a for s in sets for a in ("--set", s)]]
+        )
+        == 0
+    )
+    return prep, root / "supernet" / "supernet.pt"
+
+
+def test_measure_latency_resumes_after_sigkill_without_duplicates(tiny_supernet, tmp_path):
+    prep, net = tiny_supernet
+    out = tmp_path / "latency"
+    args = [
+        sys.executable,
+        "-m",
+        "automoe.cli",
+        "measure_latency",
+        "--data",
+        str(prep),
+        "--supernet",
+        str(net),
+        "--out",
+        str(out),
+        "--set",
+        "measure_latency.n_archs=14",
+        "--set",
+        "measure_latency.repeats=3",
+        "--set",
+        "measure_latency.warmup=1",
+        "--set",
+        "measure_latency.threads=1",
+    ]
+    env = subprocess_env(AUTOMOE_TRACKING="0")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    table = out / "latency.csv"
+    while not (table.is_file() and table.read_text().count("\n") >= 5):
+        assert proc.poll() is None and time.monotonic() < deadline, "finished before the kill"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_rows = table.read_text().count("\n") - 1
+    assert 4 <= killed_rows < 16
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = LatencyTable(out, json.loads((out / "hardware.json").read_text())).rows()
+    assert sorted(r["arch_id"] for r in rows) == list(range(16))
+    space = load_space(TINY_SPACE)
+    expected = measure_latency.archs_to_measure(space, measure_latency.MeasureLatencyConfig(n_archs=14))
+    assert {r["arch_id"]: r["arch"] for r in rows} == {i: key(a) for i, a in enumerate(expected)}
+    assert all(r["latency_ms"] > 0 for r in rows)
+
+
+def synthetic_latency(arch) -> float:
+    """A known, nonlinear latency model: decoder depth x width dominates, as on a CPU."""
+    f = dict(zip(FEATURE_NAMES, arch_features(arch), strict=True))
+    return (
+        0.02 * f["decoder_layers"] * f["decoder_embed_dim"] * (1 + f["decoder_active_ffn_mean"] / 2048)
+        + 0.004 * f["encoder_layers"] * f["encoder_embed_dim"]
+        + 0.5 * f["decoder_ende_span_mean"]
+        + 1.0
+    )
+
+
+def test_predictor_learns_a_synthetic_latency_function(tmp_path):
+    rng = np.random.default_rng(0)
+    archs = [SMALL.sample(rng) for _ in range(400)]
+    x = np.stack([arch_features(a) for a in archs])
+    y = np.array([synthetic_latency(a) for a in archs])
+    predictor = fit(x[:300], y[:300], x[300:350], y[300:350], FitConfig(epochs=300, seed=0), SMALL.digest(), {})
+    s = scores(y[350:], predictor.predict_features(x[350:]))
+    assert s["mape_pct"] < 3 and s["r2"] > 0.98 and s["kendall_tau"] > 0.9
+    predictor.save(tmp_path / "p.pt")
+    from automoe.latency.predictor import LatencyPredictor
+
+    loaded = LatencyPredictor.load(tmp_path / "p.pt")
+    np.testing.assert_allclose(loaded.predict(archs[:5]), predictor.predict(archs[:5]), rtol=1e-6)
+    loaded.check_space(SMALL)
+    with pytest.raises(AutomoeError, match="trained for another search space"):
+        loaded.check_space(load_space("space0"))
+
+
+def target_distance(target):
+    """Fitness with a known optimum (0 at `target`): L1 distance of architecture features."""
+    t = arch_features(target)
+    scale = np.maximum(np.abs(t), 1.0)
+    return lambda archs: [float(np.abs((arch_features(a) - t) / scale).sum()) for a in archs]
+
+
+def gflops_cost(a):
+    from automoe.model.counting import count
+
+    return count(a, 1000, SMALL.qkv_dim).gflops
+
+
+SMALL_EVOLUTION = EvolutionConfig(
+    population=30, parents=8, mutations=12, crossovers=10, mutation_prob=0.3, iterations=12
+)
+
+
+def test_evolution_finds_a_known_optimum_and_beats_random_search():
+    target = SMALL.sample(np.random.default_rng(42))
+    genes = np.array(SMALL.encode(target))
+
+    def fitness(archs):  # 0 exactly at the target: the number of genes that differ from it
+        return [float((np.array(SMALL.encode(a)) != genes).sum()) for a in archs]
+
+    cfg = EvolutionConfig(population=30, parents=8, mutations=12, crossovers=10, mutation_prob=0.05, iterations=60)
+    result = evolve(SMALL, cfg, fitness, gflops_cost, budget=1e9, seed=3)
+    assert result.best.arch == target and result.best.fitness == 0
+    baseline = random_search(SMALL, len(result.evaluated), fitness, gflops_cost, budget=1e9, seed=3)
+    assert baseline.best.fitness >= 5  # same number of evaluations, nowhere near
+    best_so_far = [h["best_fitness"] for h in result.history]
+    assert best_so_far == sorted(best_so_far, reverse=True)  # never gets worse
+
+
+def test_every_candidate_meets_the_budget_and_seeds_reproduce():
+    fitness = target_distance(SMALL.largest())  # pulls toward the most expensive arch
+    budget = 0.5 * gflops_cost(SMALL.largest_dense())
+    a = evolve(SMALL, SMALL_EVOLUTION, fitness, gflops_cost, budget, seed=5)
+    assert all(c.cost <= budget for c in a.evaluated)
+    assert all(gflops_cost(c.arch) <= budget for c in a.population)
+    b = evolve(SMALL, SMALL_EVOLUTION, fitness, gflops_cost, budget, seed=5)
+    assert key(a.best.arch) == key(b.best.arch) and a.history == b.history
+    c = evolve(SMALL, SMALL_EVOLUTION, fitness, gflops_cost, budget, seed=6)
+    assert [key(x.arch) for x in c.evaluated] != [key(x.arch) for x in a.evaluated]
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
+    fitness = target_distance(SMALL.sample(np.random.default_rng(1)))
+    full = evolve(SMALL, SMALL_EVOLUTION, fitness, gflops_cost, 1e9, seed=9)
+
+    class Killed(Exception):
+        pass
+
+    calls = {"n": 0}
+
+    def dying(archs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # dies during iteration 5
+            raise Killed
+        return fitness(archs)
+
+    state = tmp_path / "state.json"
+    with pytest.raises(Killed):
+        evolve(SMALL, SMALL_EVOLUTION, dying, gflops_cost, 1e9, seed=9, state_path=state)
+    assert json.loads(state.read_text())["iteration"] == 4
+    resumed = evolve(SMALL, SMALL_EVOLUTION, fitness, gflops_cost, 1e9, seed=9, state_path=state)
+    assert [key(c.arch) for c in resumed.population] == [key(c.arch) for c in full.population]
+    assert resumed.history == full.history
+
+
+def test_pareto_front():
+    pts = [(1, 5), (2, 4), (2, 6), (3, 4.5), (4, 1), (5, 2)]
+    assert pareto_front(pts, cost=lambda p: p[0], loss=lambda p: p[1]) == [(1, 5), (2, 4), (4, 1)]
+
+
+def test_search_stage_on_a_tiny_supernet(tiny_supernet, tmp_path, capsys):
+    prep, net = tiny_supernet
+    out = tmp_path / "search"
+    sets = [
+        "search.population=8",
+        "search.parents=3",
+        "search.mutations=3",
+        "search.crossovers=2",
+        "search.iterations=2",
+        "search.budget.kind=gflops",
+        "search.budget.value=0.6",
+        "search.valid_sentences=30",
+    ]
+    assert (
+        search.main(
+            ["--data", str(prep), "--supernet", str(net), "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+        )
+        == 0
+    ), capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_cost"] <= metrics["budget"] == pytest.approx(0.6 * metrics["dense_cost"])
+    assert metrics["random_best_fitness"] >= metrics["best_fitness"] - 1.0
+    for name in (
+        "best_arch.yaml",
+        "population.csv",
+        "pareto.csv",
+        "history.csv",
+        "random.csv",
+        "pareto.png",
+        "convergence.png",
+    ):
+        assert (out / name).is_file(), name
+    import csv
+
+    with open(out / "population.csv") as fh:
+        assert all(float(r["cost"]) <= metrics["budget"] for r in csv.DictReader(fh))
+
+
+def test_infeasible_budget_states_the_floor(tiny_supernet, tmp_path, capsys):
+    prep, net = tiny_supernet
+    sets = ["search.budget.kind=gflops", "search.budget.value=0.000001", "search.budget.relative_to_dense=false"]
+    rc = search.main(
+        [
+            "--data",
+            str(prep),
+            "--supernet",
+            str(net),
+            "--out",
+            str(tmp_path / "s"),
+            *[a for s in sets for a in ("--set", s)],
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "is below the smallest the space reaches (about" in err and "GFLOPs" in err
+
+
+def test_predicted_budget_needs_a_predictor(tiny_supernet, tmp_path, capsys):
+    prep, net = tiny_supernet
+    assert search.main(["--data", str(prep), "--supernet", str(net), "--out", str(tmp_path / "s")]) == 2
+    assert "needs --predictor" in capsys.readouterr().err
+
+
+def test_evolution_config_is_validated():
+    with pytest.raises(ValueError, match="parents"):
+        EvolutionConfig(population=5, parents=10)
+    with pytest.raises(ConfigError, match="search: parents"):
+        search.load_config({"search": {"population": 5, "parents": 10}})
+
+
+def test_predicted_latency_search_chain(tiny_supernet, tmp_path, capsys):
+    from automoe.stages import train_predictor
+
+    prep, net = tiny_supernet
+    lat, pred, out = tmp_path / "latency", tmp_path / "predictor", tmp_path / "search"
+    measure_sets = ["measure_latency.n_archs=14", "measure_latency.repeats=3", "measure_latency.warmup=1"]
+    assert (
+        measure_latency.main(
+            [
+                "--data",
+                str(prep),
+                "--supernet",
+                str(net),
+                "--out",
+                str(lat),
+                *[a for s in measure_sets for a in ("--set", s)],
+            ]
+        )
+        == 0
+    )
+    assert (
+        train_predictor.main(["--latency", str(lat), "--out", str(pred), "--set", "train_predictor.fit.epochs=100"])
+        == 0
+    )
+    metrics = json.loads((pred / "metrics.json").read_text())
+    assert {"test_rmse_ms", "test_mape_pct", "test_r2", "test_kendall_tau"} <= set(metrics)
+    assert (pred / "predicted_vs_measured.png").is_file()
+    search_sets = [
+        "search.population=6",
+        "search.parents=2",
+        "search.mutations=2",
+        "search.crossovers=2",
+        "search.iterations=1",
+        "search.valid_sentences=20",
+        "search.budget.value=1.5",
+    ]
+    assert (
+        search.main(
+            [
+                "--data",
+                str(prep),
+                "--supernet",
+                str(net),
+                "--predictor",
+                str(pred),
+                "--out",
+                str(out),
+                *[a for s in search_sets for a in ("--set", s)],
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["best_cost"] <= result["budget"]
+
+    # a predictor made for another search space is refused
+    from automoe.latency.predictor import LatencyPredictor
+
+    other = LatencyPredictor.load(pred / "predictor.pt")
+    other.space_digest = "0000000000000000"
+    other.save(tmp_path / "other.pt")
+    capsys.readouterr()
+    assert (
+        search.main(
+            [
+                "--data",
+                str(prep),
+                "--supernet",
+                str(net),
+                "--predictor",
+                str(tmp_path / "other.pt"),
+                "--out",
+                str(tmp_path / "s2"),
+            ]
+        )
+        == 2
+    )
+    assert "trained for another search space" in capsys.readouterr().err
