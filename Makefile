@@ -30,9 +30,12 @@ run: install
 	@mkdir -p $(TMPDIR)
 	rm -f .automoe/parent_run.json   # one MLflow parent run per execution
 	dvc repro
-	@echo "prepared data: data/prepared (manifest: data/prepared/manifest.json)"
-	@echo "metrics:       reports/"
-	@echo "MLflow:        mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo
+	@echo "report:           results/evaluate/report.md"
+	@echo "metrics:          results/evaluate/metrics.json, reports/ (dvc metrics show)"
+	@echo "registered model: $$(python -c 'import json; r = json.load(open("results/register/registration.json")); print(r["uri"], "-> version", r["version"], "(champion: v%s)" % r["champion"])')"
+	@echo "MLflow UI:        .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "translate:        echo 'A dog runs.' | .venv/bin/automoe translate --model models:/automoe-en-de@champion"
 
 lint: install
 	ruff check .

@@ -68,6 +68,18 @@ def automoe_pipeline(params: str = PARAMS, overrides: list = []):  # noqa: B006 
         searched.set_display_name("retrain (searched)").set_cpu_limit("4").set_memory_limit("16G")
         dense = c.retrain(prepared=prepared, arch_name="largest_dense", **common)
         dense.set_display_name("retrain (dense baseline)").set_cpu_limit("4").set_memory_limit("16G")
+        evaluation = (
+            c.evaluate(prepared=prepared, model=searched.outputs["model"], baseline=dense.outputs["model"], **common)
+            .set_cpu_limit("2")
+            .set_memory_limit("8G")
+        )
+        c.register(
+            prepared=prepared,
+            model=searched.outputs["model"],
+            evaluation=evaluation.outputs["evaluation"],
+            search_result=found.outputs["result"],
+            **common,
+        ).set_caching_options(False)
 
 
 def main(argv: list[str] | None = None) -> int:

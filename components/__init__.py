@@ -4,9 +4,11 @@ Each component runs on the project image (which already holds automoe and kfp), 
 is compiled with `install_kfp_package=False` and installs nothing at run time.
 """
 
+from components.evaluate import evaluate
 from components.images import IMAGE
 from components.measure_latency import measure_latency, merge_latency
 from components.prepare_data import prepare_data
+from components.register import register
 from components.retrain import retrain
 from components.search import search
 from components.tracking import close_tracking, open_tracking
@@ -16,10 +18,12 @@ from components.train_supernet import train_supernet
 __all__ = [
     "IMAGE",
     "close_tracking",
+    "evaluate",
     "measure_latency",
     "merge_latency",
     "open_tracking",
     "prepare_data",
+    "register",
     "retrain",
     "search",
     "train_predictor",

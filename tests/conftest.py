@@ -96,6 +96,7 @@ def tiny_pipeline_params(mirror: Path) -> dict[str, dict]:
             "budget": {"kind": "gflops", "value": 0.8},
         },
         "retrain": {"space": TINY_SPACE, "train": dict(TINY_TRAIN)},
+        "evaluate": {"max_sentences": 20, "latency_repeats": 2, "latency_warmup": 1, "flops_sentences": 3},
     }
 
 

@@ -164,3 +164,47 @@ def _wait_bucket(server: S3Server, bucket: str, proc: subprocess.Popen, timeout:
             last = exc
             time.sleep(0.5)
     raise TimeoutError(f"SeaweedFS S3 gateway not ready within {timeout}s ({last})")
+
+
+@contextlib.contextmanager
+def mlflow_server(workdir: Path) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 with a sqlite store and local proxied artifacts; yields its URI."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    cmd = [
+        mlflow,
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(workdir / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    except BaseException:
+        print((workdir / "server.log").read_text(errors="replace")[-3000:])
+        raise
+    finally:
+        stop(proc)
+        log.close()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()

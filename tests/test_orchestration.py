@@ -15,7 +15,7 @@ from automoe.stages import prepare_data
 
 # one MLflow child run per stage execution (retrain runs twice: searched and dense)
 ALL_STAGE_RUNS = ["prepare_data", "train_supernet", "measure_latency", "train_predictor", "search"]
-ALL_STAGE_RUNS += ["retrain", "retrain"]
+ALL_STAGE_RUNS += ["retrain", "retrain", "evaluate", "register"]
 
 
 def mlflow_runs(uri: str):
@@ -118,6 +118,9 @@ def test_dvc_repro_in_a_copy_of_the_repo(multi30k, tmp_path):
     assert children == sorted(ALL_STAGE_RUNS)
     assert len({r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags.get("mlflow.parentRunId")}) == 1
     assert (repo / "models/supernet/supernet.pt").is_file() and (repo / "models/retrain/dense/model.pt").is_file()
+    registration = json.loads((repo / "results/register/registration.json").read_text())
+    assert registration["version"] == 1 and registration["promoted"] and registration["champion"] == 1
+    assert "searched" in (repo / "results/evaluate/report.md").read_text()
 
 
 def test_pipeline_compiles_to_a_valid_pipeline_spec(tmp_path):
@@ -175,3 +178,5 @@ def test_kfp_local_run_records_a_parent_and_a_child(multi30k, tmp_path):
     stages = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id)
     assert stages == sorted(ALL_STAGE_RUNS)
     assert all(r.info.status == "FINISHED" for r in runs)
+    registrations = list((tmp_path / "root").rglob("registration.json"))
+    assert len(registrations) == 1 and json.loads(registrations[0].read_text())["champion"] == 1

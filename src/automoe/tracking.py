@@ -129,6 +129,7 @@ class StageRun:
 
     run_id: str | None
     _client: Any = field(default=None, repr=False)
+    parent_run_id: str | None = None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.run_id is None:
@@ -171,7 +172,7 @@ def stage_run(stage: str, parent_run_id: str | None = None) -> Iterator[StageRun
     run = client.create_run(_experiment_id(client), run_name=stage, tags=tags)
     status = "FAILED"
     try:
-        yield StageRun(run.info.run_id, client)
+        yield StageRun(run.info.run_id, client, parent)
         status = "FINISHED"
     finally:
         client.set_terminated(run.info.run_id, status)
@@ -186,3 +187,175 @@ def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+# -- model registry -------------------------------------------------------------------------
+
+INPUT_EXAMPLE = ["A man in an orange hat starring at something.", "Two dogs play in the snow."]
+
+
+def _translator_class():
+    import mlflow.pyfunc
+
+    class TranslatorModel(mlflow.pyfunc.PythonModel):
+        """pyfunc: a DataFrame with a `text` column, or a list of strings -> translations."""
+
+        def load_context(self, context):
+            from automoe.serving import Translator
+
+            self.translator = Translator.from_files(context.artifacts["model"], context.artifacts["spm"])
+
+        def predict(self, context, model_input, params=None):
+            if hasattr(model_input, "columns"):
+                column = "text" if "text" in model_input.columns else model_input.columns[0]
+                lines = model_input[column].tolist()
+            else:
+                lines = list(model_input)
+            return self.translator.translate(lines)
+
+    return TranslatorModel
+
+
+def log_translator(run: StageRun, model_dir: Path, registered_name: str, tags: Mapping[str, str]):
+    """Log the retrained model as a pyfunc translator (with its code, SentencePiece model,
+    arch, weights, signature, input example) in `run` and register a new version."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    import automoe
+
+    code = Path(automoe.__file__).resolve().parent
+    artifacts = {
+        "model": str(model_dir / "model.pt"),
+        "spm": str(model_dir / "spm.model"),
+        "arch": str(model_dir / "arch.yaml"),
+    }
+    # an unnamed string column: accepts a list of strings and a DataFrame with a `text` column
+    example = list(INPUT_EXAMPLE)
+    signature = infer_signature(example, ["Ein Mann.", "Zwei Hunde."])
+    with mlflow.start_run(run_id=run.run_id):
+        info = mlflow.pyfunc.log_model(
+            name="translator",
+            python_model=_translator_class()(),
+            artifacts=artifacts,
+            code_paths=[str(code)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=_requirements(),
+        )
+    version = mlflow.register_model(info.model_uri, registered_name, tags=dict(tags))
+    return int(version.version)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "sentencepiece", "numpy", "pyyaml", "mlflow")]
+
+
+def registry_client():
+    return _client()
+
+
+def registry_versions(client, name: str):
+    """(current champion, all versions) as registry.Version values."""
+    from automoe import registry as r
+
+    def as_version(mv) -> r.Version:
+        t = mv.tags
+        return r.Version(
+            int(mv.version),
+            float(t.get(r.BLEU, "nan")),
+            float(t.get(r.COST, "inf")),
+            float(t.get(r.BUDGET, "inf")),
+            decided=r.GATE in t,
+            revoked=t.get(r.REVOKED) == "true",
+        )
+
+    versions = [as_version(mv) for mv in client.search_model_versions(f"name='{name}'")]
+    champion = champion_version(client, name)
+    by_number = {v.number: v for v in versions}
+    return (by_number.get(champion) if champion else None), versions
+
+
+def champion_version(client, name: str) -> int | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return int(client.get_model_version_by_alias(name, "champion").version)
+    except MlflowException:
+        return None
+
+
+def settle_champion(client, name: str, gate) -> dict[str, Any]:
+    """Run the promotion gate and move the `champion` alias; repeat until the registry agrees
+    (a concurrent registration may have moved it in between)."""
+    from automoe import registry as r
+
+    for _ in range(5):
+        champion, versions = registry_versions(client, name)
+        best, verdicts = r.decide(champion, versions, gate)
+        moving = best is not None and (champion is None or best.number != champion.number)
+        for number, verdict in verdicts.items():
+            if not (moving and number == best.number):
+                client.set_model_version_tag(name, str(number), r.GATE, verdict)
+        if moving:
+            # the new champion records its predecessor before the alias moves, and is marked
+            # decided only after: a crash in between leaves it to the next decision
+            client.set_model_version_tag(name, str(best.number), r.PREVIOUS, str(champion.number) if champion else "")
+            client.set_registered_model_alias(name, r.CHAMPION, str(best.number))
+            client.set_model_version_tag(name, str(best.number), r.GATE, verdicts[best.number])
+            _append_history(client, name, best.number, "gate")
+        if champion_version(client, name) == (best.number if best else None):
+            return {"champion": best.number if best else None, "verdicts": verdicts}
+    raise RuntimeError(f"{name}: the champion alias kept moving; rerun register")
+
+
+def _append_history(client, name: str, version: int, how: str) -> None:
+    model = client.get_registered_model(name)
+    history = json.loads(model.tags.get("automoe.champion_history", "[]"))
+    history.append({"version": version, "how": how, "at": int(time.time())})
+    client.set_registered_model_tag(name, "automoe.champion_history", json.dumps(history[-50:]))
+
+
+def promote(name: str, version: int) -> None:
+    """A person's promotion: `version` becomes champion whatever the gate says."""
+    from automoe import registry as r
+
+    client = _client()
+    current = champion_version(client, name)
+    client.get_model_version(name, str(version))  # raises if it does not exist
+    client.set_model_version_tag(name, str(version), r.PREVIOUS, str(current) if current else "")
+    client.set_model_version_tag(name, str(version), r.GATE, "promoted by hand")
+    if r.REVOKED in client.get_model_version(name, str(version)).tags:
+        client.delete_model_version_tag(name, str(version), r.REVOKED)
+    client.set_registered_model_alias(name, r.CHAMPION, str(version))
+    if current and current != version:
+        client.set_model_version_tag(name, str(current), r.REVOKED, "true")
+    _append_history(client, name, version, "promote")
+
+
+def rollback(name: str) -> int:
+    """Back to the champion before the current one; the current one is revoked."""
+    from automoe import registry as r
+    from automoe.errors import AutomoeError
+
+    client = _client()
+    current = champion_version(client, name)
+    if current is None:
+        raise AutomoeError(f"{name}: has no champion to roll back")
+    previous = client.get_model_version(name, str(current)).tags.get(r.PREVIOUS, "")
+    if not previous:
+        raise AutomoeError(f"{name}: champion v{current} has no previous champion to roll back to")
+    client.set_model_version_tag(name, str(current), r.REVOKED, "true")
+    client.set_registered_model_alias(name, r.CHAMPION, previous)
+    _append_history(client, name, int(previous), "rollback")
+    return int(previous)
+
+
+def load_translator(uri: str):
+    """A registered or logged pyfunc translator (models:/NAME@ALIAS, runs:/...)."""
+    import mlflow.pyfunc
+
+    _client()
+    return mlflow.pyfunc.load_model(uri)

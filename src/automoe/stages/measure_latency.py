@@ -158,3 +158,15 @@ def merge_main(shard_paths: list[str], out_path: str) -> None:
     n = merge(folders, Path(out_path))
     save_space(Path(out_path), load_space_of(folders[0]))
     print(f"merge_latency: {n} archs from {len(folders)} shards")
+
+
+@guarded
+def merge_cli(argv: list[str] | None = None) -> None:
+    """merge_latency: join shard latency tables measured on the same hardware."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="automoe merge_latency", description=merge_cli.__doc__)
+    parser.add_argument("shards", nargs="+", help="measure_latency output folders")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    merge_main(args.shards, args.out)

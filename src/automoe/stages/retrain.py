@@ -3,7 +3,8 @@
 The model holds exactly the arch's weights (no supernet padding or unused experts). It
 starts from scratch, or from its slice of a trained supernet with
 `retrain.init_from_supernet: true`. Output folder: `model.pt` (weights + arch + model
-args + vocabulary info), `arch.yaml`, `checkpoints/`, curves, `metrics.json`; the final
+args + vocabulary info), `spm.model` (so the folder translates on its own), `arch.yaml`,
+`checkpoints/`, curves, `metrics.json`; the final
 weights are the best checkpoint's (lowest validation NLL) or the average of the last N.
 """
 
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from automoe.config import load_section, parse_yaml
+from automoe.data.corpus import SPM_FILE
 from automoe.data.dataset import PreparedData
 from automoe.errors import ConfigError
-from automoe.io import atomic_write_json, atomic_write_text
+from automoe.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from automoe.model.subnet import SubTransformer, extract
 from automoe.model.supernet import SuperTransformer
 from automoe.space import ArchConfig, SearchSpace, load_space
@@ -88,6 +90,7 @@ def run(
             model.load_state_dict(result.weights)
             model.cpu().save(out_dir / "model.pt", vocab=data.vocab_info())
             atomic_write_text(out_dir / "arch.yaml", arch.to_yaml())
+            atomic_write_bytes(out_dir / SPM_FILE, (data.root / SPM_FILE).read_bytes())  # self-contained model
             write_curves(out_dir, result.history, result.valid_history, "retraining")
             atomic_write_json(out_dir / "metrics.json", result.metrics)
     finally:

@@ -199,6 +199,10 @@ def write_outputs(out_dir: Path, cfg: SearchConfig, result, baseline, metrics: d
         atomic_write_text(out_dir / "random.csv", _csv(baseline.evaluated))
     _plots(out_dir, result, baseline, front, metrics["budget"], unit)
     atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(
+        out_dir / "budget.json",
+        {"kind": cfg.budget.kind, "value": metrics["budget"], "source": cfg.budget.latency_source},
+    )
     atomic_write_text(out_dir / "best_arch.yaml", result.best.arch.to_yaml())
 
 

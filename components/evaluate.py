@@ -1,0 +1,31 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+
+from components.images import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(
+    params: str,
+    overrides: list,
+    parent_run_id: str,
+    prepared: Input[Dataset],
+    model: Input[Model],
+    baseline: Input[Model],
+    evaluation: Output[Dataset],
+    metrics: Output[Metrics],
+    report: Output[Markdown],
+):
+    from automoe.stages import evaluate
+
+    evaluate.component_main(
+        params,
+        overrides,
+        parent_run_id,
+        prepared.path,
+        model.path,
+        baseline.path,
+        evaluation.path,
+        metrics,
+        report.path,
+    )

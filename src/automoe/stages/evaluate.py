@@ -1,0 +1,252 @@
+"""evaluate: the searched model beside the dense baseline — sacreBLEU, chrF, latency, GFLOPs, params.
+
+Each model translates the test split with batched beam search (beam 4, length penalty
+0.6), is detokenised with SentencePiece and scored with sacreBLEU against the raw
+references (BLEU and chrF, with signatures); its latency is measured with the
+measure_latency protocol; GFLOPs, parameters (total, active, without embeddings) and a
+per-token active-FLOPs histogram (the adaptive-computation view) are computed.
+Output folder: `metrics.json` (DVC metrics), `hyp.<name>.txt`, `report.md`,
+`flops_per_token.png`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sacrebleu
+import torch
+
+from automoe.config import load_section, parse_yaml
+from automoe.data.dataset import PreparedData
+from automoe.io import atomic_write_json, atomic_write_text, staged_dir
+from automoe.latency import measure as m
+from automoe.model.counting import count, per_token_flops
+from automoe.serving import DecodeConfig, Translator
+from automoe.stages._cli import execute, guarded, params_source, stage_parser, write_kfp_metrics
+from automoe.train.trainer import shift_right
+
+NAME = "evaluate"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    split: str = "test"
+    max_sentences: int = 0  # 0 = the whole split
+    latency_repeats: int = 10
+    latency_warmup: int = 3
+    flops_sentences: int = 100  # test sentences whose routing gives the per-token FLOPs histogram
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_sentences < 0 or self.latency_repeats < 1 or self.threads < 1:
+            raise ValueError("max_sentences must be >= 0; latency_repeats and threads >= 1")
+
+
+@dataclass(frozen=True)
+class EvaluateInputs:
+    data: Path
+    model: Path  # retrain output folder (searched)
+    baseline: Path | None = None  # retrain output folder (dense baseline)
+
+
+def score(hyps: list[str], refs: list[str]) -> dict[str, Any]:
+    bleu = sacrebleu.metrics.BLEU()
+    chrf = sacrebleu.metrics.CHRF()
+    b, c = bleu.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
+    return {
+        "bleu": b.score,
+        "chrf": c.score,
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
+
+
+def evaluate_model(name: str, folder: Path, data: PreparedData, cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
+    translator = Translator.from_folder(folder, cfg.decode)
+    data.check_vocab(translator.vocab, str(folder))
+    model = translator.model
+    split = data.split(cfg.split)
+    n = len(split) if not cfg.max_sentences else min(cfg.max_sentences, len(split))
+    refs = data.raw_lines(cfg.split, "tgt")[:n]
+    t0 = time.perf_counter()
+    hyp_ids = translator.translate_ids([np.asarray(split.src[i], dtype=np.int64) for i in range(n)])
+    seconds = time.perf_counter() - t0
+    hyps = [translator.sp.decode(ids) for ids in hyp_ids]
+    atomic_write_text(out / f"hyp.{name}.txt", "".join(h + "\n" for h in hyps))
+    result = score(hyps, refs)
+    lat = m.measure(model, m.source_windows(data.split("valid"), 30, 8), 5, 30, cfg.latency_warmup, cfg.latency_repeats)
+    args, arch = model.args, model.arch
+    counts = count(arch, args.vocab_size, args.qkv_dim)
+    tokens = _routed_token_flops(model, split, min(n, cfg.flops_sentences))
+    result |= {
+        "latency_ms": lat.total_ms,
+        "encoder_ms": lat.encoder_ms,
+        "decoder_ms": lat.decoder_ms,
+        "gflops": counts.gflops,
+        "gflops_no_embed": counts.gflops_no_embed,
+        "params_total": counts.params_total,
+        "params_active": counts.params_active,
+        "params_total_no_embed": counts.params_total_no_embed,
+        "params_active_no_embed": counts.params_active_no_embed,
+        "sentences": n,
+        "translate_sentences_per_s": n / seconds,
+        "dense": arch.is_dense,
+        "flops_per_token": tokens,
+    }
+    return result
+
+
+@torch.inference_mode()
+def _routed_token_flops(model, split, n: int) -> list[float]:
+    """Active MFLOPs of every source token of `n` test sentences, from their actual routing."""
+    out: list[float] = []
+    args = model.args
+    for i in range(n):
+        src = torch.from_numpy(split.src[i].astype(np.int64))[None]
+        tgt = torch.from_numpy(split.tgt[i].astype(np.int64))[None]
+        _, stats = model(src, shift_right(tgt, args.bos_id, args.pad_id))
+        src_f, _ = per_token_flops(model.arch, args.qkv_dim, src.shape[1], tgt.shape[1], args.vocab_size, stats)
+        out += (src_f / 1e6).tolist()
+    return out
+
+
+def run(cfg: EvaluateConfig, inputs: EvaluateInputs, out_dir: Path) -> dict[str, float]:
+    torch.set_num_threads(cfg.threads)
+    data = PreparedData.open(inputs.data)
+    models = {"searched": inputs.model} | ({"dense": inputs.baseline} if inputs.baseline else {})
+    with staged_dir(out_dir) as tmp:
+        results = {name: evaluate_model(name, Path(folder), data, cfg, tmp) for name, folder in models.items()}
+        _histogram(tmp / "flops_per_token.png", {k: v.pop("flops_per_token") for k, v in results.items()})
+        metrics = _flat(results)
+        atomic_write_json(tmp / "metrics.json", metrics)
+        atomic_write_text(tmp / "report.md", report(results, data))
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _flat(results: dict[str, dict]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, r in results.items():
+        out |= {
+            f"{name}_{k}": (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+            for k, v in r.items()
+            if not k.endswith("signature") and k != "dense"
+        }
+    if "dense" in results:
+        s, d = results["searched"], results["dense"]
+        out["speedup"] = d["latency_ms"] / s["latency_ms"]
+        out["gflops_reduction"] = d["gflops"] / s["gflops"]
+        out["bleu_delta"] = s["bleu"] - d["bleu"]
+    out["bleu_signature"] = results["searched"]["bleu_signature"]
+    out["chrf_signature"] = results["searched"]["chrf_signature"]
+    return out
+
+
+def report(results: dict[str, dict], data: PreparedData) -> str:
+    names = list(results)
+    rows = [
+        ("BLEU", "bleu", "{:.2f}"),
+        ("chrF", "chrf", "{:.2f}"),
+        ("latency (ms, batch 1)", "latency_ms", "{:.1f}"),
+        ("  encoder (ms)", "encoder_ms", "{:.1f}"),
+        ("  decoder (ms)", "decoder_ms", "{:.1f}"),
+        ("GFLOPs (30+30 tokens)", "gflops", "{:.3f}"),
+        ("params total", "params_total", "{:,}"),
+        ("params active", "params_active", "{:,}"),
+        ("params active w/o embeddings", "params_active_no_embed", "{:,}"),
+        ("test sentences / s (beam search)", "translate_sentences_per_s", "{:.1f}"),
+    ]
+    lines = [
+        f"# automoe evaluation ({data.manifest['src_lang']}→{data.manifest['tgt_lang']})",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for label, k, fmt in rows:
+        lines.append(f"| {label} | " + " | ".join(fmt.format(results[n][k]) for n in names) + " |")
+    if "dense" in results:
+        s, d = results["searched"], results["dense"]
+        lines += [
+            "",
+            f"**Speedup vs dense: {d['latency_ms'] / s['latency_ms']:.2f}x** latency, "
+            f"{d['gflops'] / s['gflops']:.2f}x fewer GFLOPs, BLEU {s['bleu'] - d['bleu']:+.2f}.",
+        ]
+    lines += [
+        "",
+        f"BLEU signature: `{results['searched']['bleu_signature']}`",
+        f"chrF signature: `{results['searched']['chrf_signature']}`",
+        "",
+        "![active FLOPs per token](flops_per_token.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _histogram(path: Path, per_model: dict[str, list[float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, values in per_model.items():
+        ax.hist(values, bins=40, alpha=0.6, label=name)
+    ax.set_xlabel("active MFLOPs per source token (actual routing)")
+    ax.set_ylabel("tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_config(params: Any, overrides: Any = None) -> EvaluateConfig:
+    return load_section(EvaluateConfig, NAME, params, overrides)
+
+
+@guarded
+def main(argv: list[str] | None = None) -> None:
+    """automoe evaluate --data data/prepared --model models/retrain/searched --baseline models/retrain/dense"""
+    parser = stage_parser(NAME, __doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--model", required=True, type=Path, help="retrain output folder of the searched model")
+    parser.add_argument("--baseline", type=Path, help="retrain output folder of the dense baseline")
+    args = parser.parse_args(argv)
+    cfg = load_config(params_source(args.params), args.overrides)
+    execute(
+        NAME,
+        cfg,
+        lambda _: run(cfg, EvaluateInputs(args.data, args.model, args.baseline), args.out),
+        artifacts=lambda: [args.out / n for n in ("report.md", "metrics.json", "flops_per_token.png")],
+        parent_run_id=args.parent_run_id,
+        metrics_file=args.metrics,
+    )
+
+
+def component_main(
+    params: str,
+    overrides: list,
+    parent_run_id: str,
+    data_path: str,
+    model_path: str,
+    baseline_path: str,
+    out_path: str,
+    metrics: Any,
+    report_path: str = "",
+) -> None:
+    cfg = load_config(parse_yaml(params, "params"), list(overrides))
+    out = Path(out_path)
+    inputs = EvaluateInputs(Path(data_path), Path(model_path), Path(baseline_path) if baseline_path else None)
+    result = execute(
+        NAME,
+        cfg,
+        lambda _: run(cfg, inputs, out),
+        artifacts=lambda: [out / "report.md"],
+        parent_run_id=parent_run_id or None,
+    )
+    write_kfp_metrics(metrics, result)
+    if report_path:
+        Path(report_path).write_text((out / "report.md").read_text())

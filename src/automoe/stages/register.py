@@ -1,0 +1,152 @@
+"""register: publish the retrained model to the MLflow registry and run the promotion gate.
+
+Logs the model as an MLflow pyfunc translator (code, SentencePiece model, arch, weights,
+signature, input example) in this stage's run, registers a version tagged with BLEU,
+chrF, latency, GFLOPs, the search budget, the data hash, the git commit and the pipeline
+run, points alias `candidate` at it, and moves alias `champion` only when the gate
+passes (BLEU not worse than the champion beyond a tolerance; latency or GFLOPs within
+the budget). The previous champion is recorded on the new one before the alias moves.
+Output folder: `registration.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from automoe import registry, tracking
+from automoe.config import load_section, parse_yaml
+from automoe.data.dataset import PreparedData
+from automoe.errors import AutomoeError, DataError
+from automoe.io import atomic_write_json
+from automoe.stages._cli import execute, guarded, params_source, stage_parser, write_kfp_metrics
+
+NAME = "register"
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    model_name: str = "automoe-en-de"
+    bleu_tolerance: float = 0.5  # BLEU points a new model may lose against the champion
+    cost_tolerance: float = 0.1  # measured latency may exceed the budget by this fraction
+
+    def __post_init__(self) -> None:
+        if not self.model_name.strip():
+            raise ValueError("model_name must not be empty")
+        if self.bleu_tolerance < 0 or self.cost_tolerance < 0:
+            raise ValueError("tolerances must be >= 0")
+
+
+@dataclass(frozen=True)
+class RegisterInputs:
+    data: Path
+    model: Path  # retrain output folder
+    evaluation: Path  # evaluate output folder
+    search: Path  # search output folder (for the budget)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def version_tags(inputs: RegisterInputs, data: PreparedData, run: tracking.StageRun) -> dict[str, str]:
+    ev = _read_json(inputs.evaluation / "metrics.json")
+    budget = _read_json(inputs.search / "budget.json")
+    cost = ev["searched_latency_ms"] if budget["kind"] == "latency_ms" else ev["searched_gflops"]
+    return {
+        registry.BLEU: f"{ev['searched_bleu']:.4f}",
+        "automoe.chrf": f"{ev['searched_chrf']:.4f}",
+        "automoe.latency_ms": f"{ev['searched_latency_ms']:.4f}",
+        "automoe.gflops": f"{ev['searched_gflops']:.6f}",
+        registry.COST: f"{cost:.6f}",
+        registry.BUDGET: f"{budget['value']:.6f}",
+        "automoe.budget": f"{budget['kind']} <= {budget['value']:.4g} ({budget['source']})",
+        "automoe.data_sha256": data.manifest["data_sha256"],
+        "automoe.git_commit": tracking.git_commit(),
+        "automoe.pipeline_run_id": run.parent_run_id or "",
+        "automoe.stage_run_id": run.run_id or "",
+        "automoe.bleu_signature": ev.get("bleu_signature", ""),
+    }
+
+
+def run(cfg: RegisterConfig, inputs: RegisterInputs, out_dir: Path, run: tracking.StageRun) -> dict[str, float]:
+    if run.run_id is None:
+        raise AutomoeError("register: needs MLflow tracking (AUTOMOE_TRACKING is off)")
+    data = PreparedData.open(inputs.data)
+    if not (inputs.model / "model.pt").is_file():
+        raise DataError(f"{inputs.model}: no model.pt (expected a retrain output folder)")
+    tags = version_tags(inputs, data, run)
+    version = tracking.log_translator(run, inputs.model, cfg.model_name, tags)
+    client = tracking.registry_client()
+    client.set_registered_model_alias(cfg.model_name, registry.CANDIDATE, str(version))
+    decision = tracking.settle_champion(client, cfg.model_name, registry.Gate(cfg.bleu_tolerance, cfg.cost_tolerance))
+    promoted = decision["champion"] == version
+    result = {
+        "model_name": cfg.model_name,
+        "version": version,
+        "champion": decision["champion"],
+        "promoted": promoted,
+        "verdict": decision["verdicts"].get(version, "undecided"),
+        "uri": f"models:/{cfg.model_name}@champion",
+        "tracking_uri": tracking.tracking_uri(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "registration.json", result)
+    print(f"register: {cfg.model_name} v{version}: {result['verdict']}; champion is v{decision['champion']}")
+    return {"version": float(version), "promoted": float(promoted)}
+
+
+def load_config(params: Any, overrides: Any = None) -> RegisterConfig:
+    return load_section(RegisterConfig, NAME, params, overrides)
+
+
+@guarded
+def main(argv: list[str] | None = None) -> None:
+    """automoe register --data D --model models/retrain/searched --evaluation EVAL_DIR --search SEARCH_DIR"""
+    parser = stage_parser(NAME, __doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--model", required=True, type=Path, help="retrain output folder")
+    parser.add_argument("--evaluation", required=True, type=Path, help="evaluate output folder")
+    parser.add_argument("--search", required=True, type=Path, help="search output folder")
+    args = parser.parse_args(argv)
+    cfg = load_config(params_source(args.params), args.overrides)
+    inputs = RegisterInputs(args.data, args.model, args.evaluation, args.search)
+    execute(
+        NAME,
+        cfg,
+        lambda tracker: run(cfg, inputs, args.out, tracker),
+        artifacts=lambda: [args.out / "registration.json"],
+        parent_run_id=args.parent_run_id,
+        metrics_file=args.metrics,
+    )
+
+
+def component_main(
+    params: str,
+    overrides: list,
+    parent_run_id: str,
+    data_path: str,
+    model_path: str,
+    evaluation_path: str,
+    search_path: str,
+    out_path: str,
+    metrics: Any,
+) -> None:
+    cfg = load_config(parse_yaml(params, "params"), list(overrides))
+    out = Path(out_path)
+    inputs = RegisterInputs(Path(data_path), Path(model_path), Path(evaluation_path), Path(search_path))
+    result = execute(
+        NAME,
+        cfg,
+        lambda tracker: run(cfg, inputs, out, tracker),
+        artifacts=lambda: [out / "registration.json"],
+        parent_run_id=parent_run_id or None,
+    )
+    write_kfp_metrics(metrics, result)

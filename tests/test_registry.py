@@ -1,0 +1,357 @@
+"""evaluate, register, the promotion gate and serving, against a real MLflow server on 127.0.0.1."""
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import TINY_SPACE, TINY_TRAIN, as_overrides, subprocess_env
+from servers import free_port, mlflow_server, stop, wait_http
+
+from automoe import registry, tracking
+from automoe.registry import Gate, Version, decide
+from automoe.serving import Translator
+from automoe.stages import evaluate, prepare_data, register, retrain
+from automoe.stages.evaluate import score
+
+NAME = "automoe-test"
+
+
+# -- the gate as a pure function ------------------------------------------------------------
+
+
+def v(number, bleu, cost=10.0, budget=20.0, **kw):
+    return Version(number, bleu, cost, budget, **kw)
+
+
+def test_gate_promotes_better_and_keeps_champion_against_worse():
+    gate = Gate(bleu_tolerance=0.5, cost_tolerance=0.1)
+    champ = v(1, 30.0)
+    best, verdicts = decide(champ, [champ, v(2, 29.0)], gate)
+    assert best == champ and verdicts[2].startswith("rejected: BLEU 29.00 < champion v1")
+    best, verdicts = decide(champ, [champ, v(2, 29.6)], gate)  # within tolerance
+    assert best.number == 2 and verdicts == {2: "promoted"}
+    best, verdicts = decide(champ, [champ, v(2, 35.0, cost=23.0)], gate)  # over budget (20 * 1.1)
+    assert best == champ and "over the budget" in verdicts[2]
+    best, verdicts = decide(None, [v(1, 10.0), v(2, 12.0), v(3, 5.0)], gate)
+    assert best.number == 2 and verdicts == {
+        1: "superseded",
+        2: "promoted",
+        3: "rejected: BLEU 5.00 < champion v2 12.00 - 0.5",
+    }
+    best, _ = decide(champ, [champ, v(2, 40.0, revoked=True), v(3, 31.0, decided=True)], gate)
+    assert best == champ  # rolled-back and already-decided versions never come back by themselves
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(multi30k, tmp_path_factory):
+    """Prepared data and two tiny retrained models (different seeds)."""
+    root = tmp_path_factory.mktemp("models")
+    prep = root / "prepared"
+    sets = as_overrides({"prepare_data": {"max_train_pairs": 500, "vocab_size": 300, "mirror": str(multi30k)}})
+    assert prepare_data.main(["--out", str(prep), *[a for s in sets for a in ("--set", s)]]) == 0
+    models = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        train = dict(TINY_TRAIN, seed=seed, max_updates=40, valid_interval=20, lr=0.005)
+        sets = as_overrides({"retrain": {"space": TINY_SPACE, "train": train}})
+        out = root / name
+        assert (
+            retrain.main(
+                ["--data", str(prep), "--arch", "smallest", "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+            )
+            == 0
+        )
+        models[name] = out
+    return prep, models
+
+
+@pytest.fixture(scope="module")
+def evaluation(trained, tmp_path_factory):
+    prep, models = trained
+    out = tmp_path_factory.mktemp("eval") / "evaluate"
+    sets = as_overrides(
+        {"evaluate": {"max_sentences": 40, "latency_repeats": 2, "latency_warmup": 1, "flops_sentences": 3}}
+    )
+    assert (
+        evaluate.main(
+            [
+                "--data",
+                str(prep),
+                "--model",
+                str(models["a"]),
+                "--baseline",
+                str(models["b"]),
+                "--out",
+                str(out),
+                *[a for s in sets for a in ("--set", s)],
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_evaluate_reports_both_models(evaluation):
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    for side in ("searched", "dense"):
+        for k in (
+            "bleu",
+            "chrf",
+            "latency_ms",
+            "encoder_ms",
+            "decoder_ms",
+            "gflops",
+            "params_total",
+            "params_active",
+            "params_active_no_embed",
+        ):
+            assert f"{side}_{k}" in metrics
+        assert len((evaluation / f"hyp.{side}.txt").read_text().splitlines()) == 40
+    assert metrics["speedup"] == pytest.approx(metrics["dense_latency_ms"] / metrics["searched_latency_ms"])
+    assert metrics["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    report = (evaluation / "report.md").read_text()
+    assert "| BLEU |" in report and "Speedup vs dense" in report
+    assert (evaluation / "flops_per_token.png").stat().st_size > 1000
+
+
+def test_scores_equal_the_sacrebleu_cli(trained, evaluation, tmp_path):
+    prep, _ = trained
+    refs = (prep / "test.tgt.txt").read_text().splitlines()[:40]
+    ref_file = tmp_path / "ref.txt"
+    ref_file.write_text("\n".join(refs) + "\n")
+    hyp_file = evaluation / "hyp.searched.txt"
+    cli = Path(sys.executable).parent / "sacrebleu"
+    out = subprocess.run(
+        [str(cli), str(ref_file), "-i", str(hyp_file), "-m", "bleu", "chrf", "-b", "-w", "4"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    out = json.loads(out)  # [BLEU, chrF]
+    ours = score(hyp_file.read_text().splitlines(), refs)
+    assert ours["bleu"] == pytest.approx(float(out[0]), abs=1e-4)
+    assert ours["chrf"] > 0 and ours["chrf"] == pytest.approx(float(out[1]), abs=1e-4)
+    assert json.loads((evaluation / "metrics.json").read_text())["searched_bleu"] == pytest.approx(ours["bleu"])
+
+
+# -- register, aliases, gate, serving: a real MLflow server ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture
+def tracked(server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.setenv("AUTOMOE_TRACKING", "1")
+    monkeypatch.chdir(tmp_path)
+    return server
+
+
+def fake_results(tmp_path: Path, bleu: float, latency: float, budget: float = 1000.0) -> tuple[Path, Path]:
+    """evaluate / search outputs with chosen numbers, to drive the gate."""
+    ev, se = tmp_path / f"eval-{bleu}", tmp_path / f"search-{bleu}"
+    ev.mkdir()
+    se.mkdir()
+    (ev / "metrics.json").write_text(
+        json.dumps(
+            {
+                "searched_bleu": bleu,
+                "searched_chrf": 40.0,
+                "searched_latency_ms": latency,
+                "searched_gflops": 0.1,
+                "bleu_signature": "sig",
+            }
+        )
+    )
+    (se / "budget.json").write_text(json.dumps({"kind": "latency_ms", "value": budget, "source": "predicted"}))
+    return ev, se
+
+
+def do_register(prep, model, ev, se, out, name: str = NAME) -> int:
+    return register.main(
+        [
+            "--data",
+            str(prep),
+            "--model",
+            str(model),
+            "--evaluation",
+            str(ev),
+            "--search",
+            str(se),
+            "--out",
+            str(out),
+            "--set",
+            f"register.model_name={name}",
+        ]
+    )
+
+
+def champion() -> int | None:
+    return tracking.champion_version(tracking.registry_client(), NAME)
+
+
+def test_register_gate_rollback_and_serving(trained, tracked, tmp_path, capsys):
+    prep, models = trained
+    ev, se = fake_results(tmp_path, bleu=20.0, latency=50.0)
+    assert do_register(prep, models["a"], ev, se, tmp_path / "r1") == 0, capsys.readouterr().err
+    assert champion() == 1
+    client = tracking.registry_client()
+    mv = client.get_model_version(NAME, "1")
+    assert mv.tags[registry.BLEU] == "20.0000" and mv.tags["automoe.data_sha256"]
+    assert mv.tags["automoe.git_commit"] and mv.tags["automoe.pipeline_run_id"]
+
+    # pyfunc round trip: load by alias, translate -> the compact model's own translations
+    lines = ["A man is riding a bike.", "Two children play in the park.", ""]
+    pyfunc = tracking.load_translator(f"models:/{NAME}@champion")
+    import pandas as pd
+
+    direct = Translator.from_folder(models["a"]).translate(lines)
+    assert list(pyfunc.predict(lines)) == direct
+    assert list(pyfunc.predict(pd.DataFrame({"text": lines}))) == direct
+
+    worse_ev, worse_se = fake_results(tmp_path, bleu=18.0, latency=40.0)
+    assert do_register(prep, models["b"], worse_ev, worse_se, tmp_path / "r2") == 0
+    assert champion() == 1
+    assert client.get_model_version_by_alias(NAME, "candidate").version == "2"
+    assert client.get_model_version(NAME, "2").tags[registry.GATE].startswith("rejected: BLEU 18.00")
+
+    slow_ev, slow_se = fake_results(tmp_path, bleu=25.0, latency=80.0, budget=50.0)
+    assert do_register(prep, models["b"], slow_ev, slow_se, tmp_path / "r3") == 0
+    assert champion() == 1 and "over the budget" in client.get_model_version(NAME, "3").tags[registry.GATE]
+
+    better_ev, better_se = fake_results(tmp_path, bleu=22.0, latency=45.0)
+    assert do_register(prep, models["b"], better_ev, better_se, tmp_path / "r4") == 0
+    assert champion() == 4 and client.get_model_version(NAME, "4").tags[registry.PREVIOUS] == "1"
+    registration = json.loads((tmp_path / "r4" / "registration.json").read_text())
+    assert registration["promoted"] and registration["uri"] == f"models:/{NAME}@champion"
+
+    # translate CLI through the registry
+    env_cli = [sys.executable, "-m", "automoe.cli", "translate", "--model", f"models:/{NAME}@champion"]
+    proc = subprocess.run(env_cli, input="A man is riding a bike.\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == Translator.from_folder(models["b"]).translate(["A man is riding a bike."])
+
+    # mlflow models serve answers /invocations
+    port = free_port()
+    serve = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=subprocess_env(),  # the venv's bin (uvicorn) on PATH
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", timeout=120, proc=serve)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": ["A man is riding a bike."]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 - loopback only
+            answer = json.loads(resp.read())
+        assert answer["predictions"] == Translator.from_folder(models["b"]).translate(["A man is riding a bike."])
+    finally:
+        stop(serve)
+
+    # a person rolls back: v4 is revoked, v1 is champion again; a new registration does not revive v4
+    from automoe import ops
+
+    assert ops.rollback(["--name", NAME]) == 0 and champion() == 1
+    assert client.get_model_version(NAME, "4").tags[registry.REVOKED] == "true"
+    assert ops.promote(["--name", NAME, "--version", "2"]) == 0 and champion() == 2
+    assert client.get_model_version(NAME, "2").tags[registry.PREVIOUS] == "1"
+
+
+def test_champion_survives_a_failure_between_steps(trained, tracked, tmp_path, monkeypatch):
+    prep, models = trained
+    name = f"{NAME}-failure"
+    assert do_register(prep, models["a"], *fake_results(tmp_path, bleu=20.0, latency=50.0), tmp_path / "r1", name) == 0
+    from mlflow.tracking import MlflowClient
+
+    original = MlflowClient.set_registered_model_alias
+
+    def crash_on_champion(self, model, alias, version):
+        if alias == "champion":
+            raise ConnectionError("tracking server went away")
+        return original(self, model, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", crash_on_champion)
+    with pytest.raises(ConnectionError):  # dies after registering v2, while moving the alias
+        do_register(prep, models["b"], *fake_results(tmp_path, bleu=30.0, latency=40.0), tmp_path / "r2", name)
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", original)
+    client = tracking.registry_client()
+    assert tracking.champion_version(client, name) == 1  # the old champion is still there
+    assert not (tmp_path / "r2").exists()
+    # the next registration settles the registry; the chain of previous champions stays intact
+    assert do_register(prep, models["b"], *fake_results(tmp_path, bleu=31.0, latency=40.0), tmp_path / "r3", name) == 0
+    assert tracking.champion_version(client, name) == 3
+    assert client.get_model_version(name, "3").tags[registry.PREVIOUS] == "1"
+
+
+def test_racing_registrations_do_not_lose_a_champion(trained, tracked):
+    client = tracking.registry_client()
+    name = f"{NAME}-race"
+    client.create_registered_model(name)
+    template = client.get_model_version(NAME, "1")
+
+    def new_version(bleu: float) -> int:
+        tags = {registry.BLEU: str(bleu), registry.COST: "1", registry.BUDGET: "10"}
+        mv = client.create_model_version(
+            name, template.source, run_id=template.run_id, tags=tags, model_id=template.source.rsplit("/", 1)[-1]
+        )
+        return int(mv.version)
+
+    first = new_version(20.0)
+    tracking.settle_champion(client, name, Gate())
+    assert tracking.champion_version(client, name) == first
+    racers = [new_version(b) for b in (25.0, 22.0, 30.0, 10.0)]
+    errors: list[BaseException] = []
+
+    def settle():
+        try:
+            tracking.settle_champion(tracking.registry_client(), name, Gate())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=settle) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    # the same champion as one sequential decision: 20 -> 25 -> (22 rejected) -> 30 -> (10 rejected)
+    assert tracking.champion_version(client, name) == racers[2]
+    assert client.get_model_version(name, str(racers[2])).tags[registry.PREVIOUS] in {str(first), str(racers[0])}
+    verdicts = {n: client.get_model_version(name, str(n)).tags[registry.GATE] for n in racers}
+    assert verdicts[racers[1]].startswith("rejected") and verdicts[racers[3]].startswith("rejected")
+
+
+def test_register_without_tracking_is_refused(trained, tmp_path, capsys):
+    prep, models = trained
+    ev, se = fake_results(tmp_path, bleu=20.0, latency=50.0)
+    assert do_register(prep, models["a"], ev, se, tmp_path / "r") == 2
+    assert "needs MLflow tracking" in capsys.readouterr().err
