@@ -13,18 +13,23 @@ export AWS_EC2_METADATA_DISABLED := true
 export TMPDIR := $(CURDIR)/tmp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test lint install compile run-local clean
+.PHONY: run test lint install lock compile run-local clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock requirements-dev.lock pyproject.toml
 	@mkdir -p $(TMPDIR)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	# torch first: the CPU build pinned here, never a CUDA build pulled in by a range
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -r requirements.lock
+	# exactly the locked set (no resolver surprises), then a consistency check
+	$(BIN)/pip install -q --no-deps -r requirements.lock -r requirements-dev.lock
 	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
 	touch $@
+
+lock: install
+	$(BIN)/python tools/lock.py
 
 run: install
 	@mkdir -p $(TMPDIR)

@@ -1,7 +1,13 @@
-"""The automoe KFP v2 pipeline: wiring only (tasks, caching, resources), no logic.
+"""The automoe KFP v2 pipeline: wiring only (tasks, resources, retries, caching), no logic.
 
-python pipeline.py compile [--output pipeline.yaml]
-python pipeline.py run-local [--set section.key=value ...]   # kfp.local, this machine
+    python pipeline.py compile [--output pipeline.yaml]
+    python pipeline.py run-local [--set section.key=value ...]      # kfp.local, this machine
+    python pipeline.py upload --host http://ml-pipeline:8888 [--name automoe] [--version TAG]
+
+The run's parameters are params.yaml (as JSON, the `params` pipeline parameter), the
+fields below that a person sets in the Kubeflow UI (empty or 0 = keep params.yaml), then
+`overrides` (`section.key=value` strings). Structure (latency shards, resources, images,
+secrets) comes from params.yaml's `pipeline` and `measure_latency` sections at compile time.
 """
 
 import argparse
@@ -9,18 +15,42 @@ import json
 import sys
 from pathlib import Path
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 
 import components as c
 from automoe.config import PipelineConfig, load_section, read_yaml
 from automoe.stages.measure_latency import MeasureLatencyConfig
 
 ROOT = Path(__file__).resolve().parent
-# The params travel as one line of JSON: a KFP dict parameter (protobuf Struct) turns ints into
-# floats, and a multi-line default breaks the comment header of the compiled YAML.
+# One line of JSON: a KFP dict parameter (protobuf Struct) turns ints into floats, and a
+# multi-line default breaks the comment header of the compiled YAML.
 PARAMS = json.dumps(read_yaml(ROOT / "params.yaml"), separators=(",", ":"), sort_keys=True)
 PIPELINE = load_section(PipelineConfig, "pipeline", ROOT / "params.yaml")
 MEASURE = load_section(MeasureLatencyConfig, "measure_latency", ROOT / "params.yaml")
+
+
+def _task(task, stage: str):
+    """Resources, accelerator, retries, tracking URI and S3 credentials of a stage's task."""
+    res = PIPELINE.resources_of(stage)
+    task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu).set_memory_request(res.memory).set_memory_limit(res.memory)
+    if res.gpu > 0:
+        task.set_accelerator_type(PIPELINE.gpu_accelerator).set_accelerator_limit(res.gpu)
+    task.set_retry(num_retries=PIPELINE.retries, backoff_duration="60s", backoff_factor=2)
+    task.set_display_name(stage)
+    if PIPELINE.mlflow_tracking_uri:
+        task.set_env_variable("MLFLOW_TRACKING_URI", PIPELINE.mlflow_tracking_uri)
+    if PIPELINE.s3_endpoint:
+        task.set_env_variable("AWS_ENDPOINT_URL", PIPELINE.s3_endpoint)
+    if PIPELINE.s3_secret:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=PIPELINE.s3_secret,
+            secret_key_to_env={
+                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+            },
+        )
+    return task
 
 
 def _measure_latency(prepared, supernet, common):
@@ -29,57 +59,79 @@ def _measure_latency(prepared, supernet, common):
         return _on_target(c.measure_latency(prepared=prepared, supernet=supernet, shard=0, **common)).outputs["latency"]
     with dsl.ParallelFor(items=list(range(MEASURE.num_shards))) as shard:
         part = _on_target(c.measure_latency(prepared=prepared, supernet=supernet, shard=shard, **common))
-    return c.merge_latency(shards=dsl.Collected(part.outputs["latency"])).outputs["latency"]
+    return _task(c.merge_latency(shards=dsl.Collected(part.outputs["latency"])), "measure_latency").outputs["latency"]
 
 
 def _on_target(task):
     """Latency is measured on the target hardware: node selector and accelerator from params."""
-    from kfp import kubernetes
-
     for label, value in MEASURE.node_selector.items():
         kubernetes.add_node_selector(task, label_key=label, label_value=value)
+    _task(task, "measure_latency")
     if MEASURE.accelerator:
         task.set_accelerator_type(MEASURE.accelerator).set_accelerator_limit(1)
-    return task.set_cpu_limit(str(MEASURE.threads)).set_caching_options(True)
+    return task
 
 
 @dsl.pipeline(name=PIPELINE.name, description="AutoMoE: search, train, evaluate and register a translation MoE")
-def automoe_pipeline(params: str = PARAMS, overrides: list = []):  # noqa: B006 - KFP needs a literal default
+def automoe_pipeline(
+    corpus_source: str = "",
+    src_lang: str = "",
+    tgt_lang: str = "",
+    budget_kind: str = "",
+    budget_value: float = 0.0,
+    target_device: str = "",
+    search_iterations: int = 0,
+    search_population: int = 0,
+    supernet_updates: int = 0,
+    retrain_updates: int = 0,
+    params: str = PARAMS,
+    overrides: list = [],  # noqa: B006 - KFP needs a literal default
+):
     # The exit task closes the parent run (FINISHED or FAILED); it finds it by the KFP run id.
     close = c.close_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
     with dsl.ExitHandler(close):
+        ui = {
+            "corpus_source": corpus_source,
+            "src_lang": src_lang,
+            "tgt_lang": tgt_lang,
+            "budget_kind": budget_kind,
+            "budget_value": budget_value,
+            "target_device": target_device,
+            "search_iterations": search_iterations,
+            "search_population": search_population,
+            "supernet_updates": supernet_updates,
+            "retrain_updates": retrain_updates,
+        }
+        resolved = c.resolve_params(params=params, overrides=overrides, ui=ui).set_display_name("params")
         parent = c.open_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
-        common = {"params": params, "overrides": overrides, "parent_run_id": parent.output}
-        prepared = c.prepare_data(**common).set_cpu_limit("2").set_memory_limit("8G").outputs["prepared"]
-        supernet = c.train_supernet(prepared=prepared, **common).set_cpu_limit("4").set_memory_limit("16G")
-        latency = _measure_latency(prepared, supernet.outputs["supernet"], common)
-        predictor = c.train_predictor(latency=latency, **common)
-        found = (
-            c.search(
-                prepared=prepared,
-                supernet=supernet.outputs["supernet"],
-                predictor=predictor.outputs["predictor"],
-                **common,
-            )
-            .set_cpu_limit("4")
-            .set_memory_limit("16G")
+        common = {"params": resolved.output, "overrides": [], "parent_run_id": parent.output}
+        prepared = _task(c.prepare_data(**common), "prepare_data").outputs["prepared"]
+        supernet = _task(
+            c.train_supernet(prepared=prepared, nproc=PIPELINE.resources_of("train_supernet").gpu, **common),
+            "train_supernet",
+        ).outputs["supernet"]
+        latency = _measure_latency(prepared, supernet, common)
+        predictor = _task(c.train_predictor(latency=latency, **common), "train_predictor").outputs["predictor"]
+        found = _task(c.search(prepared=prepared, supernet=supernet, predictor=predictor, **common), "search")
+        nproc = PIPELINE.resources_of("retrain").gpu
+        searched = _task(
+            c.retrain(prepared=prepared, arch_name="", search_result=found.outputs["result"], nproc=nproc, **common),
+            "retrain",
+        ).set_display_name("retrain (searched)")
+        dense = _task(c.retrain(prepared=prepared, arch_name="largest_dense", nproc=nproc, **common), "retrain")
+        dense.set_display_name("retrain (dense baseline)")
+        evaluation = _task(
+            c.evaluate(prepared=prepared, model=searched.outputs["model"], baseline=dense.outputs["model"], **common),
+            "evaluate",
         )
-        searched = c.retrain(prepared=prepared, arch_name="", search_result=found.outputs["result"], **common)
-        searched.set_display_name("retrain (searched)").set_cpu_limit("4").set_memory_limit("16G")
-        dense = c.retrain(prepared=prepared, arch_name="largest_dense", **common)
-        dense.set_display_name("retrain (dense baseline)").set_cpu_limit("4").set_memory_limit("16G")
-        evaluation = (
-            c.evaluate(prepared=prepared, model=searched.outputs["model"], baseline=dense.outputs["model"], **common)
-            .set_cpu_limit("2")
-            .set_memory_limit("8G")
-        )
-        c.register(
+        registered = c.register(
             prepared=prepared,
             model=searched.outputs["model"],
             evaluation=evaluation.outputs["evaluation"],
             search_result=found.outputs["result"],
             **common,
-        ).set_caching_options(False)
+        )
+        _task(registered, "register").set_caching_options(False)  # the registry changes between runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,10 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     local = sub.add_parser("run-local", help="run every stage here with kfp.local (SubprocessRunner)")
     local.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     local.add_argument("--pipeline-root", default=".kfp_local")
+    up = sub.add_parser("upload", help="compile and upload to a Kubeflow Pipelines endpoint")
+    up.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888")
+    up.add_argument("--name", default=PIPELINE.name)
+    up.add_argument("--version", default=PIPELINE.image_tag, help="pipeline version name")
+    up.add_argument("--output", default="pipeline.yaml")
     args = parser.parse_args(argv)
-    if args.command == "compile":
+    if args.command in ("compile", "upload"):
         compiler.Compiler().compile(automoe_pipeline, args.output)
         print(f"wrote {args.output}")
+        if args.command == "upload":
+            return upload(args.host, args.name, args.version, args.output)
         return 0
     from kfp import local as kfp_local
 
@@ -101,6 +160,21 @@ def main(argv: list[str] | None = None) -> int:
         runner=kfp_local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(args.pipeline_root).absolute())
     )
     automoe_pipeline(params=PARAMS, overrides=list(args.overrides))
+    return 0
+
+
+def upload(host: str, name: str, version: str, package: str) -> int:
+    """A new version of the pipeline (creating the pipeline the first time)."""
+    import kfp
+
+    client = kfp.Client(host=host)
+    pipeline_id = client.get_pipeline_id(name)
+    if pipeline_id is None:
+        client.upload_pipeline(package, pipeline_name=name, description="automoe (AutoMoE NAS pipeline)")
+        print(f"uploaded pipeline {name}")
+    else:
+        client.upload_pipeline_version(package, pipeline_version_name=version, pipeline_id=pipeline_id)
+        print(f"uploaded pipeline {name} version {version}")
     return 0
 
 

@@ -7,6 +7,7 @@ is compiled with `install_kfp_package=False` and installs nothing at run time.
 from components.evaluate import evaluate
 from components.images import IMAGE
 from components.measure_latency import measure_latency, merge_latency
+from components.params import resolve_params
 from components.prepare_data import prepare_data
 from components.register import register
 from components.retrain import retrain
@@ -24,6 +25,7 @@ __all__ = [
     "open_tracking",
     "prepare_data",
     "register",
+    "resolve_params",
     "retrain",
     "search",
     "train_predictor",

@@ -1,9 +1,14 @@
-"""The one place that names the project's container images (read from params.yaml)."""
+"""The one place that names the project's container images (from params.yaml `pipeline:`)."""
 
 from pathlib import Path
 
 from automoe.config import PipelineConfig, load_section
 
-_PIPELINE = load_section(PipelineConfig, "pipeline", Path(__file__).resolve().parents[1] / "params.yaml")
-IMAGE = f"{_PIPELINE.image}:{_PIPELINE.image_tag}"
-GPU_IMAGE = f"{_PIPELINE.image}:{_PIPELINE.image_tag}-cuda"
+PIPELINE = load_section(PipelineConfig, "pipeline", Path(__file__).resolve().parents[1] / "params.yaml")
+IMAGE = PIPELINE.image_for("")  # the CPU image
+GPU_IMAGE = f"{PIPELINE.image}:{PIPELINE.image_tag}-cuda"
+
+
+def image_for(stage: str) -> str:
+    """The CUDA image for a stage given GPUs in params, else the CPU image."""
+    return PIPELINE.image_for(stage)

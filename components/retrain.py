@@ -1,16 +1,17 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
-from components.images import IMAGE
+from components.images import image_for
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("retrain"), install_kfp_package=False)
 def retrain(
     params: str,
     overrides: list,
     parent_run_id: str,
     prepared: Input[Dataset],
     arch_name: str,
+    nproc: int,
     model: Output[Model],
     metrics: Output[Metrics],
     search_result: Input[Artifact] = None,
@@ -19,4 +20,4 @@ def retrain(
     from automoe.stages import retrain
 
     arch = search_result.path if search_result is not None else arch_name
-    retrain.component_main(params, overrides, parent_run_id, prepared.path, arch, "", model.path, metrics)
+    retrain.component_main(params, overrides, parent_run_id, prepared.path, arch, "", model.path, metrics, nproc)

@@ -1,18 +1,20 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.images import IMAGE
+from components.images import image_for
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=image_for("train_supernet"), install_kfp_package=False)
 def train_supernet(
     params: str,
     overrides: list,
     parent_run_id: str,
     prepared: Input[Dataset],
+    nproc: int,
     supernet: Output[Model],
     metrics: Output[Metrics],
 ):
+    """nproc > 1: one torchrun worker per GPU."""
     from automoe.stages import train_supernet
 
-    train_supernet.component_main(params, overrides, parent_run_id, prepared.path, supernet.path, metrics)
+    train_supernet.component_main(params, overrides, parent_run_id, prepared.path, supernet.path, metrics, nproc)

@@ -167,26 +167,18 @@ def _wait_bucket(server: S3Server, bucket: str, proc: subprocess.Popen, timeout:
 
 
 @contextlib.contextmanager
-def mlflow_server(workdir: Path) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 with a sqlite store and local proxied artifacts; yields its URI."""
+def mlflow_server(
+    workdir: Path, artifacts: str | None = None, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 with a sqlite store; artifacts proxied to a local folder
+    (default) or to `artifacts` (e.g. s3://bucket/prefix), or as `extra_args` say; yields its URI."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     mlflow = str(Path(sys.executable).parent / "mlflow")
-    cmd = [
-        mlflow,
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{workdir / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(workdir / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    cmd = [mlflow, "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--workers", "1"]
+    cmd += list(extra_args) or ["--artifacts-destination", artifacts or str(workdir / "artifacts")]
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true", **(env or {}))
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:

@@ -146,8 +146,7 @@ def test_pipeline_compiles_to_a_valid_pipeline_spec(tmp_path):
     assert images == {IMAGE}
     assert set(parsed.root.dag.tasks) == {"exit-handler-1", "close-tracking"}
     inner = set(parsed.components["comp-exit-handler-1"].dag.tasks)
-    assert {
-        "open-tracking",
+    stages = {
         "prepare-data",
         "train-supernet",
         "measure-latency",
@@ -155,7 +154,12 @@ def test_pipeline_compiles_to_a_valid_pipeline_spec(tmp_path):
         "search",
         "retrain",
         "retrain-2",
-    } <= inner
+        "evaluate",
+        "register",
+    }
+    assert inner == stages | {"resolve-params", "open-tracking"}
+    for task in stages:  # retries for transient failures
+        assert parsed.components["comp-exit-handler-1"].dag.tasks[task].retry_policy.max_retry_count == 2
     for executor in executors.values():  # nothing is pip-installed at run time
         assert "pip install" not in " ".join(executor["container"]["command"])
 
@@ -180,3 +184,65 @@ def test_kfp_local_run_records_a_parent_and_a_child(multi30k, tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
     registrations = list((tmp_path / "root").rglob("registration.json"))
     assert len(registrations) == 1 and json.loads(registrations[0].read_text())["champion"] == 1
+
+
+def test_gpu_resources_compile_to_cuda_image_accelerators_and_secrets(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["pipeline"]["resources"]["train_supernet"]["gpu"] = 4
+    params["pipeline"]["s3_secret"] = "automoe-s3"
+    params["pipeline"]["mlflow_tracking_uri"] = "http://mlflow.automoe:5000"
+    params["measure_latency"]["num_shards"] = 3
+    params["measure_latency"]["node_selector"] = {"node.kubernetes.io/instance-type": "c6i.large"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "p.yaml"
+    proc = subprocess.run(
+        [sys.executable, "pipeline.py", "compile", "--output", str(out)],
+        cwd=repo,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    docs = list(yaml.safe_load_all(out.read_text()))
+    spec, platform = docs[0], docs[1]
+    executors = spec["deploymentSpec"]["executors"]
+    train = executors["exec-train-supernet"]["container"]
+    assert train["image"].endswith("-cuda") and train["resources"]["accelerator"]["resourceCount"] == "4"
+    assert executors["exec-prepare-data"]["container"]["image"].endswith(":0.1.0")
+    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.automoe:5000"} in train["env"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-train-supernet"]["secretAsEnv"][0]["secretName"] == "automoe-s3"
+    assert k8s["exec-measure-latency"]["nodeSelector"]["labels"] == {"node.kubernetes.io/instance-type": "c6i.large"}
+    assert "exec-merge-latency" in executors  # shards measured in a ParallelFor, then merged
+
+
+def test_ui_fields_override_params_and_are_validated():
+    from automoe.stages.pipeline_params import resolve
+
+    params = (ROOT / "params.yaml").read_text()
+    ui = {
+        "corpus_source": "",
+        "src_lang": "en",
+        "tgt_lang": "fr",
+        "budget_kind": "gflops",
+        "budget_value": 0.3,
+        "target_device": "",
+        "search_iterations": 7.0,
+        "search_population": 0,
+        "supernet_updates": 0,
+        "retrain_updates": 0,
+    }
+    data = json.loads(resolve(params, ["search.seed=5"], ui))
+    assert data["prepare_data"]["tgt_lang"] == "fr" and data["search"]["budget"] == {
+        **data["search"]["budget"],
+        "kind": "gflops",
+        "value": 0.3,
+    }
+    assert data["search"]["iterations"] == 7 and data["search"]["seed"] == 5
+    assert data["search"]["population"] == yaml.safe_load(params)["search"]["population"]  # 0 keeps params.yaml
+    from automoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="search.budget.kind: expected one of"):
+        resolve(params, [], dict(ui, budget_kind="watts"))

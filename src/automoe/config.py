@@ -201,9 +201,29 @@ def load_section(
 
 
 @dataclasses.dataclass(frozen=True)
+class Resources:
+    cpu: str = "2"
+    memory: str = "8G"
+    gpu: int = 0  # > 0: an accelerator request; training then runs one torchrun worker per GPU
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """The `pipeline` section: orchestration settings shared by every stage."""
+    """The `pipeline` section: how the Kubeflow pipeline is compiled (read at compile time)."""
 
     name: str = "automoe"
     image: str = "ghcr.io/automoe/automoe"  # the project image, without tag
     image_tag: str = "0.1.0"  # a release or git-commit tag, so KFP caching follows code changes
+    gpu_accelerator: str = "nvidia.com/gpu"  # accelerator type for stages with resources.gpu > 0
+    retries: int = 2  # retries of a failed task (transient node or network failures)
+    mlflow_tracking_uri: str = ""  # given to every task as MLFLOW_TRACKING_URI ("" = the image default)
+    s3_secret: str = ""  # Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, mounted as env
+    s3_endpoint: str = ""  # AWS_ENDPOINT_URL for tasks (MinIO); "" = AWS S3
+    resources: dict[str, Resources] = dataclasses.field(default_factory=dict)  # per stage
+
+    def resources_of(self, stage: str) -> Resources:
+        return self.resources.get(stage, Resources())
+
+    def image_for(self, stage: str) -> str:
+        tag = f"{self.image_tag}-cuda" if self.resources_of(stage).gpu > 0 else self.image_tag
+        return f"{self.image}:{tag}"

@@ -65,6 +65,13 @@ def _experiment_id(client) -> str:
     return client.get_experiment_by_name(experiment_name()).experiment_id
 
 
+def _redact(uri: str) -> str:
+    """A tracking URI without user:password@ (never into logs)."""
+    import re
+
+    return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
 def git_commit() -> str:
     if os.environ.get("AUTOMOE_GIT_COMMIT"):
         return os.environ["AUTOMOE_GIT_COMMIT"]
@@ -152,8 +159,16 @@ class StageRun:
             self._client.log_batch(self.run_id, metrics=items[i : i + 500])
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
-        if self.run_id is not None:
+        if self.run_id is None:
+            return
+        try:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as exc:  # noqa: BLE001 - MLflow, HTTP and S3 errors alike
+            from automoe.errors import AutomoeError
+
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise AutomoeError(f"MLflow at {_redact(tracking_uri())}: could not store artifact {Path(path).name} "
+                               f"({reason}); the stage's local output is kept") from None
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in (tags if self.run_id is not None else {}).items():

@@ -8,6 +8,7 @@ and exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -114,3 +115,36 @@ def artifact_file(path: Path | str, name: str) -> Path:
     """A stage output file, given the file itself or the stage's output folder (as KFP passes it)."""
     path = Path(path)
     return path / name if path.is_dir() else path
+
+
+def run_distributed(
+    stage: str, nproc: int, params: str, overrides: list, stage_args: list[str], parent_run_id: str
+) -> dict[str, float]:
+    """The same stage CLI under torchrun with `nproc` workers (one per GPU); its metrics."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        params_file, metrics_file = Path(tmp) / "params.json", Path(tmp) / "metrics.json"
+        params_file.write_text(params)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "automoe.cli",
+            stage,
+            "--params",
+            str(params_file),
+            "--metrics",
+            str(metrics_file),
+            *stage_args,
+        ]
+        cmd += [a for o in overrides for a in ("--set", str(o))]
+        if parent_run_id:
+            cmd += ["--parent-run-id", parent_run_id]
+        if subprocess.run(cmd).returncode != 0:
+            raise AutomoeError(f"{stage}: torchrun with {nproc} workers failed (see the log above)")
+        return json.loads(metrics_file.read_text())

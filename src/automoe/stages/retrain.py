@@ -22,7 +22,15 @@ from automoe.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from automoe.model.subnet import SubTransformer, extract
 from automoe.model.supernet import SuperTransformer
 from automoe.space import ArchConfig, SearchSpace, load_space
-from automoe.stages._cli import artifact_file, execute, guarded, params_source, stage_parser, write_kfp_metrics
+from automoe.stages._cli import (
+    artifact_file,
+    execute,
+    guarded,
+    params_source,
+    run_distributed,
+    stage_parser,
+    write_kfp_metrics,
+)
 from automoe.train import setup
 from automoe.train.distributed import close_world, init_world
 from automoe.train.trainer import MetricsHook, TrainConfig, train, write_curves
@@ -130,16 +138,22 @@ def component_main(
     supernet_path: str,
     out_path: str,
     metrics: Any,
+    nproc: int = 0,
 ) -> None:
     """Body of the KFP component: the same run, tracked under the pipeline's parent run."""
-    cfg = load_config(parse_yaml(params, "params"), list(overrides))
     out = Path(out_path)
-    inputs = RetrainInputs(Path(data_path), arch, Path(supernet_path) if supernet_path else None)
-    result = execute(
-        NAME,
-        cfg,
-        lambda tracker: run(cfg, inputs, out, tracker.log_metrics),
-        artifacts=lambda: [out / "training_curve.png", out / "arch.yaml"],
-        parent_run_id=parent_run_id or None,
-    )
+    if nproc > 1:
+        stage_args = ["--data", data_path, "--arch", arch, "--out", out_path]
+        stage_args += ["--supernet", supernet_path] if supernet_path else []
+        result = run_distributed(NAME, nproc, params, overrides, stage_args, parent_run_id)
+    else:
+        cfg = load_config(parse_yaml(params, "params"), list(overrides))
+        inputs = RetrainInputs(Path(data_path), arch, Path(supernet_path) if supernet_path else None)
+        result = execute(
+            NAME,
+            cfg,
+            lambda tracker: run(cfg, inputs, out, tracker.log_metrics),
+            artifacts=lambda: [out / "training_curve.png", out / "arch.yaml"],
+            parent_run_id=parent_run_id or None,
+        )
     write_kfp_metrics(metrics, result)

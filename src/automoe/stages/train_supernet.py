@@ -20,7 +20,7 @@ from automoe.data.dataset import PreparedData
 from automoe.io import atomic_write_json
 from automoe.model.supernet import SuperTransformer
 from automoe.space import ArchConfig, SearchSpace, load_space
-from automoe.stages._cli import execute, guarded, params_source, stage_parser, write_kfp_metrics
+from automoe.stages._cli import execute, guarded, params_source, run_distributed, stage_parser, write_kfp_metrics
 from automoe.train import setup
 from automoe.train.distributed import close_world, init_world
 from automoe.train.trainer import MetricsHook, TrainConfig, train, write_curves
@@ -110,16 +110,21 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def component_main(
-    params: str, overrides: list, parent_run_id: str, data_path: str, out_path: str, metrics: Any
+    params: str, overrides: list, parent_run_id: str, data_path: str, out_path: str, metrics: Any, nproc: int = 0
 ) -> None:
     """Body of the KFP component: the same run, tracked under the pipeline's parent run."""
-    cfg = load_config(parse_yaml(params, "params"), list(overrides))
     out = Path(out_path)
-    result = execute(
-        NAME,
-        cfg,
-        lambda tracker: run(cfg, TrainSupernetInputs(Path(data_path)), out, tracker.log_metrics),
-        artifacts=lambda: [out / "training_curve.png", out / "curves.csv"],
-        parent_run_id=parent_run_id or None,
-    )
+    if nproc > 1:
+        result = run_distributed(
+            NAME, nproc, params, overrides, ["--data", data_path, "--out", out_path], parent_run_id
+        )
+    else:
+        cfg = load_config(parse_yaml(params, "params"), list(overrides))
+        result = execute(
+            NAME,
+            cfg,
+            lambda tracker: run(cfg, TrainSupernetInputs(Path(data_path)), out, tracker.log_metrics),
+            artifacts=lambda: [out / "training_curve.png", out / "curves.csv"],
+            parent_run_id=parent_run_id or None,
+        )
     write_kfp_metrics(metrics, result)

@@ -1,0 +1,85 @@
+{{/* Chart name, truncated to the 63 characters Kubernetes allows. */}}
+{{- define "automoe.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name: release-chart unless overridden. */}}
+{{- define "automoe.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "automoe.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "automoe.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one component: mlflow, postgresql, s3 or pipeline-upload. */}}
+{{- define "automoe.selector" -}}
+app.kubernetes.io/name: {{ include "automoe.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "automoe.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "automoe.postgresHost" -}}
+{{- if .Values.postgresql.enabled -}}
+{{ include "automoe.fullname" . }}-postgresql
+{{- else -}}
+{{ required "postgresql.external.host is required when postgresql.enabled is false" .Values.postgresql.external.host }}
+{{- end -}}
+{{- end -}}
+
+{{- define "automoe.postgresPort" -}}
+{{- if .Values.postgresql.enabled -}}5432{{- else -}}{{ .Values.postgresql.external.port }}{{- end -}}
+{{- end -}}
+
+{{- define "automoe.s3Endpoint" -}}
+{{- if .Values.s3.enabled -}}
+http://{{ include "automoe.fullname" . }}-s3:9000
+{{- else -}}
+{{ .Values.s3.external.endpoint }}
+{{- end -}}
+{{- end -}}
+
+{{/* Non-root, no privilege escalation, no capabilities. */}}
+{{- define "automoe.containerSecurity" -}}
+allowPrivilegeEscalation: false
+runAsNonRoot: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* S3 credentials and endpoint from the referenced Secret (never from values). */}}
+{{- define "automoe.s3Env" -}}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.s3.existingSecret }}, key: AWS_ACCESS_KEY_ID}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.s3.existingSecret }}, key: AWS_SECRET_ACCESS_KEY}
+{{- with (include "automoe.s3Endpoint" .) }}
+- name: MLFLOW_S3_ENDPOINT_URL
+  value: {{ . | quote }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+- name: AWS_REGION
+  value: {{ .Values.s3.external.region | quote }}
+{{- end -}}

@@ -1,0 +1,137 @@
+"""Container images, the Helm chart and the pipeline's references, checked with real tools."""
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from tools import helm
+
+CHART = ROOT / "charts" / "automoe"
+DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cuda"]
+EXTERNAL = [
+    "--set",
+    "postgresql.enabled=false",
+    "--set",
+    "postgresql.external.host=db.example.internal",
+    "--set",
+    "s3.enabled=false",
+    "--set",
+    "s3.external.region=eu-west-1",
+    "--set",
+    "mlflow.artifactsDestination=s3://team-bucket/mlflow",
+    "--set",
+    "networkPolicy.enabled=false",
+]
+
+
+def run(cmd, **kw):
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_are_hadolint_clean(dockerfile):
+    proc = run([Path(sys.executable).parent / "hadolint", dockerfile])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_build_from_the_lock_as_non_root_with_no_secrets(dockerfile):
+    text = dockerfile.read_text()
+    assert "requirements.lock" in text and re.search(r"torch==2\.13\.0", text)
+    assert "download.pytorch.org/whl/" + ("cu" if "cuda" in dockerfile.name else "cpu") in text
+    assert re.search(r"^USER 10001$", text, re.M)
+    assert not re.search(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY)\w*\s*=", text)
+    # dependencies before code: the lock is copied (and installed) before the sources
+    assert text.index("COPY requirements.lock") < text.index("COPY src")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "data", "models", "mlflow.db"} <= set(ignored)
+
+
+def rendered(*args) -> list[dict]:
+    proc = run([helm(), "template", "rel", CHART, "--namespace", "automoe", *args])
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def test_helm_lint_strict():
+    for args in ([], EXTERNAL):
+        proc = run([helm(), "lint", "--strict", CHART, *args])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("values", [[], EXTERNAL], ids=["embedded", "external"])
+def test_rendered_manifests_validate_strictly(values, tmp_path):
+    docs = rendered(*values)
+    out = tmp_path / "manifests.yaml"
+    out.write_text(yaml.safe_dump_all(docs))
+    proc = run([Path(sys.executable).parent / "kubernetes-validate", "--strict", "--quiet", out])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
+    if values:
+        assert not any("postgresql" in k or "-s3" in k for k in kinds)
+        assert not any(k.startswith("NetworkPolicy/") for k in kinds)
+        mlflow = next(d for d in docs if d["kind"] == "Deployment")
+        args = " ".join(mlflow["spec"]["template"]["spec"]["containers"][0]["args"])
+        assert "db.example.internal:5432" in args and "s3://team-bucket/mlflow" in args
+    else:
+        assert "StatefulSet/rel-automoe-postgresql" in kinds and "StatefulSet/rel-automoe-s3" in kinds
+        assert {"NetworkPolicy/rel-automoe-mlflow", "NetworkPolicy/rel-automoe-postgresql"} <= set(kinds)
+
+
+def test_pods_are_non_root_probed_resourced_and_secrets_are_referenced():
+    docs = rendered()
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet", "Job"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+            assert container["resources"]["limits"] and container["resources"]["requests"]
+            if doc["kind"] != "Job":
+                assert "livenessProbe" in container and "readinessProbe" in container
+            for env in container.get("env", []):
+                if re.search("PASSWORD|SECRET|PGUSER|ACCESS_KEY|POSTGRES_USER|ROOT_USER", env["name"]):
+                    assert "secretKeyRef" in env["valueFrom"], env  # referenced, never inlined
+    assert not any(d["kind"] == "Secret" for d in docs)
+
+
+def test_values_schema_is_strict():
+    proc = run([helm(), "template", "rel", CHART, "--set", "mlflow.colour=blue"])
+    assert proc.returncode != 0 and "colour" in proc.stderr
+    proc = run([helm(), "template", "rel", CHART, "--set", "pipelineUpload.kfpEndpoint=ftp://x"])
+    assert proc.returncode != 0
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    documented = (CHART / "values.yaml").read_text()
+    for key in ("repository", "artifactsDestination", "existingSecret", "kfpEndpoint", "clientNamespaces"):
+        assert re.search(rf"# -- .+\n\s+{key}:", documented), key
+
+
+def test_pipeline_references_are_importable_and_images_come_from_one_place():
+    tree = ast.parse((ROOT / "pipeline.py").read_text())
+    used = {
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "c"
+    }
+    import importlib
+
+    import components
+
+    for name in used:
+        component = getattr(components, name)
+        body = component.component_spec.implementation.container.command[-1]
+        for module in re.findall(r"from (automoe\.[\w.]+) import (\w+)", body):
+            importlib.import_module(f"{module[0]}.{module[1]}" if module[1] != "resolve" else module[0])
+    # no image name or tag is written anywhere but params.yaml (read by components/images.py)
+    for path in [ROOT / "pipeline.py", *sorted((ROOT / "components").glob("*.py"))]:
+        assert "ghcr.io" not in path.read_text() and not re.search(r'base_image="', path.read_text()), path
