@@ -72,7 +72,11 @@ def _on_target(task):
     return task
 
 
-@dsl.pipeline(name=PIPELINE.name, description="AutoMoE: search, train, evaluate and register a translation MoE")
+@dsl.pipeline(
+    name=PIPELINE.name,
+    description="AutoMoE: search, train, evaluate and register a translation MoE",
+    pipeline_root=PIPELINE.pipeline_root or None,
+)
 def automoe_pipeline(
     corpus_source: str = "",
     src_lang: str = "",
