@@ -13,7 +13,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export TMPDIR := $(CURDIR)/tmp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test lint install lock compile run-local clean
+.PHONY: run test lint install lock bench compile run-local clean
 
 install: $(VENV)/.installed
 
@@ -32,9 +32,9 @@ lock: install
 	$(BIN)/python tools/lock.py
 
 run: install
-	@mkdir -p $(TMPDIR)
+	@mkdir -p $(TMPDIR) results
 	rm -f .automoe/parent_run.json   # one MLflow parent run per execution
-	dvc repro
+	start=$$(date +%s); dvc repro && echo $$(( $$(date +%s) - start )) > results/make_run_seconds.txt
 	@echo
 	@echo "report:           results/evaluate/report.md"
 	@echo "metrics:          results/evaluate/metrics.json, reports/ (dvc metrics show)"
@@ -49,6 +49,10 @@ lint: install
 test: install lint
 	@mkdir -p $(TMPDIR)
 	pytest -q
+
+bench: install
+	$(BIN)/pip install -q transformers==5.23.0   # the peer library the translation benchmark compares with
+	python bench/run_all.py
 
 compile: install
 	python pipeline.py compile --output pipeline.yaml

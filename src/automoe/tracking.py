@@ -167,8 +167,10 @@ class StageRun:
             from automoe.errors import AutomoeError
 
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise AutomoeError(f"MLflow at {_redact(tracking_uri())}: could not store artifact {Path(path).name} "
-                               f"({reason}); the stage's local output is kept") from None
+            raise AutomoeError(
+                f"MLflow at {_redact(tracking_uri())}: could not store artifact {Path(path).name} "
+                f"({reason}); the stage's local output is kept"
+            ) from None
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in (tags if self.run_id is not None else {}).items():

@@ -63,10 +63,11 @@ def beam_search(
     length_penalty: float = 0.6,
     max_len_a: float = 1.2,
     max_len_b: int = 10,
+    min_len: int = 0,
 ) -> list[Hypothesis]:
     """Best hypothesis per sentence. A sentence is done once `beam` hypotheses ended with EOS
     (an EOS among the top `beam` candidates ends a hypothesis); at the length limit only EOS
-    is allowed."""
+    is allowed, before `min_len` tokens EOS is not."""
     args = model.args
     batch, device = src.shape[0], src.device
     limits = max_lengths(src, args.pad_id, max_len_a, max_len_b).repeat_interleave(beam)  # (B * beam,)
@@ -82,6 +83,8 @@ def beam_search(
         logits, cache = model.decode(tokens[:, -1:], enc, arch, cache)
         lprobs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B * beam, V)
         lprobs[:, [args.pad_id, args.bos_id]] = -torch.inf
+        if step < min_len:
+            lprobs[:, args.eos_id] = -torch.inf
         at_limit = step >= limits
         lprobs[at_limit] = -torch.inf
         lprobs[at_limit, args.eos_id] = 0.0

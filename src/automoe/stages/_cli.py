@@ -75,6 +75,53 @@ def execute(
     return metrics
 
 
+def cli_run(
+    name: str,
+    load_config: Callable,
+    args: argparse.Namespace,
+    body: Callable[[Any, tracking.StageRun], Mapping[str, float]],
+    artifacts: list[str],
+) -> None:
+    """What every stage's `main` does after parsing: config, tracked run, metrics file."""
+    cfg = load_config(params_source(args.params), args.overrides)
+    execute(
+        name,
+        cfg,
+        lambda tracker: body(cfg, tracker),
+        artifacts=lambda: [args.out / a for a in artifacts],
+        parent_run_id=args.parent_run_id,
+        metrics_file=args.metrics,
+    )
+
+
+def component_run(
+    name: str,
+    load_config: Callable,
+    params: str,
+    overrides: list,
+    parent_run_id: str,
+    out_path: str,
+    body: Callable[[Any, tracking.StageRun], Mapping[str, float]],
+    artifacts: list[str],
+    metrics: Any,
+) -> dict[str, float]:
+    """What every KFP component body does: the same tracked run under the pipeline's parent
+    run, its metrics copied to the component's Metrics output."""
+    from automoe.config import parse_yaml
+
+    cfg = load_config(parse_yaml(params, "params"), list(overrides))
+    out = Path(out_path)
+    result = execute(
+        name,
+        cfg,
+        lambda tracker: body(cfg, tracker),
+        artifacts=lambda: [out / a for a in artifacts],
+        parent_run_id=parent_run_id or None,
+    )
+    write_kfp_metrics(metrics, result)
+    return result
+
+
 def guarded(fn: Callable[[list[str] | None], Any]) -> Callable[[list[str] | None], int]:
     """Wrap a stage main: user errors -> `error: ...` on one line, exit status 2."""
 

@@ -20,16 +20,18 @@ import numpy as np
 import sacrebleu
 import torch
 
-from automoe.config import load_section, parse_yaml
+from automoe.config import load_section
 from automoe.data.dataset import PreparedData
 from automoe.io import atomic_write_json, atomic_write_text, staged_dir
 from automoe.latency import measure as m
 from automoe.model.counting import count, per_token_flops
+from automoe.plots import figure
 from automoe.serving import DecodeConfig, Translator
-from automoe.stages._cli import execute, guarded, params_source, stage_parser, write_kfp_metrics
+from automoe.stages._cli import cli_run, component_run, guarded, stage_parser
 from automoe.train.trainer import shift_right
 
 NAME = "evaluate"
+ARTIFACTS = ["report.md", "metrics.json", "flops_per_token.png"]  # logged to MLflow
 
 
 @dataclass(frozen=True)
@@ -187,20 +189,12 @@ def report(results: dict[str, dict], data: PreparedData) -> str:
 
 
 def _histogram(path: Path, per_model: dict[str, list[float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, values in per_model.items():
-        ax.hist(values, bins=40, alpha=0.6, label=name)
-    ax.set_xlabel("active MFLOPs per source token (actual routing)")
-    ax.set_ylabel("tokens")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, size=(6.5, 4)) as ax:
+        for name, values in per_model.items():
+            ax.hist(values, bins=40, alpha=0.6, label=name)
+        ax.set_xlabel("active MFLOPs per source token (actual routing)")
+        ax.set_ylabel("tokens")
+        ax.legend()
 
 
 def load_config(params: Any, overrides: Any = None) -> EvaluateConfig:
@@ -215,15 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, type=Path, help="retrain output folder of the searched model")
     parser.add_argument("--baseline", type=Path, help="retrain output folder of the dense baseline")
     args = parser.parse_args(argv)
-    cfg = load_config(params_source(args.params), args.overrides)
-    execute(
-        NAME,
-        cfg,
-        lambda _: run(cfg, EvaluateInputs(args.data, args.model, args.baseline), args.out),
-        artifacts=lambda: [args.out / n for n in ("report.md", "metrics.json", "flops_per_token.png")],
-        parent_run_id=args.parent_run_id,
-        metrics_file=args.metrics,
-    )
+    inputs = EvaluateInputs(args.data, args.model, args.baseline)
+    cli_run(NAME, load_config, args, lambda cfg, _: run(cfg, inputs, args.out), ARTIFACTS)
 
 
 def component_main(
@@ -237,16 +224,17 @@ def component_main(
     metrics: Any,
     report_path: str = "",
 ) -> None:
-    cfg = load_config(parse_yaml(params, "params"), list(overrides))
-    out = Path(out_path)
     inputs = EvaluateInputs(Path(data_path), Path(model_path), Path(baseline_path) if baseline_path else None)
-    result = execute(
+    component_run(
         NAME,
-        cfg,
-        lambda _: run(cfg, inputs, out),
-        artifacts=lambda: [out / "report.md"],
-        parent_run_id=parent_run_id or None,
+        load_config,
+        params,
+        overrides,
+        parent_run_id,
+        out_path,
+        lambda cfg, _: run(cfg, inputs, Path(out_path)),
+        ARTIFACTS,
+        metrics,
     )
-    write_kfp_metrics(metrics, result)
     if report_path:
-        Path(report_path).write_text((out / "report.md").read_text())
+        Path(report_path).write_text((Path(out_path) / "report.md").read_text())

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from automoe.config import load_section, parse_yaml
+from automoe.config import load_section
 from automoe.data.dataset import PreparedData
 from automoe.errors import ConfigError
 from automoe.latency import measure as m
@@ -27,9 +27,10 @@ from automoe.latency.table import LatencyTable, save_space
 from automoe.model.subnet import extract
 from automoe.model.supernet import SuperTransformer
 from automoe.space import ArchConfig, SearchSpace
-from automoe.stages._cli import artifact_file, execute, guarded, params_source, stage_parser, write_kfp_metrics
+from automoe.stages._cli import artifact_file, cli_run, component_run, guarded, stage_parser
 
 NAME = "measure_latency"
+ARTIFACTS = ["latency.csv", "hardware.json"]  # logged to MLflow
 
 
 @dataclass(frozen=True)
@@ -116,16 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--supernet", required=True, type=Path, help="train_supernet's supernet.pt")
     parser.add_argument("--shard", type=int, default=0, help="which of num_shards to measure")
     args = parser.parse_args(argv)
-    cfg = load_config(params_source(args.params), args.overrides)
     inputs = MeasureLatencyInputs(args.data, args.supernet, args.shard)
-    execute(
-        NAME,
-        cfg,
-        lambda _: run(cfg, inputs, args.out),
-        artifacts=lambda: [args.out / "latency.csv", args.out / "hardware.json"],
-        parent_run_id=args.parent_run_id,
-        metrics_file=args.metrics,
-    )
+    cli_run(NAME, load_config, args, lambda cfg, _: run(cfg, inputs, args.out), ARTIFACTS)
 
 
 def component_main(
@@ -138,16 +131,18 @@ def component_main(
     out_path: str,
     metrics: Any,
 ) -> None:
-    cfg = load_config(parse_yaml(params, "params"), list(overrides))
-    out = Path(out_path)
-    result = execute(
+    inputs = MeasureLatencyInputs(Path(data_path), Path(supernet_path), int(shard))
+    component_run(
         NAME,
-        cfg,
-        lambda _: run(cfg, MeasureLatencyInputs(Path(data_path), Path(supernet_path), int(shard)), out),
-        artifacts=lambda: [out / "latency.csv"],
-        parent_run_id=parent_run_id or None,
+        load_config,
+        params,
+        overrides,
+        parent_run_id,
+        out_path,
+        lambda cfg, _: run(cfg, inputs, Path(out_path)),
+        ARTIFACTS,
+        metrics,
     )
-    write_kfp_metrics(metrics, result)
 
 
 def merge_main(shard_paths: list[str], out_path: str) -> None:

@@ -22,12 +22,12 @@ from typing import Any, Literal
 import numpy as np
 import sentencepiece as spm
 
-from automoe.config import load_section, parse_yaml, to_dict
+from automoe.config import load_section, to_dict
 from automoe.data import corpus, sources
 from automoe.data.dataset import MANIFEST
 from automoe.errors import ConfigError, DataError
 from automoe.io import atomic_write_json, staged_dir
-from automoe.stages._cli import execute, guarded, params_source, stage_parser, write_kfp_metrics
+from automoe.stages._cli import cli_run, component_run, guarded, stage_parser
 
 NAME = "prepare_data"
 SPLITS = ("train", "valid", "test")
@@ -184,26 +184,18 @@ def load_config(params: Any, overrides: Any = None) -> PrepareDataConfig:
 def main(argv: list[str] | None = None) -> None:
     """automoe prepare_data --out data/prepared [--params params.yaml] [--set prepare_data.KEY=VALUE]"""
     args = stage_parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    cfg = load_config(params_source(args.params), args.overrides)
-    execute(
-        NAME,
-        cfg,
-        lambda _: run(cfg, None, args.out),
-        artifacts=lambda: [args.out / MANIFEST],
-        parent_run_id=args.parent_run_id,
-        metrics_file=args.metrics,
-    )
+    cli_run(NAME, load_config, args, lambda cfg, _: run(cfg, None, args.out), [MANIFEST])
 
 
 def component_main(params: str, overrides: list, parent_run_id: str, out_path: str, metrics: Any) -> None:
-    """Body of the KFP component: the same run, tracked under the pipeline's parent run."""
-    cfg = load_config(parse_yaml(params, "params"), list(overrides))
-    out = Path(out_path)
-    result = execute(
+    component_run(
         NAME,
-        cfg,
-        lambda _: run(cfg, None, out),
-        artifacts=lambda: [out / MANIFEST],
-        parent_run_id=parent_run_id or None,
+        load_config,
+        params,
+        overrides,
+        parent_run_id,
+        out_path,
+        lambda cfg, _: run(cfg, None, Path(out_path)),
+        [MANIFEST],
+        metrics,
     )
-    write_kfp_metrics(metrics, result)

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from automoe import registry, tracking
-from automoe.config import load_section, parse_yaml
+from automoe.config import load_section
 from automoe.data.dataset import PreparedData
 from automoe.errors import AutomoeError, DataError
 from automoe.io import atomic_write_json
-from automoe.stages._cli import execute, guarded, params_source, stage_parser, write_kfp_metrics
+from automoe.stages._cli import cli_run, component_run, guarded, stage_parser
 
 NAME = "register"
+ARTIFACTS = ["registration.json"]  # logged to MLflow
 
 
 @dataclass(frozen=True)
@@ -116,16 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluation", required=True, type=Path, help="evaluate output folder")
     parser.add_argument("--search", required=True, type=Path, help="search output folder")
     args = parser.parse_args(argv)
-    cfg = load_config(params_source(args.params), args.overrides)
     inputs = RegisterInputs(args.data, args.model, args.evaluation, args.search)
-    execute(
-        NAME,
-        cfg,
-        lambda tracker: run(cfg, inputs, args.out, tracker),
-        artifacts=lambda: [args.out / "registration.json"],
-        parent_run_id=args.parent_run_id,
-        metrics_file=args.metrics,
-    )
+    cli_run(NAME, load_config, args, lambda cfg, tracker: run(cfg, inputs, args.out, tracker), ARTIFACTS)
 
 
 def component_main(
@@ -139,14 +132,15 @@ def component_main(
     out_path: str,
     metrics: Any,
 ) -> None:
-    cfg = load_config(parse_yaml(params, "params"), list(overrides))
-    out = Path(out_path)
     inputs = RegisterInputs(Path(data_path), Path(model_path), Path(evaluation_path), Path(search_path))
-    result = execute(
+    component_run(
         NAME,
-        cfg,
-        lambda tracker: run(cfg, inputs, out, tracker),
-        artifacts=lambda: [out / "registration.json"],
-        parent_run_id=parent_run_id or None,
+        load_config,
+        params,
+        overrides,
+        parent_run_id,
+        out_path,
+        lambda cfg, tracker: run(cfg, inputs, Path(out_path), tracker),
+        ARTIFACTS,
+        metrics,
     )
-    write_kfp_metrics(metrics, result)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from automoe.config import load_section, parse_yaml
+from automoe.config import load_section
 from automoe.data.corpus import SPM_FILE
 from automoe.data.dataset import PreparedData
 from automoe.errors import ConfigError
@@ -24,9 +24,9 @@ from automoe.model.supernet import SuperTransformer
 from automoe.space import ArchConfig, SearchSpace, load_space
 from automoe.stages._cli import (
     artifact_file,
-    execute,
+    cli_run,
+    component_run,
     guarded,
-    params_source,
     run_distributed,
     stage_parser,
     write_kfp_metrics,
@@ -36,6 +36,7 @@ from automoe.train.distributed import close_world, init_world
 from automoe.train.trainer import MetricsHook, TrainConfig, train, write_curves
 
 NAME = "retrain"
+ARTIFACTS = ["training_curve.png", "arch.yaml"]  # logged to MLflow
 NAMED_ARCHS = ("largest", "smallest", "largest_dense")
 
 
@@ -118,15 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", required=True, help=f"arch YAML, or one of {', '.join(NAMED_ARCHS)}")
     parser.add_argument("--supernet", type=Path, help="supernet.pt (for retrain.init_from_supernet)")
     args = parser.parse_args(argv)
-    cfg = load_config(params_source(args.params), args.overrides)
-    execute(
-        NAME,
-        cfg,
-        lambda tracker: run(cfg, RetrainInputs(args.data, args.arch, args.supernet), args.out, tracker.log_metrics),
-        artifacts=lambda: [args.out / "training_curve.png", args.out / "arch.yaml"],
-        parent_run_id=args.parent_run_id,
-        metrics_file=args.metrics,
-    )
+    inputs = RetrainInputs(args.data, args.arch, args.supernet)
+    cli_run(NAME, load_config, args, lambda cfg, t: run(cfg, inputs, args.out, t.log_metrics), ARTIFACTS)
 
 
 def component_main(
@@ -140,20 +134,21 @@ def component_main(
     metrics: Any,
     nproc: int = 0,
 ) -> None:
-    """Body of the KFP component: the same run, tracked under the pipeline's parent run."""
-    out = Path(out_path)
+    """KFP component body; nproc > 1 runs the stage under torchrun, one worker per GPU."""
     if nproc > 1:
-        stage_args = ["--data", data_path, "--arch", arch, "--out", out_path]
-        stage_args += ["--supernet", supernet_path] if supernet_path else []
-        result = run_distributed(NAME, nproc, params, overrides, stage_args, parent_run_id)
-    else:
-        cfg = load_config(parse_yaml(params, "params"), list(overrides))
-        inputs = RetrainInputs(Path(data_path), arch, Path(supernet_path) if supernet_path else None)
-        result = execute(
-            NAME,
-            cfg,
-            lambda tracker: run(cfg, inputs, out, tracker.log_metrics),
-            artifacts=lambda: [out / "training_curve.png", out / "arch.yaml"],
-            parent_run_id=parent_run_id or None,
-        )
-    write_kfp_metrics(metrics, result)
+        args = ["--data", data_path, "--arch", arch, "--out", out_path]
+        args += ["--supernet", supernet_path] if supernet_path else []
+        write_kfp_metrics(metrics, run_distributed(NAME, nproc, params, overrides, args, parent_run_id))
+        return
+    inputs = RetrainInputs(Path(data_path), arch, Path(supernet_path) if supernet_path else None)
+    component_run(
+        NAME,
+        load_config,
+        params,
+        overrides,
+        parent_run_id,
+        out_path,
+        lambda cfg, t: run(cfg, inputs, Path(out_path), t.log_metrics),
+        ARTIFACTS,
+        metrics,
+    )

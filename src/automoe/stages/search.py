@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from automoe.config import load_section, parse_yaml
+from automoe.config import load_section
 from automoe.data.dataset import PreparedData, TokenBatchSampler
 from automoe.errors import ConfigError
 from automoe.io import atomic_write_json, atomic_write_text
@@ -27,21 +27,15 @@ from automoe.latency.predictor import LatencyPredictor
 from automoe.model.counting import count
 from automoe.model.subnet import extract
 from automoe.model.supernet import SuperTransformer
+from automoe.plots import figure
 from automoe.search.evolution import Candidate, EvolutionConfig, evolve, key, random_search
 from automoe.search.pareto import pareto_front
 from automoe.space import ArchConfig
-from automoe.stages._cli import (
-    artifact_file,
-    execute,
-    guarded,
-    html_images,
-    params_source,
-    stage_parser,
-    write_kfp_metrics,
-)
+from automoe.stages._cli import artifact_file, cli_run, component_run, guarded, html_images, stage_parser
 from automoe.train.trainer import shift_right
 
 NAME = "search"
+ARTIFACTS = ["best_arch.yaml", "pareto.csv", "pareto.png", "convergence.png"]  # logged to MLflow
 
 
 @dataclass(frozen=True)
@@ -224,53 +218,41 @@ def _rows(rows: list[dict[str, float]]) -> str:
 
 
 def _plots(out_dir: Path, result, baseline, front, budget: float, unit: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.scatter(
-        [c.cost for c in result.evaluated], [c.fitness for c in result.evaluated], s=10, alpha=0.5, label="evolution"
-    )
-    if baseline:
+    with figure(out_dir / "pareto.png") as ax:
         ax.scatter(
-            [c.cost for c in baseline.evaluated],
-            [c.fitness for c in baseline.evaluated],
+            [c.cost for c in result.evaluated],
+            [c.fitness for c in result.evaluated],
             s=10,
             alpha=0.5,
-            marker="x",
-            label="random search",
+            label="evolution",
         )
-    ax.plot([c.cost for c in front], [c.fitness for c in front], "k-o", ms=3, label="Pareto front")
-    ax.axvline(budget, color="red", ls="--", label="budget")
-    ax.scatter([result.best.cost], [result.best.fitness], marker="*", s=200, c="gold", edgecolors="k", label="best")
-    ax.set_xlabel(unit)
-    ax.set_ylabel("validation loss (inherited weights)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "pareto.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(
-        [h["evaluations"] for h in result.history],
-        [h["best_fitness"] for h in result.history],
-        "o-",
-        label="evolution (best)",
-    )
-    if baseline:
-        ax.plot(
-            [h["evaluations"] for h in baseline.history],
-            [h["best_fitness"] for h in baseline.history],
-            label="random search (best)",
-        )
-    ax.set_xlabel("fitness evaluations")
-    ax.set_ylabel("best validation loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "convergence.png", dpi=110)
-    plt.close(fig)
+        if baseline:
+            ax.scatter(
+                [c.cost for c in baseline.evaluated],
+                [c.fitness for c in baseline.evaluated],
+                s=10,
+                alpha=0.5,
+                marker="x",
+                label="random search",
+            )
+        ax.plot([c.cost for c in front], [c.fitness for c in front], "k-o", ms=3, label="Pareto front")
+        ax.axvline(budget, color="red", ls="--", label="budget")
+        ax.scatter([result.best.cost], [result.best.fitness], marker="*", s=200, c="gold", edgecolors="k", label="best")
+        ax.set_xlabel(unit)
+        ax.set_ylabel("validation loss (inherited weights)")
+        ax.legend()
+    with figure(out_dir / "convergence.png", size=(6.5, 4)) as ax:
+        for name, res, style in (("evolution", result, "o-"), ("random search", baseline, "-")):
+            if res is not None:
+                ax.plot(
+                    [h["evaluations"] for h in res.history],
+                    [h["best_fitness"] for h in res.history],
+                    style,
+                    label=f"{name} (best)",
+                )
+        ax.set_xlabel("fitness evaluations")
+        ax.set_ylabel("best validation loss")
+        ax.legend()
 
 
 def load_config(params: Any, overrides: Any = None) -> SearchConfig:
@@ -285,16 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--supernet", required=True, type=Path)
     parser.add_argument("--predictor", type=Path, help="train_predictor's predictor.pt (predicted-latency budget)")
     args = parser.parse_args(argv)
-    cfg = load_config(params_source(args.params), args.overrides)
     inputs = SearchInputs(args.data, args.supernet, args.predictor)
-    execute(
-        NAME,
-        cfg,
-        lambda _: run(cfg, inputs, args.out),
-        artifacts=lambda: [args.out / n for n in ("best_arch.yaml", "pareto.csv", "pareto.png", "convergence.png")],
-        parent_run_id=args.parent_run_id,
-        metrics_file=args.metrics,
-    )
+    cli_run(NAME, load_config, args, lambda cfg, _: run(cfg, inputs, args.out), ARTIFACTS)
 
 
 def component_main(
@@ -308,16 +282,18 @@ def component_main(
     metrics: Any,
     plot_path: str = "",
 ) -> None:
-    cfg = load_config(parse_yaml(params, "params"), list(overrides))
     out = Path(out_path)
     inputs = SearchInputs(Path(data_path), Path(supernet_path), Path(predictor_path) if predictor_path else None)
-    result = execute(
+    component_run(
         NAME,
-        cfg,
-        lambda _: run(cfg, inputs, out),
-        artifacts=lambda: [out / n for n in ("best_arch.yaml", "pareto.png", "convergence.png")],
-        parent_run_id=parent_run_id or None,
+        load_config,
+        params,
+        overrides,
+        parent_run_id,
+        out_path,
+        lambda cfg, _: run(cfg, inputs, out),
+        ARTIFACTS,
+        metrics,
     )
-    write_kfp_metrics(metrics, result)
     if plot_path:
         Path(plot_path).write_text(html_images("Search", [out / "pareto.png", out / "convergence.png"]))

@@ -16,15 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from automoe.config import load_section, parse_yaml
+from automoe.config import load_section
 from automoe.errors import DataError
 from automoe.io import atomic_write_json, atomic_write_text, staged_dir
 from automoe.latency.predictor import FitConfig, fit, scores
 from automoe.latency.table import load_space_of, read_table
+from automoe.plots import figure
 from automoe.space import ArchConfig, arch_features
-from automoe.stages._cli import execute, guarded, html_images, params_source, stage_parser, write_kfp_metrics
+from automoe.stages._cli import cli_run, component_run, guarded, html_images, stage_parser
 
 NAME = "train_predictor"
+ARTIFACTS = ["predicted_vs_measured.png", "predictions.csv"]  # logged to MLflow
 
 
 @dataclass(frozen=True)
@@ -80,24 +82,16 @@ def run(cfg: TrainPredictorConfig, inputs: TrainPredictorInputs, out_dir: Path) 
 
 
 def scatter(path: Path, measured: np.ndarray, predicted: np.ndarray, part: np.ndarray, metrics: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for name, marker in (("train", "."), ("valid", "s"), ("test", "o")):
-        sel = part == name
-        ax.scatter(measured[sel], predicted[sel], marker=marker, label=name, alpha=0.7)
-    lo, hi = float(min(measured.min(), predicted.min())), float(max(measured.max(), predicted.max()))
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-    ax.set_xlabel("measured latency (ms)")
-    ax.set_ylabel("predicted latency (ms)")
-    ax.set_title(f"test: MAPE {metrics['test_mape_pct']:.1f}%, R² {metrics['test_r2']:.3f}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, size=(5.5, 5)) as ax:
+        for name, marker in (("train", "."), ("valid", "s"), ("test", "o")):
+            sel = part == name
+            ax.scatter(measured[sel], predicted[sel], marker=marker, label=name, alpha=0.7)
+        lo, hi = float(min(measured.min(), predicted.min())), float(max(measured.max(), predicted.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set_xlabel("measured latency (ms)")
+        ax.set_ylabel("predicted latency (ms)")
+        ax.set_title(f"test: MAPE {metrics['test_mape_pct']:.1f}%, R² {metrics['test_r2']:.3f}")
+        ax.legend()
 
 
 def load_config(params: Any, overrides: Any = None) -> TrainPredictorConfig:
@@ -110,15 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(NAME, __doc__.splitlines()[0])
     parser.add_argument("--latency", required=True, type=Path, help="measure_latency output folder")
     args = parser.parse_args(argv)
-    cfg = load_config(params_source(args.params), args.overrides)
-    execute(
-        NAME,
-        cfg,
-        lambda _: run(cfg, TrainPredictorInputs(args.latency), args.out),
-        artifacts=lambda: [args.out / "predicted_vs_measured.png", args.out / "predictions.csv"],
-        parent_run_id=args.parent_run_id,
-        metrics_file=args.metrics,
-    )
+    cli_run(NAME, load_config, args, lambda cfg, _: run(cfg, TrainPredictorInputs(args.latency), args.out), ARTIFACTS)
 
 
 def component_main(
@@ -130,15 +116,17 @@ def component_main(
     metrics: Any,
     plot_path: str = "",
 ) -> None:
-    cfg = load_config(parse_yaml(params, "params"), list(overrides))
-    out = Path(out_path)
-    result = execute(
+    component_run(
         NAME,
-        cfg,
-        lambda _: run(cfg, TrainPredictorInputs(Path(latency_path)), out),
-        artifacts=lambda: [out / "predicted_vs_measured.png"],
-        parent_run_id=parent_run_id or None,
+        load_config,
+        params,
+        overrides,
+        parent_run_id,
+        out_path,
+        lambda cfg, _: run(cfg, TrainPredictorInputs(Path(latency_path)), Path(out_path)),
+        ARTIFACTS,
+        metrics,
     )
-    write_kfp_metrics(metrics, result)
     if plot_path:
-        Path(plot_path).write_text(html_images("Predicted vs measured latency", [out / "predicted_vs_measured.png"]))
+        png = Path(out_path) / "predicted_vs_measured.png"
+        Path(plot_path).write_text(html_images("Predicted vs measured latency", [png]))

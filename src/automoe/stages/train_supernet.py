@@ -15,17 +15,18 @@ from typing import Any, Literal
 
 import numpy as np
 
-from automoe.config import load_section, parse_yaml
+from automoe.config import load_section
 from automoe.data.dataset import PreparedData
 from automoe.io import atomic_write_json
 from automoe.model.supernet import SuperTransformer
 from automoe.space import ArchConfig, SearchSpace, load_space
-from automoe.stages._cli import execute, guarded, params_source, run_distributed, stage_parser, write_kfp_metrics
+from automoe.stages._cli import cli_run, component_run, guarded, run_distributed, stage_parser, write_kfp_metrics
 from automoe.train import setup
 from automoe.train.distributed import close_world, init_world
 from automoe.train.trainer import MetricsHook, TrainConfig, train, write_curves
 
 NAME = "train_supernet"
+ARTIFACTS = ["training_curve.png", "curves.csv"]  # logged to MLflow
 VALID_RANDOM_SEED = 2**31 - 1
 
 
@@ -98,33 +99,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(NAME, __doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path, help="prepare_data output folder")
     args = parser.parse_args(argv)
-    cfg = load_config(params_source(args.params), args.overrides)
-    execute(
+    cli_run(
         NAME,
-        cfg,
-        lambda tracker: run(cfg, TrainSupernetInputs(args.data), args.out, tracker.log_metrics),
-        artifacts=lambda: [args.out / "training_curve.png", args.out / "curves.csv"],
-        parent_run_id=args.parent_run_id,
-        metrics_file=args.metrics,
+        load_config,
+        args,
+        lambda cfg, t: run(cfg, TrainSupernetInputs(args.data), args.out, t.log_metrics),
+        ARTIFACTS,
     )
 
 
 def component_main(
     params: str, overrides: list, parent_run_id: str, data_path: str, out_path: str, metrics: Any, nproc: int = 0
 ) -> None:
-    """Body of the KFP component: the same run, tracked under the pipeline's parent run."""
-    out = Path(out_path)
+    """KFP component body; nproc > 1 runs the stage under torchrun, one worker per GPU."""
     if nproc > 1:
-        result = run_distributed(
-            NAME, nproc, params, overrides, ["--data", data_path, "--out", out_path], parent_run_id
-        )
-    else:
-        cfg = load_config(parse_yaml(params, "params"), list(overrides))
-        result = execute(
-            NAME,
-            cfg,
-            lambda tracker: run(cfg, TrainSupernetInputs(Path(data_path)), out, tracker.log_metrics),
-            artifacts=lambda: [out / "training_curve.png", out / "curves.csv"],
-            parent_run_id=parent_run_id or None,
-        )
-    write_kfp_metrics(metrics, result)
+        args = ["--data", data_path, "--out", out_path]
+        write_kfp_metrics(metrics, run_distributed(NAME, nproc, params, overrides, args, parent_run_id))
+        return
+    component_run(
+        NAME,
+        load_config,
+        params,
+        overrides,
+        parent_run_id,
+        out_path,
+        lambda cfg, t: run(cfg, TrainSupernetInputs(Path(data_path)), Path(out_path), t.log_metrics),
+        ARTIFACTS,
+        metrics,
+    )

@@ -32,6 +32,7 @@ from automoe.data.dataset import ParallelSplit, PreparedData, TokenBatchSampler
 from automoe.errors import AutomoeError
 from automoe.io import atomic_write_text
 from automoe.model.moe import load_balancing_loss, router_z_loss
+from automoe.plots import figure
 from automoe.space import ArchConfig
 from automoe.train import checkpoint
 from automoe.train.distributed import World
@@ -381,25 +382,15 @@ def write_curves(out_dir: Path, history: list[dict[str, float]], valid: list[dic
         names = [k for k in valid[0] if k != "update"]
         rows = [",".join(["update", *names])] + [",".join(f"{r[k]:.6g}" for k in ["update", *names]) for r in valid]
         atomic_write_text(out_dir / "valid_curves.csv", "\n".join(rows) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["update"] for r in history], [r["nll"] for r in history], label="train NLL", alpha=0.7)
-    for name in [k for k in (valid[0] if valid else {}) if k != "update"]:
-        ax.plot([r["update"] for r in valid], [r[name] for r in valid], marker="o", label=f"valid NLL ({name})")
-    ax.set_xlabel("update")
-    ax.set_ylabel("NLL per target token")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out_dir / ".training_curve.png.tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(out_dir / "training_curve.png")
+    with figure(out_dir / "training_curve.png", size=(7, 4)) as ax:
+        ax.plot([r["update"] for r in history], [r["nll"] for r in history], label="train NLL", alpha=0.7)
+        for name in [k for k in (valid[0] if valid else {}) if k != "update"]:
+            ax.plot([r["update"] for r in valid], [r[name] for r in valid], marker="o", label=f"valid NLL ({name})")
+        ax.set_xlabel("update")
+        ax.set_ylabel("NLL per target token")
+        ax.set_title(title)
+        ax.legend()
+        ax.grid(alpha=0.3)
 
 
 def read_valid_history(path: Path) -> list[dict[str, float]]:

@@ -1,0 +1,82 @@
+"""`make bench`: every benchmark, side by side in one run on this machine, as one table of
+ratios (medians of repeated runs, thread count fixed), also written as JSON.
+
+    python bench/run_all.py [--out results/bench.json] [--latency results/latency]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = {
+    "moe_ffn": ("ratio_moe_over_dense", "<= 1.10", "heterogeneous top-1 MoE FFN / dense FFN, equal active FLOPs"),
+    "supernet_vs_compact": ("throughput_ratio_supernet_over_compact", ">= 0.90", "supernet / compact training step"),
+    "translate_vs_marian": ("speedup_ours_over_marian", ">= 2.0", "beam-4 batch-32 translation vs MarianMT"),
+}
+
+
+def predictor_quality(latency: Path) -> dict[str, float]:
+    """Held-out MAPE and R² of a predictor trained on a measured latency table."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "automoe.cli",
+            "train_predictor",
+            "--latency",
+            str(latency),
+            "--out",
+            f"{tmp}/p",
+            "--metrics",
+            f"{tmp}/m.json",
+        ]
+        subprocess.run(cmd, check=True, env=dict(os.environ, AUTOMOE_TRACKING="0"), capture_output=True)
+        return json.loads(Path(f"{tmp}/m.json").read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="results/bench.json")
+    parser.add_argument("--latency", default="results/latency", help="a measure_latency output (from make run)")
+    args = parser.parse_args()
+    threads = os.environ.setdefault("AUTOMOE_BENCH_THREADS", "2")
+    results: dict[str, dict] = {}
+    rows = []
+    for name, (key, goal, what) in BENCHES.items():
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            proc = subprocess.run([sys.executable, str(HERE / f"{name}.py"), "--json", out.name], cwd=HERE.parent)
+            if proc.returncode != 0:
+                rows.append((what, "failed", goal))
+                continue
+            results[name] = json.loads(Path(out.name).read_text())
+        rows.append((what, f"{results[name][key]:.3f}x", goal))
+    latency = Path(args.latency)
+    if (latency / "latency.csv").is_file():
+        q = predictor_quality(latency)
+        results["predictor"] = q
+        rows.append(("latency predictor MAPE (held-out)", f"{q['test_mape_pct']:.2f}%", "<= 4%"))
+        rows.append(("latency predictor R² (held-out)", f"{q['test_r2']:.3f}", ">= 0.97"))
+    timing = Path("results/make_run_seconds.txt")
+    if timing.is_file():
+        seconds = float(timing.read_text())
+        results["make_run_seconds"] = seconds
+        rows.append(("make run wall time", f"{seconds / 60:.1f} min", "<= 20 min"))
+    width = max(len(r[0]) for r in rows)
+    print(f"\nautomoe benchmarks (threads={threads}; each ratio measured side by side in this run)")
+    for what, value, goal in rows:
+        print(f"  {what:<{width}}  {value:>10}   goal {goal}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"threads": int(threads), **results}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
