@@ -94,19 +94,20 @@ def automoe_pipeline(
     # The exit task closes the parent run (FINISHED or FAILED); it finds it by the KFP run id.
     close = c.close_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
     with dsl.ExitHandler(close):
-        ui = {
-            "corpus_source": corpus_source,
-            "src_lang": src_lang,
-            "tgt_lang": tgt_lang,
-            "budget_kind": budget_kind,
-            "budget_value": budget_value,
-            "target_device": target_device,
-            "search_iterations": search_iterations,
-            "search_population": search_population,
-            "supernet_updates": supernet_updates,
-            "retrain_updates": retrain_updates,
-        }
-        resolved = c.resolve_params(params=params, overrides=overrides, ui=ui).set_display_name("params")
+        resolved = c.resolve_params(
+            params=params,
+            overrides=overrides,
+            corpus_source=corpus_source,
+            src_lang=src_lang,
+            tgt_lang=tgt_lang,
+            budget_kind=budget_kind,
+            budget_value=budget_value,
+            target_device=target_device,
+            search_iterations=search_iterations,
+            search_population=search_population,
+            supernet_updates=supernet_updates,
+            retrain_updates=retrain_updates,
+        ).set_display_name("params")
         parent = c.open_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
         common = {"params": resolved.output, "overrides": [], "parent_run_id": parent.output}
         prepared = _task(c.prepare_data(**common), "prepare_data").outputs["prepared"]

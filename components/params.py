@@ -4,8 +4,33 @@ from components.images import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def resolve_params(params: str, overrides: list, ui: dict) -> str:
+def resolve_params(
+    params: str,
+    overrides: list,
+    corpus_source: str,
+    src_lang: str,
+    tgt_lang: str,
+    budget_kind: str,
+    budget_value: float,
+    target_device: str,
+    search_iterations: int,
+    search_population: int,
+    supernet_updates: int,
+    retrain_updates: int,
+) -> str:
     """The run's params: params.yaml JSON + the UI fields + overrides, validated for every stage."""
     from automoe.stages.pipeline_params import resolve
 
+    ui = {
+        "corpus_source": corpus_source,
+        "src_lang": src_lang,
+        "tgt_lang": tgt_lang,
+        "budget_kind": budget_kind,
+        "budget_value": budget_value,
+        "target_device": target_device,
+        "search_iterations": search_iterations,
+        "search_population": search_population,
+        "supernet_updates": supernet_updates,
+        "retrain_updates": retrain_updates,
+    }
     return resolve(params, overrides, ui)

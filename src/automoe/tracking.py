@@ -315,17 +315,32 @@ def settle_champion(client, name: str, gate) -> dict[str, Any]:
         moving = best is not None and (champion is None or best.number != champion.number)
         for number, verdict in verdicts.items():
             if not (moving and number == best.number):
-                client.set_model_version_tag(name, str(number), r.GATE, verdict)
+                _retry(client.set_model_version_tag, name, str(number), r.GATE, verdict)
         if moving:
             # the new champion records its predecessor before the alias moves, and is marked
             # decided only after: a crash in between leaves it to the next decision
-            client.set_model_version_tag(name, str(best.number), r.PREVIOUS, str(champion.number) if champion else "")
-            client.set_registered_model_alias(name, r.CHAMPION, str(best.number))
-            client.set_model_version_tag(name, str(best.number), r.GATE, verdicts[best.number])
+            previous = str(champion.number) if champion else ""
+            _retry(client.set_model_version_tag, name, str(best.number), r.PREVIOUS, previous)
+            _retry(client.set_registered_model_alias, name, r.CHAMPION, str(best.number))
+            _retry(client.set_model_version_tag, name, str(best.number), r.GATE, verdicts[best.number])
             _append_history(client, name, best.number, "gate")
         if champion_version(client, name) == (best.number if best else None):
             return {"champion": best.number if best else None, "verdicts": verdicts}
     raise RuntimeError(f"{name}: the champion alias kept moving; rerun register")
+
+
+def _retry(call, *args, attempts: int = 5):
+    """Registry writes that two registrations may make at once (the same tag, the same alias):
+    a store can refuse the loser of such a race; the write is idempotent, so try again."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return call(*args)
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _append_history(client, name: str, version: int, how: str) -> None:
