@@ -305,3 +305,21 @@ def test_retrain_bad_input(prepared, tmp_path, capsys, args, needle):
     assert retrain.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and needle in err and "\n" not in err, err
+
+
+def test_smoothed_loss_equals_torch_label_smoothing():
+    from automoe.train.trainer import smoothed_nll
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g)
+    target = torch.randint(1, 11, (3, 5), generator=g)
+    target[0, 3:] = 0  # padding
+    loss, nll = smoothed_nll(logits, target, 0.1, pad_id=0)
+    want = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), target.flatten(), ignore_index=0, label_smoothing=0.1, reduction="sum"
+    )
+    want_nll = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), target.flatten(), ignore_index=0, reduction="sum"
+    )
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(nll, want_nll)

@@ -271,6 +271,11 @@ FEATURE_NAMES = (
     "decoder_ende_heads_mean",
     "decoder_ende_span_mean",
     "top_k",
+    # totals over layers: batch-1 decoding cost grows with depth x width (they cut MAPE on CPU tables)
+    "encoder_width_total",
+    "decoder_width_total",
+    "decoder_active_ffn_total",
+    "decoder_ende_span_total",
 )
 
 
@@ -298,6 +303,10 @@ def arch_features(arch: ArchConfig) -> np.ndarray:
             mean(arch.decoder_ende_heads),
             mean(arch.decoder_ende_span),
             arch.top_k,
+            arch.encoder_layers * arch.encoder_embed_dim,
+            arch.decoder_layers * arch.decoder_embed_dim,
+            arch.decoder_layers * active(arch.decoder_ffn),
+            sum(arch.decoder_ende_span),
         ],
         dtype=np.float64,
     )

@@ -122,6 +122,18 @@ def shift_right(tgt: torch.Tensor, bos_id: int, pad_id: int) -> torch.Tensor:
     return out.masked_fill(tgt == pad_id, pad_id)
 
 
+def smoothed_nll(logits: torch.Tensor, target: torch.Tensor, eps: float, pad_id: int):
+    """(label-smoothed loss, NLL), both summed over non-pad tokens, from one log-softmax:
+    (1 - eps) * NLL + eps * mean over the vocabulary of -log p (torch's label_smoothing)."""
+    lprobs = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)  # (B * T, V)
+    target = target.flatten()
+    keep = target != pad_id
+    lprobs, target = lprobs[keep], target[keep]
+    nll = -lprobs.gather(1, target[:, None]).sum()
+    smooth = -lprobs.mean(dim=-1).sum()
+    return (1.0 - eps) * nll + eps * smooth, nll
+
+
 def train(
     cfg: TrainConfig,
     model: torch.nn.Module,
@@ -190,16 +202,7 @@ def train(
                 src, tgt = (t.to(world.device) for t in train_split.collate(idx))
                 with amp:
                     logits, stats = model(src, shift_right(tgt, args.bos_id, args.pad_id), arch)
-                lprobs = F.log_softmax(logits.float(), dim=-1).view(-1, logits.shape[-1])
-                target = tgt.view(-1)
-                nll = F.nll_loss(lprobs, target, ignore_index=args.pad_id, reduction="sum")
-                loss = F.cross_entropy(
-                    logits.float().view(-1, logits.shape[-1]),
-                    target,
-                    ignore_index=args.pad_id,
-                    label_smoothing=cfg.label_smoothing,
-                    reduction="sum",
-                )
+                loss, nll = smoothed_nll(logits, tgt, cfg.label_smoothing, args.pad_id)
                 routed = [s for s in stats if s is not None]
                 aux = torch.zeros((), device=world.device)
                 if routed and (cfg.aux_loss_weight or cfg.z_loss_weight):
