@@ -206,3 +206,34 @@ def test_cli_exit_status_and_one_line_error(small_corpus, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "misaligned corpus" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_http_source_from_a_local_server(small_corpus, tmp_path, capsys):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=small_corpus)
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        sets = [f"prepare_data.paths.{s}={base}/{s}.{{lang}}" for s in ("train", "valid", "test")]
+        args = ["--out", str(tmp_path / "web"), *[a for o in paths_overrides(small_corpus) for a in ("--set", o)]]
+        args += [a for o in sets for a in ("--set", o)]
+        rc, err = run_cli(args, capsys)
+        assert rc == 0, err
+        local = tmp_path / "local"
+        assert (
+            run_cli(["--out", str(local), *[a for o in paths_overrides(small_corpus) for a in ("--set", o)]], capsys)[0]
+            == 0
+        )
+        web = PreparedData.open(tmp_path / "web").manifest
+        assert web["data_sha256"] == PreparedData.open(local).manifest["data_sha256"]
+        missing = [f"prepare_data.paths.test={base}/nope.{{lang}}"]
+        rc, err = run_cli(args + [a for o in missing for a in ("--set", o)], capsys)
+        assert rc == 2 and "nope.en: HTTP 404" in err
+    finally:
+        server.shutdown()
