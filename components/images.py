@@ -6,7 +6,6 @@ from automoe.config import PipelineConfig, load_section
 
 PIPELINE = load_section(PipelineConfig, "pipeline", Path(__file__).resolve().parents[1] / "params.yaml")
 IMAGE = PIPELINE.image_for("")  # the CPU image
-GPU_IMAGE = f"{PIPELINE.image}:{PIPELINE.image_tag}-cuda"
 
 
 def image_for(stage: str) -> str:

@@ -101,10 +101,6 @@ def start_parent(run_name: str = "pipeline", tags: Mapping[str, str] | None = No
     return run.info.run_id
 
 
-def end_parent(run_id: str, status: str = "FINISHED") -> None:
-    _client().set_terminated(run_id, status)
-
-
 def end_kfp_parent(kfp_run_id: str, succeeded: bool) -> None:
     """Close the parent run that `start_parent` opened for this KFP run, if any."""
     client = _client()
@@ -171,10 +167,6 @@ class StageRun:
                 f"MLflow at {_redact(tracking_uri())}: could not store artifact {Path(path).name} "
                 f"({reason}); the stage's local output is kept"
             ) from None
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        for key, value in (tags if self.run_id is not None else {}).items():
-            self._client.set_tag(self.run_id, key, value)
 
 
 @contextlib.contextmanager

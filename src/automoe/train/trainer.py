@@ -196,7 +196,8 @@ def train(
         opt.zero_grad(set_to_none=True)
         sums = np.zeros(3)  # loss, nll, aux (token-weighted)
         loads: dict[str, float] = {}
-        for arch in archs_for_update(update):
+        archs = archs_for_update(update)
+        for arch in archs:
             # a worker without a micro-batch still takes part, with a zero-weighted one
             for idx, weight in [(b, 1.0) for b in mine] or [(batches[0], 0.0)]:
                 src, tgt = (t.to(world.device) for t in train_split.collate(idx))
@@ -220,7 +221,7 @@ def train(
         opt.step()
 
         loss_sum, nll_sum, aux_sum = world.sum(sums.tolist())
-        n_arch = len(archs_for_update(update))
+        n_arch = len(archs)
         row = {
             "update": update + 1,
             "loss": loss_sum / n_tokens / n_arch,
@@ -254,8 +255,6 @@ def train(
             )
     bar.close()
 
-    if start >= cfg.max_updates and state is not None:
-        history, valid_history, best = state["history"], state["valid"], state["best"]
     weights = _final_weights(ckpt_dir, cfg)
     summary = {
         "updates": float(cfg.max_updates),
@@ -271,10 +270,9 @@ def _sum_gradients(world: World, params: list[torch.nn.Parameter]) -> None:
     exactly as in a single process)."""
     if world.size == 1:
         return
-    used = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64, device=world.device)
-    used = torch.tensor(world.sum(used.tolist()))
+    used = world.sum([float(p.grad is not None) for p in params])
     world.sum_gradients(params)
-    for p, u in zip(params, used.tolist(), strict=True):
+    for p, u in zip(params, used, strict=True):
         if u == 0:
             p.grad = None
 
