@@ -375,3 +375,66 @@ def test_predicted_latency_search_chain(tiny_supernet, tmp_path, capsys):
         == 2
     )
     assert "trained for another search space" in capsys.readouterr().err
+
+
+def test_search_in_part_of_the_supernet_space(tiny_supernet, tmp_path, capsys):
+    """The ablation: homogeneous-expert and dense-only searches inside one supernet, at the
+    budget of the whole space's dense baseline; a space outside the supernet's is refused."""
+    import yaml
+
+    from automoe.space import ArchConfig, load_space
+
+    prep, net = tiny_supernet
+    tiny = yaml.safe_load(open(TINY_SPACE))
+    spaces = {
+        "homogeneous": dict(tiny, name="tiny-homogeneous", heterogeneous=False),
+        "dense": dict(tiny, name="tiny-dense", n_experts=[1], top_k=[1], heterogeneous=False),
+        "outside": dict(tiny, name="tiny-wide", ffn_dim=[256, 128]),
+    }
+    base = [
+        "search.population=6",
+        "search.parents=2",
+        "search.mutations=2",
+        "search.crossovers=2",
+        "search.iterations=1",
+        "search.budget.kind=gflops",
+        "search.budget.value=0.7",
+        "search.valid_sentences=20",
+        "search.random_baseline=false",
+    ]
+    results = {}
+    for name, space in spaces.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(space))
+        out = tmp_path / name
+        sets = [*base, f"search.space={path}"]
+        argv = [
+            "--data",
+            str(prep),
+            "--supernet",
+            str(net),
+            "--out",
+            str(out),
+            *[a for s in sets for a in ("--set", s)],
+        ]
+        results[name] = (search.main(argv), capsys.readouterr().err, out)
+    whole = load_space(TINY_SPACE)
+    for name in ("homogeneous", "dense"):
+        rc, err, out = results[name]
+        assert rc == 0, err
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["dense_cost"] == pytest.approx(count_gflops(whole.largest_dense(), net))
+        best = ArchConfig.from_yaml(out / "best_arch.yaml")
+        best.validate(load_space(tmp_path / f"{name}.yaml"))
+        assert best.is_dense if name == "dense" else all(len(set(e)) == 1 for e in best.encoder_ffn + best.decoder_ffn)
+    rc, err, out = results["outside"]
+    assert rc == 2 and "search.space: ffn_dim choices [256] are not in the supernet's space 'tiny'" in err
+    assert not (out / "best_arch.yaml").exists()
+
+
+def count_gflops(arch, supernet_path) -> float:
+    from automoe.model.counting import count
+    from automoe.model.supernet import SuperTransformer
+
+    net, _ = SuperTransformer.load(supernet_path)
+    return count(arch, net.args.vocab_size, net.space.qkv_dim).gflops

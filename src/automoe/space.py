@@ -71,6 +71,19 @@ class SearchSpace:
         """A hash of the space's content: predictors and checkpoints refuse another space."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
+    def check_subspace_of(self, outer: SearchSpace, what: str) -> None:
+        """Refuse a space with an arch `outer` cannot run (a search restricted to part of a
+        supernet's space: homogeneous experts, dense layers only)."""
+        if self.qkv_dim != outer.qkv_dim:
+            raise ConfigError(f"{what}: qkv_dim {self.qkv_dim} differs from the supernet's {outer.qkv_dim}")
+        if self.heterogeneous and not outer.heterogeneous:
+            raise ConfigError(f"{what}: heterogeneous experts, but the supernet's space {outer.name!r} is homogeneous")
+        for f in dataclasses.fields(self):
+            inner = getattr(self, f.name)
+            if isinstance(inner, tuple) and not set(inner) <= set(getattr(outer, f.name)):
+                extra = sorted(set(inner) - set(getattr(outer, f.name)))
+                raise ConfigError(f"{what}: {f.name} choices {extra} are not in the supernet's space {outer.name!r}")
+
     # -- extremes ---------------------------------------------------------------
 
     def largest(self) -> ArchConfig:

@@ -30,7 +30,7 @@ from automoe.model.supernet import SuperTransformer
 from automoe.plots import figure
 from automoe.search.evolution import Candidate, EvolutionConfig, evolve, key, random_search
 from automoe.search.pareto import pareto_front
-from automoe.space import ArchConfig
+from automoe.space import ArchConfig, load_space
 from automoe.stages._cli import artifact_file, cli_run, component_run, guarded, html_images, stage_parser
 from automoe.train.trainer import shift_right
 
@@ -64,6 +64,7 @@ class SearchConfig:
     random_baseline: bool = True
     seed: int = 1
     threads: int = 2
+    space: str = ""  # "" = the supernet's space; else a preset or YAML path inside it (ablations)
 
     def evolution(self) -> EvolutionConfig:
         return EvolutionConfig(
@@ -129,9 +130,10 @@ def cost_function(cfg: SearchConfig, inputs: SearchInputs, supernet: SuperTransf
     return lambda a: m.measure(extract(supernet, a), sources, warmup=2, repeats=5).total_ms
 
 
-def absolute_budget(cfg: SearchConfig, cost, space) -> tuple[float, float, float]:
-    """(budget, cost of the largest dense arch, lowest cost seen in the space)."""
-    dense = cost(space.largest_dense())
+def absolute_budget(cfg: SearchConfig, cost, space, baseline_space=None) -> tuple[float, float, float]:
+    """(budget, cost of the largest dense arch of `baseline_space` (default: `space`), lowest
+    cost seen in `space`)."""
+    dense = cost((baseline_space or space).largest_dense())
     rng = np.random.default_rng([cfg.seed, 7])
     floor = min([cost(space.smallest())] + [cost(space.sample(rng)) for _ in range(100)])
     budget = cfg.budget.value * dense if cfg.budget.relative_to_dense else cfg.budget.value
@@ -150,8 +152,11 @@ def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, flo
     supernet, vocab = SuperTransformer.load(artifact_file(inputs.supernet, "supernet.pt"))
     data.check_vocab(vocab, str(inputs.supernet))
     space = supernet.space
+    if cfg.space:  # search part of the supernet's space; the budget stays relative to its dense baseline
+        space = load_space(cfg.space)
+        space.check_subspace_of(supernet.space, "search.space")
     cost = cost_function(cfg, inputs, supernet, data)
-    budget, dense_cost, floor = absolute_budget(cfg, cost, space)
+    budget, dense_cost, floor = absolute_budget(cfg, cost, space, supernet.space)
     fitness = ValidLoss(supernet, data, cfg.valid_sentences, cfg.max_tokens)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=cfg.iterations, desc=NAME, mininterval=5.0) as bar:
