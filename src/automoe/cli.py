@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": "automoe.stages.evaluate",
     "register": "automoe.stages.register",
     "merge_latency": "automoe.stages.measure_latency:merge_cli",
+    "export_ct2": "automoe.ct2:main",
     "translate": "automoe.ops:translate",
     "promote": "automoe.ops:promote",
     "rollback": "automoe.ops:rollback",

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from automoe import ct2
 from automoe.stages._cli import guarded
 
 
@@ -14,7 +15,9 @@ def translate(argv: list[str] | None = None) -> None:
     """translate: lines on stdin -> translations on stdout."""
     parser = argparse.ArgumentParser(prog="automoe translate", description=translate.__doc__)
     parser.add_argument(
-        "--model", required=True, help="models:/NAME@ALIAS (MLflow registry) or a retrain output folder"
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS (MLflow registry), a retrain output folder or a CTranslate2 export",
     )
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--batch-lines", type=int, default=256, help="lines translated together")
@@ -26,6 +29,8 @@ def translate(argv: list[str] | None = None) -> None:
 
         def run(lines: list[str]) -> list[str]:
             return list(model.predict(list(lines)))
+    elif ct2.is_ct2_folder(args.model):  # a CTranslate2 export (automoe export_ct2)
+        run = ct2.Ct2Translator(args.model, ct2.Ct2Decode(beam=args.beam)).translate
     else:
         from automoe.serving import DecodeConfig, Translator
 

@@ -20,6 +20,7 @@ from automoe.data.corpus import EOS, SPM_FILE
 from automoe.data.dataset import pad
 from automoe.errors import AutomoeError
 from automoe.model.decode import beam_search
+from automoe.model.inference import for_inference
 from automoe.model.subnet import SubTransformer
 
 MODEL_FILE = "model.pt"
@@ -43,7 +44,7 @@ class Translator:
         decode: DecodeConfig | None = None,
         vocab: dict | None = None,
     ):
-        self.model, self.sp, self.decode = model.eval(), sp, decode or DecodeConfig()
+        self.model, self.sp, self.decode = for_inference(model), sp, decode or DecodeConfig()  # packed on CPU
         self.vocab = dict(vocab or {})  # what the model was trained with (SentencePiece hash, languages)
 
     @classmethod

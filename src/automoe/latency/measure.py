@@ -20,6 +20,7 @@ import torch
 
 from automoe.data.corpus import EOS
 from automoe.data.dataset import ParallelSplit
+from automoe.model.inference import for_inference
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def measure(
 ) -> Latency:
     """Encoder and decoder time of `model` (a compact SubTransformer) for batch-1 sources;
     run r uses source r % len(sources)."""
-    model.eval()
+    model = for_inference(model)  # the serving layout (oneDNN-packed weights on CPU)
     device = next(model.parameters()).device
     bos = model.args.bos_id
     enc_times, dec_times = [], []
@@ -100,7 +101,7 @@ def measure(
         for _ in range(steps):
             logits, cache = model.decode(tokens, enc, None, cache)
             tokens = logits[:, -1].argmax(-1, keepdim=True)
-            cache = cache.reorder(order)
+            cache = cache.reorder(order, same_sources=True)
         t2 = _now(device)
         if run >= warmup:
             enc_times.append((t1 - t0) * 1e3)

@@ -24,6 +24,10 @@ class Attention(nn.Module):
         """(B, S, d_kv) -> keys and values (B, H, S, Dh)."""
         return split_heads(self.k_proj(kv_input), heads), split_heads(self.v_proj(kv_input), heads)
 
+    def project_qkv(self, x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention: (B, T, d) -> queries, keys and values, each (B, H, T, Dh)."""
+        return (split_heads(self.q_proj(x), heads), *self.project_kv(x, heads))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -35,9 +39,20 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, d) attends to projected keys/values; mask (B, 1, 1, S) is True where allowed."""
         q = split_heads(self.q_proj(x), heads)  # (B, H, T, Dh)
-        k, v = kv
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        return self.out_proj(merge_heads(out), x.shape[-1])
+        return self.attend(q, kv, x.shape[-1], mask, causal, dropout)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        kv: KV,
+        out_dim: int,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        dropout: float = 0.0,
+    ) -> torch.Tensor:
+        """Projected queries (B, H, T, Dh) and keys/values -> (B, T, out_dim)."""
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        return self.out_proj(merge_heads(out), out_dim)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

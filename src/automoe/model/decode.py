@@ -78,16 +78,18 @@ def beam_search(
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     base = (torch.arange(batch, device=device) * beam)[:, None]  # (B, 1)
+    never = torch.tensor([args.pad_id, args.bos_id], device=device)
+    first_limit = int(limits.min())
     cache = None
     for step in range(int(limits.max()) + 1):
         logits, cache = model.decode(tokens[:, -1:], enc, arch, cache)
-        lprobs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B * beam, V)
-        lprobs[:, [args.pad_id, args.bos_id]] = -torch.inf
+        lprobs = F.log_softmax(logits[:, -1].float(), dim=-1).index_fill_(1, never, -torch.inf)  # (B * beam, V)
         if step < min_len:
             lprobs[:, args.eos_id] = -torch.inf
-        at_limit = step >= limits
-        lprobs[at_limit] = -torch.inf
-        lprobs[at_limit, args.eos_id] = 0.0
+        if step >= first_limit:
+            at_limit = step >= limits
+            lprobs[at_limit] = -torch.inf
+            lprobs[at_limit, args.eos_id] = 0.0
         vocab = lprobs.shape[-1]
         cand = (scores.view(-1, 1) + lprobs).view(batch, beam * vocab)
         top_scores, top_idx = cand.topk(2 * beam, dim=1)  # (B, 2 * beam)
@@ -96,13 +98,15 @@ def beam_search(
 
         # hypotheses ending here: EOS among the first `beam` candidates of unfinished sentences
         ends = is_eos & (torch.arange(2 * beam, device=device) < beam) & ~done[:, None]
-        for b, j in ends.nonzero().tolist():
+        ended = ends.nonzero().tolist()
+        for b, j in ended:
             if len(finished[b]) < beam:
                 prefix = tokens[base[b, 0] + top_beam[b, j], 1:].tolist()
                 finished[b].append(Hypothesis(prefix, float(top_scores[b, j]) / (step + 1) ** length_penalty))
-        done |= torch.tensor([len(f) >= beam for f in finished], device=device)
-        if bool(done.all()):
-            break
+        if ended:
+            done |= torch.tensor([len(f) >= beam for f in finished], device=device)
+            if bool(done.all()):
+                break
 
         # continue with the best `beam` candidates that are not EOS
         rank = (is_eos | ~torch.isfinite(top_scores)).long() * (2 * beam) + torch.arange(2 * beam, device=device)
@@ -111,5 +115,5 @@ def beam_search(
         scores = torch.where(top_tok.gather(1, keep) == args.eos_id, -torch.inf, scores)
         origin = (base + top_beam.gather(1, keep)).view(-1)  # (B * beam,) rows to continue from
         tokens = torch.cat([tokens[origin], top_tok.gather(1, keep).view(-1, 1)], dim=1)
-        cache = cache.reorder(origin)
+        cache = cache.reorder(origin, same_sources=True)
     return [max(f, key=lambda h: h.score) for f in finished]

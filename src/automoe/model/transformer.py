@@ -57,11 +57,20 @@ class DecoderCache:
     ende_kv: tuple[KV, ...]
     length: int  # target tokens already decoded
 
-    def reorder(self, index: torch.Tensor) -> DecoderCache:
+    def reorder(self, index: torch.Tensor, same_sources: bool = False) -> DecoderCache:
+        """Row i continues row index[i]. With `same_sources` (beam search: every row moves
+        within its own sentence's beams) the encoder keys/values are already right."""
+
         def pick(kv: KV) -> KV:
             return kv[0].index_select(0, index), kv[1].index_select(0, index)
 
-        return DecoderCache(tuple(map(pick, self.self_kv)), tuple(map(pick, self.ende_kv)), self.length)
+        ende = self.ende_kv if same_sources else tuple(map(pick, self.ende_kv))
+        return DecoderCache(tuple(map(pick, self.self_kv)), ende, self.length)
+
+
+def _drop(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout that costs nothing at inference (decoding runs this per layer per step)."""
+    return F.dropout(x, p, training) if training and p > 0 else x
 
 
 class EncoderLayer(nn.Module):
@@ -73,10 +82,11 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = ElasticLayerNorm(dim=embed_dim)
 
     def forward(self, x, mask, heads, experts, top_k, p, p_attn, capacity_factor=None):
-        h = self.self_attn(x, self.self_attn.project_kv(x, heads), heads, mask, dropout=p_attn)
-        x = self.self_attn_norm(x + F.dropout(h, p, self.training))
+        q, k, v = self.self_attn.project_qkv(x, heads)
+        h = self.self_attn.attend(q, (k, v), x.shape[-1], mask, dropout=p_attn)
+        x = self.self_attn_norm(x + _drop(h, p, self.training))
         h, stats = self.moe(x, experts, top_k, capacity_factor=capacity_factor)
-        return self.ffn_norm(x + F.dropout(h, p, self.training)), stats
+        return self.ffn_norm(x + _drop(h, p, self.training)), stats
 
 
 class DecoderLayer(nn.Module):
@@ -93,18 +103,18 @@ class DecoderLayer(nn.Module):
         self, x, past_kv, ende_kv, ende_mask, heads, ende_heads, experts, top_k, p, p_attn, capacity_factor=None
     ):
         """x (B, t, d) new target positions; past_kv the cached keys/values of earlier ones."""
-        k, v = self.self_attn.project_kv(x, heads)
+        q, k, v = self.self_attn.project_qkv(x, heads)
         if past_kv is not None:
             if x.shape[1] != 1:
                 raise ValueError("incremental decoding takes one new token per step")
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)  # (B, H, T, Dh)
         causal = past_kv is None and x.shape[1] > 1  # a single new token sees every cached one
-        h = self.self_attn(x, (k, v), heads, causal=causal, dropout=p_attn)
-        x = self.self_attn_norm(x + F.dropout(h, p, self.training))
+        h = self.self_attn.attend(q, (k, v), x.shape[-1], causal=causal, dropout=p_attn)
+        x = self.self_attn_norm(x + _drop(h, p, self.training))
         h = self.ende_attn(x, ende_kv, ende_heads, ende_mask, dropout=p_attn)
-        x = self.ende_attn_norm(x + F.dropout(h, p, self.training))
+        x = self.ende_attn_norm(x + _drop(h, p, self.training))
         h, stats = self.moe(x, experts, top_k, capacity_factor=capacity_factor)
-        return self.ffn_norm(x + F.dropout(h, p, self.training)), (k, v), stats
+        return self.ffn_norm(x + _drop(h, p, self.training)), (k, v), stats
 
 
 class Transformer(nn.Module):
@@ -132,7 +142,7 @@ class Transformer(nn.Module):
         d = arch.encoder_embed_dim
         p, p_attn = self._dropouts(d)
         mask = padding_mask(src, self.args.pad_id)
-        x = F.dropout(self.embed(src, d), p, self.training)
+        x = _drop(self.embed(src, d), p, self.training)
         states, stats = [], []
         for i in range(arch.encoder_layers):
             x, s = self.encoder[i](
@@ -154,7 +164,7 @@ class Transformer(nn.Module):
         d = arch.decoder_embed_dim
         p, p_attn = self._dropouts(d)
         start = 0 if cache is None else cache.length
-        x = F.dropout(self.embed.embed(tgt, d, start), p, self.training)
+        x = _drop(self.embed.embed(tgt, d, start), p, self.training)
         self_kv, ende_kv, stats = [], [], []
         for i in range(arch.decoder_layers):
             span, heads = arch.decoder_ende_span[i], arch.decoder_ende_heads[i]
@@ -163,7 +173,7 @@ class Transformer(nn.Module):
                 kv = self.decoder[i].ende_attn.project_kv(memory, heads)
             else:
                 kv = cache.ende_kv[i]
-            ende_mask = enc.mask.repeat(1, 1, 1, span)  # (B, 1, 1, span * S)
+            ende_mask = enc.mask if span == 1 else enc.mask.repeat(1, 1, 1, span)  # (B, 1, 1, span * S)
             past = None if cache is None else cache.self_kv[i]
             x, new_kv, s = self.decoder[i](
                 x,

@@ -1,0 +1,218 @@
+"""The CPU serving layout (oneDNN-packed weights) and the CTranslate2 export of dense models."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import subprocess_env
+
+from automoe import ct2
+from automoe.errors import AutomoeError
+from automoe.model.decode import beam_search, greedy
+from automoe.model.inference import PackedLinear, available, for_inference
+from automoe.model.subnet import SubTransformer, extract
+from automoe.model.supernet import SuperTransformer
+from automoe.model.transformer import ModelArgs
+from automoe.space import ArchConfig, load_space
+from automoe.stages import prepare_data
+from automoe.train.trainer import shift_right
+
+VOCAB = 64
+needs_onednn = pytest.mark.skipif(not available(torch.nn.Linear(1, 1)), reason="oneDNN is not available")
+
+
+def dense_arch(d=64, enc=2, dec=2, ffn=128, heads=4) -> ArchConfig:
+    return ArchConfig(
+        encoder_embed_dim=d,
+        decoder_embed_dim=d,
+        encoder_ffn=((ffn,),) * enc,
+        decoder_ffn=((ffn,),) * dec,
+        encoder_self_heads=(heads,) * enc,
+        decoder_self_heads=(heads,) * dec,
+        decoder_ende_heads=(heads,) * dec,
+        decoder_ende_span=(1,) * dec,
+    )
+
+
+def make(arch: ArchConfig, vocab: int = VOCAB, seed: int = 0) -> SubTransformer:
+    torch.manual_seed(seed)
+    return SubTransformer(arch=arch, args=ModelArgs(vocab_size=vocab, qkv_dim=64, max_embed_dim=64)).eval()
+
+
+def sources(seed: int, b: int = 3, s: int = 9, vocab: int = VOCAB) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab, (b, s), generator=g)
+    src[:, -1] = 3
+    src[0, -3:] = 0  # padding
+    src[0, -4] = 3
+    return src
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A dense model and heterogeneous-MoE compact models (top-1 and top-2) of the small space."""
+    space = load_space("small")
+    torch.manual_seed(1)
+    net = SuperTransformer(space=space, args=ModelArgs(vocab_size=VOCAB, qkv_dim=space.qkv_dim, max_embed_dim=256))
+    rng = np.random.default_rng(3)
+    archs = [a for a in (space.sample(rng) for _ in range(20)) if not a.is_dense][:2]
+    return [make(dense_arch())] + [extract(net.eval(), a) for a in archs]
+
+
+@needs_onednn
+def test_packed_model_equals_the_original(models):
+    for model in models:
+        packed = for_inference(model)
+        assert packed is not model and for_inference(packed) is packed
+        assert not any(isinstance(m, PackedLinear) for m in model.modules())  # the original is untouched
+        src = sources(1)
+        tgt = shift_right(sources(2, s=7), 2, 0)
+        torch.testing.assert_close(packed(src, tgt)[0], model(src, tgt)[0], rtol=1e-4, atol=1e-4)
+        enc_a, enc_b, ca, cb = model.encode(src), packed.encode(src), None, None
+        for t in range(tgt.shape[1]):  # incremental decoding, cache included
+            la, ca = model.decode(tgt[:, t : t + 1], enc_a, None, ca)
+            lb, cb = packed.decode(tgt[:, t : t + 1], enc_b, None, cb)
+            torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+        a, b = beam_search(model, src, beam=4), beam_search(packed, src, beam=4)
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-4)
+
+
+@needs_onednn
+def test_packed_layers_run_at_full_size_only(models):
+    packed = for_inference(models[0])
+    layer = next(m for m in packed.modules() if isinstance(m, PackedLinear))
+    with pytest.raises(ValueError, match="full size only"):
+        layer(torch.zeros(2, layer.in_features), layer.out_features - 1)
+
+
+# -- CTranslate2 -----------------------------------------------------------------------------
+
+
+def ct2_model(model: SubTransformer, folder, pieces):
+    import ctranslate2
+
+    spec = ct2.build_spec(model, pieces)
+
+    class Converter(ctranslate2.converters.Converter):
+        def _load(self):
+            return spec
+
+    Converter().convert(str(folder), force=True)
+    return ctranslate2.Translator(str(folder), device="cpu", intra_threads=1)
+
+
+PIECES = ["<pad>", "<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(4, VOCAB)]
+
+
+@pytest.mark.parametrize("arch", [dense_arch(), dense_arch(enc=1, dec=3, ffn=96, heads=2)])
+def test_ctranslate2_export_scores_and_translates_like_ours(arch, tmp_path):
+    model = make(arch, seed=4)
+    translator = ct2_model(model, tmp_path / "ct2", PIECES)
+    src = sources(5)
+    tgt = sources(6, s=6)[:, :-1].clamp(min=4)
+    full = torch.cat([tgt, torch.full((3, 1), 3)], 1)  # the target and its EOS
+    with torch.no_grad():
+        logits, _ = model(src, shift_right(full, 2, 0))
+    ours = logits.log_softmax(-1).gather(-1, full[..., None])[..., 0].numpy()
+    rows = [[PIECES[i] for i in row if i != 0] for row in src.tolist()]
+    theirs = translator.score_batch(rows, [[PIECES[i] for i in row] for row in tgt.tolist()])
+    np.testing.assert_allclose(np.array([r.log_probs for r in theirs]), ours, atol=1e-4)
+    out = translator.translate_batch(rows, beam_size=1, max_decoding_length=12)
+    expected = greedy(model, src, max_len_a=0.0, max_len_b=12)
+    assert [
+        [PIECES.index(p) for p in r.hypotheses[0]][: len(e)] for r, e in zip(out, expected, strict=True)
+    ] == expected
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"encoder_ffn": ((128, 64),) * 2}, "Mixture-of-Experts"),
+        ({"decoder_ende_span": (1, 2)}, "ende_span > 1"),
+        ({"decoder_embed_dim": 32}, "widths"),
+        ({"decoder_self_heads": (4, 2)}, "head counts"),
+    ],
+)
+def test_ctranslate2_export_refuses_what_it_cannot_run(change, reason):
+    import dataclasses
+
+    arch = dataclasses.replace(dense_arch(), **change)
+    with pytest.raises(AutomoeError, match=reason):
+        ct2.check_exportable(arch, 64)
+
+
+@pytest.fixture(scope="module")
+def model_folder(multi30k, tmp_path_factory):
+    """A retrain-style folder (model.pt + spm.model) of a dense model over a real vocabulary."""
+    root = tmp_path_factory.mktemp("ct2")
+    prep = root / "prepared"
+    sets = ["max_train_pairs=300", "vocab_size=300", f"mirror={multi30k}"]
+    assert prepare_data.main(["--out", str(prep), *[a for s in sets for a in ("--set", f"prepare_data.{s}")]]) == 0
+    from automoe.data.dataset import PreparedData
+
+    data = PreparedData.open(prep)
+    folder = root / "dense"
+    folder.mkdir()
+    make(dense_arch(), vocab=300, seed=7).save(folder / "model.pt", vocab=data.vocab_info())
+    shutil.copyfile(prep / "spm.model", folder / "spm.model")
+    return folder
+
+
+def test_export_cli_writes_a_folder_that_translates_without_torch(model_folder, tmp_path):
+    out = tmp_path / "ct2"
+    cmd = [sys.executable, "-m", "automoe.cli", "export_ct2", "--model", str(model_folder), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    assert ct2.is_ct2_folder(out) and (out / "spm.model").is_file()
+    assert json.loads((out / ct2.META_FILE).read_text())["arch"]["decoder_ende_span"] == [1, 1]
+    lines = ["A man rides a bike.", "Two dogs play in the snow."]
+    code = (
+        "import sys, json; from automoe.ct2 import Ct2Translator, Ct2Decode; "
+        f"t = Ct2Translator({str(out)!r}, Ct2Decode(beam=1, max_batch_size=1), threads=1); "
+        f"print(json.dumps(t.translate({lines!r}))); assert 'torch' not in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    theirs = json.loads(proc.stdout)
+    from automoe.serving import DecodeConfig, Translator
+
+    ours = Translator.from_folder(model_folder, DecodeConfig(beam=1, max_tokens=1))  # one sentence per batch
+    assert theirs == ours.translate(lines)
+    # `automoe translate` serves the export too
+    proc = subprocess.run(
+        [sys.executable, "-m", "automoe.cli", "translate", "--model", str(out), "--beam", "1"],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 2
+
+
+def test_export_cli_refuses_a_moe_model_without_output(model_folder, tmp_path):
+    moe = tmp_path / "moe"
+    moe.mkdir()
+    arch = dense_arch()
+    import dataclasses
+
+    make(dataclasses.replace(arch, decoder_ffn=((128, 64),) * 2), vocab=300).save(moe / "model.pt")
+    shutil.copyfile(model_folder / "spm.model", moe / "spm.model")
+    out = tmp_path / "ct2"
+    cmd = [sys.executable, "-m", "automoe.cli", "export_ct2", "--model", str(moe), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 2 and proc.stderr.startswith("error: CTranslate2 export:")
+    assert "Mixture-of-Experts" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+    proc = subprocess.run(
+        [sys.executable, "-m", "automoe.cli", "export_ct2", "--model", str(tmp_path / "none"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert proc.returncode == 2 and "no model.pt here" in proc.stderr and not out.exists()
