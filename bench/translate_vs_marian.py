@@ -14,6 +14,7 @@ import torch
 from common import interleaved, report, setup
 
 from automoe.model.decode import beam_search
+from automoe.model.inference import for_inference
 from automoe.model.subnet import SubTransformer
 from automoe.model.transformer import ModelArgs
 from automoe.space import ArchConfig
@@ -70,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     setup()
     torch.manual_seed(0)
-    model, hf = ours(), marian()
+    model, hf = for_inference(ours()), marian()  # ours in its serving layout, as Translator runs it
     src = torch.randint(4, VOCAB, (args.batch, args.src_len))
     src[:, -1] = 3
     n = args.new_tokens
