@@ -96,9 +96,8 @@ def plots(out: Path, models: dict[str, dict], figures: Path) -> None:
                     rows += list(csv.DictReader(open(s / f)))
             ax.scatter([float(r["cost"]) for r in rows], [float(r["fitness"]) for r in rows], s=8, alpha=0.4)
             front = list(csv.DictReader(open(s / "pareto.csv")))
-            ax.plot(
-                [float(r["cost"]) for r in front], [float(r["fitness"]) for r in front], "o-", ms=3, label=VARIANTS[name][0]
-            )
+            xs, ys = [float(r["cost"]) for r in front], [float(r["fitness"]) for r in front]
+            ax.plot(xs, ys, "o-", ms=3, label=VARIANTS[name][0])
             budget = json.loads((s / "metrics.json").read_text())["budget"]
         if budget:
             ax.axvline(budget, color="red", ls="--", label="latency budget (25% of dense)")
