@@ -60,6 +60,7 @@ def main() -> None:
             f"{name}_op_calls_per_decode": calls,
             f"{name}_non_gemm_ms": wall * (1 - gemm / total),
         }
+    rows["speedup_serving_over_plain"] = rows["plain_ms"] / rows["serving_ms"]
     report("profile_decode", rows, args.json)
 
 

@@ -20,6 +20,7 @@ BENCHES = {
     "supernet_vs_compact": ("throughput_ratio_supernet_over_compact", ">= 0.90", "supernet / compact training step"),
     "translate_vs_marian": ("speedup_ours_over_marian", ">= 2.0", "beam-4 batch-32 translation vs MarianMT"),
     "ct2_latency": ("slowdown_ours_over_ct2", "<= 2.0", "batch-1 beam-5 latency / CTranslate2 (same weights)"),
+    "profile_decode": ("speedup_serving_over_plain", "(info)", "batch-1 decoding: serving layout vs plain eager"),
 }
 
 

@@ -91,7 +91,7 @@ def beam_search(
             lprobs[at_limit] = -torch.inf
             lprobs[at_limit, args.eos_id] = 0.0
         vocab = lprobs.shape[-1]
-        cand = (scores.view(-1, 1) + lprobs).view(batch, beam * vocab)
+        cand = lprobs.add_(scores.view(-1, 1)).view(batch, beam * vocab)  # in place: no (B * beam, V) allocation
         top_scores, top_idx = cand.topk(2 * beam, dim=1)  # (B, 2 * beam)
         top_beam, top_tok = top_idx // vocab, top_idx % vocab
         is_eos = (top_tok == args.eos_id) & torch.isfinite(top_scores)
