@@ -23,7 +23,7 @@ VARIANTS = {  # retrain folder -> (label, evaluate folder, key prefix in its met
     "dense_search": ("dense-only search (HAT-style)", "dense_search", "searched"),
     "dense": ("dense baseline (largest dense)", "heterogeneous", "dense"),
 }
-SEARCHES = {"heterogeneous": "heterogeneous", "homogeneous": "homogeneous", "dense_search": "dense"}
+SEARCHES = {"heterogeneous": "heterogeneous", "homogeneous": "homogeneous", "dense_search": "dense_search"}
 
 
 def load(out: Path) -> dict[str, dict]:
