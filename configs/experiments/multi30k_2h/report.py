@@ -81,6 +81,7 @@ def plots(out: Path, models: dict[str, dict], figures: Path) -> None:
         for m in models.values():
             ax.scatter([m["latency_ms"]], [m["bleu"]], s=60)
             ax.annotate(m["label"], (m["latency_ms"], m["bleu"]), textcoords="offset points", xytext=(5, 5))
+        ax.set_xlim(0, 1.6 * max(m["latency_ms"] for m in models.values()))  # room for the labels
         ax.set_xlabel("latency (ms, batch 1, beam 5, 30+30 tokens)")
         ax.set_ylabel("BLEU (test2016, beam 4)")
         ax.grid(alpha=0.3)
@@ -112,7 +113,7 @@ def plots(out: Path, models: dict[str, dict], figures: Path) -> None:
                 rows = read_valid_history(path)
                 key = [k for k in rows[0] if k != "update"][0]
                 ax.plot([r["update"] for r in rows], [r[key] for r in rows], "o-", label=VARIANTS[name][0])
-        ax.set_xlabel("update (4,096 target tokens each)")
+        ax.set_xlabel("update (at least 4,096 target tokens each)")
         ax.set_ylabel("validation NLL per token")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -138,7 +139,7 @@ def main() -> None:
         print("## Stage wall times\n\n| step | seconds |\n|---|---|")
         print("\n".join(f"| {a} | {int(b)} |" for a, b in rows))
         print(f"| **total** | **{sum(int(b) for _, b in rows)}** ({sum(int(b) for _, b in rows) / 60:.0f} min) |\n")
-    fp = out / "latency" / "fingerprint.json"
+    fp = out / "latency" / "hardware.json"
     if fp.is_file():
         print(f"hardware: `{fp.read_text().strip()}`")
     plots(out, models, args.figures)
