@@ -3,15 +3,15 @@
 `export(folder, out)` converts a retrain output folder holding a dense SubTransformer
 (one expert per FFN) into a CTranslate2 Transformer model folder (`model.bin`,
 `config.json`, the shared vocabulary) plus the SentencePiece model and `automoe.json`
-(arch, decode settings' defaults, source model hash). The layout maps one to one:
+(arch, vocabulary info, source model hash, pad/EOS ids). The layout maps one to one:
 post-LayerNorm layers, ReLU FFN, sqrt(d)-scaled embeddings tied to the output
 projection, and our sinusoidal table stored as the position encodings.
 
 CTranslate2 runs a standard Transformer, so an arch exports when it is dense, has one
 width for encoder, decoder and q/k/v, one head count per stack, and every decoder layer
 attends to the last encoder layer only (ende_span 1); anything else is refused with the
-reason. `Ct2Translator` imports neither torch nor the model code: CTranslate2 in a
-process without torch runs 1.3-6.6x faster on these CPUs (measured, see BENCHMARKS.md).
+reason. `Ct2Translator` imports neither torch nor the model code: torch loaded in the
+same process slows CTranslate2 down on these CPUs, so serving and the bench keep them apart.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from automoe.data.corpus import SPM_FILE
 from automoe.errors import AutomoeError
 
 META_FILE = "automoe.json"
-SPM_FILE = "spm.model"  # as automoe.data.corpus.SPM_FILE (not imported: that module needs numpy only, keep it light)
 MAX_POSITIONS = 1024
 
 
 def check_exportable(arch, qkv_dim: int) -> None:
-    """Raise AutomoeError naming the first thing CTranslate2's Transformer cannot run."""
+    """Raise AutomoeError naming everything in `arch` that CTranslate2's Transformer cannot run."""
     reasons = []
     if not arch.is_dense:
         reasons.append("it has Mixture-of-Experts layers (CTranslate2 runs dense FFNs only)")
@@ -72,9 +72,9 @@ def build_spec(model, pieces: list[str]):
     def t(x: torch.Tensor) -> np.ndarray:
         return x.detach().float().contiguous().numpy().copy()
 
-    def linear(dst, src, bias: bool = True) -> None:
+    def linear(dst, src) -> None:
         dst.weight = t(src.weight)
-        if bias and src.bias is not None:
+        if src.bias is not None:
             dst.bias = t(src.bias)
 
     def fused(dst, *srcs) -> None:

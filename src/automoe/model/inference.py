@@ -3,7 +3,7 @@
 Incremental decoding multiplies a few rows (beam x batch) by every weight matrix at every
 step. For such small products PyTorch's default CPU GEMM (MKL in the official wheels)
 is slow on these AMD CPUs: oneDNN with the weight reordered once into its blocked layout
-ran the same products 2-5x faster here (bench/ct2_latency.py shows the effect on whole
+ran the same products 2-5x faster here (bench/profile_decode.py shows the effect on whole
 decoding). `for_inference(model)` returns a copy of a compact SubTransformer whose linear
 layers and tied output projection run that way, with the expert's ReLU fused into its
 first layer; outputs equal the original's to fp32 rounding (tests/test_model.py).
