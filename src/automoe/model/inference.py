@@ -6,7 +6,7 @@ is slow on these AMD CPUs: oneDNN with the weight reordered once into its blocke
 ran the same products 2-5x faster here (bench/profile_decode.py shows the effect on whole
 decoding). `for_inference(model)` returns a copy of a compact SubTransformer whose linear
 layers and tied output projection run that way, with the expert's ReLU fused into its
-first layer; outputs equal the original's to fp32 rounding (tests/test_model.py).
+first layer; outputs equal the original's to fp32 rounding (tests/test_inference.py).
 
 Inference only: the copy has no gradients and is not for saving. Where oneDNN is not
 available or the model is not on the CPU, the model comes back as it is.
