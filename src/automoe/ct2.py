@@ -178,7 +178,7 @@ class Ct2Decode:
     length_penalty: float = 0.6
     max_len_a: float = 1.2  # max target length = a * source length + b, as our beam search
     max_len_b: int = 10
-    max_batch_size: int = 32
+    max_batch_size: int = 32  # sentences per call: the length limit follows each call's longest source
     max_source_len: int = 256
 
 
@@ -209,7 +209,6 @@ class Ct2Translator:
                 beam_size=d.beam,
                 length_penalty=d.length_penalty,
                 max_decoding_length=limit,
-                max_batch_size=d.max_batch_size,
             )
             out += [r.hypotheses[0] for r in results]
         return out

@@ -65,26 +65,26 @@ class PackedExpert(nn.Module):
 
 
 class PackedAttention(nn.Module):
-    """Attention with q/k/v (self) or k/v (encoder-decoder) fused into one packed product."""
+    """Self-attention with q/k/v fused into one packed product; encoder-decoder attention
+    with its query and its k/v (fused) packed."""
 
-    def __init__(self, attn: Attention):
+    def __init__(self, attn: Attention, self_attention: bool):
         super().__init__()
-        self.q_proj, self.out_proj = PackedLinear(attn.q_proj), PackedLinear(attn.out_proj)
-        self.kv = _fused(attn.k_proj, attn.v_proj)
-        same_input = attn.q_proj.weight.shape[1] == attn.k_proj.weight.shape[1]  # self-attention
-        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj) if same_input else None
+        self.out_proj = PackedLinear(attn.out_proj)
+        if self_attention:
+            self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj)
+        else:
+            self.q_proj, self.kv = PackedLinear(attn.q_proj), _fused(attn.k_proj, attn.v_proj)
+
+    def project_qkv(self, x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, T, 3 * qkv) -> 3 x (B, T, qkv)
+        return split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
 
     def project_kv(self, kv_input: torch.Tensor, heads: int) -> KV:
         k, v = self.kv(kv_input).chunk(2, dim=-1)  # (B, S, 2 * qkv) -> 2 x (B, S, qkv)
         return split_heads(k, heads), split_heads(v, heads)
 
-    def project_qkv(self, x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv is None:
-            raise ValueError("project_qkv: not a self-attention layer")
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, T, 3 * qkv) -> 3 x (B, T, qkv)
-        return split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
-
-    forward = Attention.forward
+    forward = Attention.forward  # encoder-decoder attention: project the query, attend
     attend = Attention.attend
 
 
@@ -130,7 +130,7 @@ def for_inference(model: nn.Module) -> nn.Module:
         for parent in list(out.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, Attention):
-                    setattr(parent, name, PackedAttention(child))
+                    setattr(parent, name, PackedAttention(child, self_attention=name == "self_attn"))
                 elif isinstance(child, Expert):
                     setattr(parent, name, PackedExpert(child))
                 elif isinstance(child, ElasticLinear):

@@ -130,10 +130,10 @@ def cost_function(cfg: SearchConfig, inputs: SearchInputs, supernet: SuperTransf
     return lambda a: m.measure(extract(supernet, a), sources, warmup=2, repeats=5).total_ms
 
 
-def absolute_budget(cfg: SearchConfig, cost, space, baseline_space=None) -> tuple[float, float, float]:
-    """(budget, cost of the largest dense arch of `baseline_space` (default: `space`), lowest
-    cost seen in `space`)."""
-    dense = cost((baseline_space or space).largest_dense())
+def absolute_budget(cfg: SearchConfig, cost, space, baseline_space) -> tuple[float, float, float]:
+    """(budget, cost of the largest dense arch of `baseline_space` (the supernet's), lowest
+    cost seen in `space` (the searched one))."""
+    dense = cost(baseline_space.largest_dense())
     rng = np.random.default_rng([cfg.seed, 7])
     floor = min([cost(space.smallest())] + [cost(space.sample(rng)) for _ in range(100)])
     budget = cfg.budget.value * dense if cfg.budget.relative_to_dense else cfg.budget.value
