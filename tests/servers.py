@@ -109,7 +109,51 @@ def seaweedfs(workdir: Path, buckets: tuple[str, ...] = ("automoe",)) -> Iterato
             }
         )
     )
-    ports = {name: free_port(offset_free=10000) for name in ("master", "volume", "filer", "s3")}
+    for attempt in range(3):  # a port taken between choosing and binding: choose again
+        ports = _weed_ports(("master", "volume", "filer", "s3", "admin"))
+        proc, log = _start_weed(workdir, config, ports, buckets)
+        server = S3Server(f"http://127.0.0.1:{ports['s3']}", access, secret)
+        try:
+            _wait_bucket(server, buckets[0], proc, timeout=60)
+        except _WeedExited:
+            _stop_weed(proc, log)
+            if attempt == 2 or b"Port allocation failed" not in (workdir / "weed.out").read_bytes():
+                print((workdir / "weed.out").read_text(errors="replace")[-3000:])
+                raise
+            continue
+        except BaseException:
+            print((workdir / "weed.out").read_text(errors="replace")[-3000:])
+            _stop_weed(proc, log)
+            raise
+        break
+    try:
+        yield server
+    finally:
+        _stop_weed(proc, log)
+
+
+class _WeedExited(RuntimeError):
+    pass
+
+
+def _weed_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """Free ports whose gRPC twins (port + 10000, as `weed mini` derives them) are free too and
+    collide with no other chosen port or twin (weed refuses a port that is another's twin)."""
+    taken: set[int] = set()
+    ports: dict[str, int] = {}
+    for name in names:
+        for _ in range(200):
+            port = free_port(offset_free=10000)
+            if not {port, port + 10000} & taken:
+                break
+        else:
+            raise RuntimeError("no free port pair for SeaweedFS")
+        ports[name] = port
+        taken |= {port, port + 10000}
+    return ports
+
+
+def _start_weed(workdir: Path, config: Path, ports: dict[str, int], buckets: tuple[str, ...]):
     cmd = [
         weed_binary(),
         f"-logdir={workdir}",
@@ -125,29 +169,24 @@ def seaweedfs(workdir: Path, buckets: tuple[str, ...] = ("automoe",)) -> Iterato
         f"-volume.port={ports['volume']}",
         f"-filer.port={ports['filer']}",
         f"-s3.port={ports['s3']}",
-        f"-admin.port={free_port()}",
+        f"-admin.port={ports['admin']}",
         f"-bucket={','.join(buckets)}",
     ]
     (workdir / "data").mkdir(exist_ok=True)
-    log = open(workdir / "weed.out", "wb")  # noqa: SIM115 - closed below
+    log = open(workdir / "weed.out", "wb")  # noqa: SIM115 - closed by _stop_weed
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{ports['s3']}", access, secret)
+    return proc, log
+
+
+def _stop_weed(proc: subprocess.Popen, log) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 15)
     try:
-        _wait_bucket(server, buckets[0], proc, timeout=60)
-        yield server
-    except BaseException:
-        log.flush()
-        print((workdir / "weed.out").read_text(errors="replace")[-3000:])
-        raise
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        log.close()
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    log.close()
 
 
 def _wait_bucket(server: S3Server, bucket: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -156,7 +195,7 @@ def _wait_bucket(server: S3Server, bucket: str, proc: subprocess.Popen, timeout:
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"weed exited with {proc.returncode}")
+            raise _WeedExited(f"weed exited with {proc.returncode}")
         try:
             client.put_object(Bucket=bucket, Key=".ready", Body=b"ok")
             return
