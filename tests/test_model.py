@@ -104,6 +104,37 @@ def test_incremental_decoding_equals_the_full_forward(supernets):
                 torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4), name
 
 
+def test_decoding_cache_grows_and_reorders_rows(supernets):
+    """Past the buffer's first capacities (16, 32 positions), and after rows are reordered,
+    within a sentence's beams (in place) or across sentences, the steps equal the full pass."""
+    net = supernets["small"]
+    arch = net.space.sample(np.random.default_rng(8))
+    src, tgt = batch(9, t=40)
+    src[1] = src[2]  # rows 1 and 2 translate the same sentence: beams of one another
+    enc = net.encode(src, arch)
+
+    def steps(enc, cache, tokens, a, b):
+        out = []
+        for t in range(a, b):
+            logits, cache = net.decode(tokens[:, t : t + 1], enc, arch, cache)
+            out.append(logits)
+        return torch.cat(out, 1), cache
+
+    got, cache = steps(enc, None, tgt, 0, 40)
+    torch.testing.assert_close(got, net(src, tgt, arch)[0], rtol=1e-4, atol=1e-4)
+    cases = [([0, 2, 1], True, False), ([0, 2, 1], True, True), ([2, 0, 0], False, False)]
+    for index, same_sources, grad in cases:  # in place (inference) / out of place (autograd)
+        index = torch.tensor(index)
+        with torch.set_grad_enabled(grad):
+            _, cache = steps(enc, None, tgt, 0, 9)
+            cache = cache.reorder(index, same_sources=same_sources)
+            moved = torch.cat([tgt[index, :9], tgt[:, 9:20]], dim=1)  # row i: row index[i]'s past, own future
+            enc_moved = enc if same_sources else net.encode(src[index], arch)
+            got, _ = steps(enc_moved, cache, moved, 9, 20)
+            want = net(src[index], moved, arch)[0][:, 9:20]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_beam_one_equals_greedy_and_beams_are_batch_independent(supernets):
     net = supernets["small"]
     rng = np.random.default_rng(6)

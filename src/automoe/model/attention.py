@@ -24,9 +24,9 @@ class Attention(nn.Module):
         """(B, S, d_kv) -> keys and values (B, H, S, Dh)."""
         return split_heads(self.k_proj(kv_input), heads), split_heads(self.v_proj(kv_input), heads)
 
-    def project_qkv(self, x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Self-attention: (B, T, d) -> queries, keys and values, each (B, H, T, Dh)."""
-        return (split_heads(self.q_proj(x), heads), *self.project_kv(x, heads))
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention: (B, T, d) -> queries, keys and values, each (B, T, qkv), heads not split."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(
         self,

@@ -72,17 +72,21 @@ def beam_search(
     batch, device = src.shape[0], src.device
     limits = max_lengths(src, args.pad_id, max_len_a, max_len_b).repeat_interleave(beam)  # (B * beam,)
     enc = model.encode(src, arch).repeat_interleave(beam)
-    tokens = torch.full((batch * beam, 1), args.bos_id, dtype=torch.long, device=device)
+    last = torch.full((batch * beam, 1), args.bos_id, dtype=torch.long, device=device)  # each row's newest token
     scores = torch.zeros(batch, beam, device=device)
     scores[:, 1:] = -torch.inf  # all beams start identical: keep one alive at step 0
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    # back-pointers instead of growing token tensors: after step i, row r holds token
+    # chosen[i][r] and continues row came_from[i][r] of step i - 1
+    chosen: list[torch.Tensor] = []
+    came_from: list[torch.Tensor] = []
+    ended: list[tuple[int, int, int, float]] = []  # (sentence, step, row, score)
+    n_ended = [0] * batch
     base = (torch.arange(batch, device=device) * beam)[:, None]  # (B, 1)
     never = torch.tensor([args.pad_id, args.bos_id], device=device)
     first_limit = int(limits.min())
     cache = None
     for step in range(int(limits.max()) + 1):
-        logits, cache = model.decode(tokens[:, -1:], enc, arch, cache)
+        logits, cache = model.decode(last, enc, arch, cache)
         lprobs = F.log_softmax(logits[:, -1].float(), dim=-1).index_fill_(1, never, -torch.inf)  # (B * beam, V)
         if step < min_len:
             lprobs[:, args.eos_id] = -torch.inf
@@ -92,28 +96,46 @@ def beam_search(
             lprobs[at_limit, args.eos_id] = 0.0
         vocab = lprobs.shape[-1]
         cand = lprobs.add_(scores.view(-1, 1)).view(batch, beam * vocab)  # in place: no (B * beam, V) allocation
-        top_scores, top_idx = cand.topk(2 * beam, dim=1)  # (B, 2 * beam)
+        top_scores, top_idx = cand.topk(2 * beam, dim=1)  # (B, 2 * beam), best first
         top_beam, top_tok = top_idx // vocab, top_idx % vocab
-        is_eos = (top_tok == args.eos_id) & torch.isfinite(top_scores)
+        is_eos = (top_tok == args.eos_id) & (top_scores > -torch.inf)
 
         # hypotheses ending here: EOS among the first `beam` candidates of unfinished sentences
-        ends = is_eos & (torch.arange(2 * beam, device=device) < beam) & ~done[:, None]
-        ended = ends.nonzero().tolist()
-        for b, j in ended:
-            if len(finished[b]) < beam:
-                prefix = tokens[base[b, 0] + top_beam[b, j], 1:].tolist()
-                finished[b].append(Hypothesis(prefix, float(top_scores[b, j]) / (step + 1) ** length_penalty))
-        if ended:
-            done |= torch.tensor([len(f) >= beam for f in finished], device=device)
-            if bool(done.all()):
-                break
+        if step >= min_len:
+            hits = is_eos[:, :beam].nonzero().tolist()
+            if hits:
+                row_scores, rows = top_scores[:, :beam].tolist(), (base + top_beam[:, :beam]).tolist()
+                for b, j in hits:
+                    if n_ended[b] < beam:
+                        n_ended[b] += 1
+                        ended.append((b, step, rows[b][j], row_scores[b][j] / (step + 1) ** length_penalty))
+                if min(n_ended) >= beam:
+                    break
 
-        # continue with the best `beam` candidates that are not EOS
-        rank = (is_eos | ~torch.isfinite(top_scores)).long() * (2 * beam) + torch.arange(2 * beam, device=device)
-        keep = rank.argsort(dim=1)[:, :beam]  # (B, beam)
-        scores = top_scores.gather(1, keep)
-        scores = torch.where(top_tok.gather(1, keep) == args.eos_id, -torch.inf, scores)
+        # continue with the best `beam` candidates that are not EOS (candidates come sorted)
+        scores, keep = top_scores.masked_fill(is_eos, -torch.inf).topk(beam, dim=1)  # (B, beam)
         origin = (base + top_beam.gather(1, keep)).view(-1)  # (B * beam,) rows to continue from
-        tokens = torch.cat([tokens[origin], top_tok.gather(1, keep).view(-1, 1)], dim=1)
+        last = top_tok.gather(1, keep).view(-1, 1)
+        chosen.append(last.view(-1))
+        came_from.append(origin)
         cache = cache.reorder(origin, same_sources=True)
-    return [max(f, key=lambda h: h.score) for f in finished]
+    return _best(ended, chosen, came_from, batch)
+
+
+def _best(ended: list[tuple[int, int, int, float]], chosen, came_from, batch: int) -> list[Hypothesis]:
+    """The best ended hypothesis per sentence, its tokens read back along the back-pointers."""
+    best: dict[int, tuple[int, int, float]] = {}
+    for b, step, row, score in ended:
+        if b not in best or score > best[b][2]:
+            best[b] = (step, row, score)
+    tokens = torch.stack(chosen).tolist() if chosen else []  # (steps, B * beam)
+    parents = torch.stack(came_from).tolist() if came_from else []
+    out = []
+    for b in range(batch):
+        step, row, score = best[b]
+        prefix = []
+        for i in range(step - 1, -1, -1):  # the tokens before the EOS at `step`
+            prefix.append(tokens[i][row])
+            row = parents[i][row]
+        out.append(Hypothesis(prefix[::-1], score))
+    return out

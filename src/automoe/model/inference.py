@@ -76,9 +76,8 @@ class PackedAttention(nn.Module):
         else:
             self.q_proj, self.kv = PackedLinear(attn.q_proj), _fused(attn.k_proj, attn.v_proj)
 
-    def project_qkv(self, x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, T, 3 * qkv) -> 3 x (B, T, qkv)
-        return split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.qkv(x).chunk(3, dim=-1)  # (B, T, 3 * qkv) -> 3 x (B, T, qkv)
 
     def project_kv(self, kv_input: torch.Tensor, heads: int) -> KV:
         k, v = self.kv(kv_input).chunk(2, dim=-1)  # (B, S, 2 * qkv) -> 2 x (B, S, qkv)

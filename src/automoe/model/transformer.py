@@ -10,13 +10,14 @@ and runs any `arch` that fits inside it; the arch is an argument of every call.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from automoe.model.attention import KV, Attention, padding_mask
+from automoe.model.attention import KV, Attention, padding_mask, split_heads
 from automoe.model.layers import ElasticLayerNorm, SharedEmbedding, scaled_dropout
 from automoe.model.moe import MoE, RouterStats
 from automoe.space import ArchConfig
@@ -51,21 +52,48 @@ class EncoderOut:
 
 @dataclass(frozen=True)
 class DecoderCache:
-    """Keys/values of past target tokens and of the encoder memory, per decoder layer."""
+    """What incremental decoding keeps between steps: the keys/values of past target tokens
+    (one buffer for all decoder layers, written in place and grown by doubling, so a step
+    neither concatenates nor reallocates) and the encoder-decoder keys/values and masks.
 
-    self_kv: tuple[KV, ...]
+    A cache is used once: `decode` and `reorder` write into its buffer and return the cache
+    to use next (the old value must not be decoded from again)."""
+
+    self_kv: torch.Tensor  # (L, 2, B, T_cap, qkv): keys, values of the first `length` positions
     ende_kv: tuple[KV, ...]
+    ende_mask: tuple[torch.Tensor | None, ...]  # (B, 1, 1, span * S) per layer; None: no padding
     length: int  # target tokens already decoded
+    spare: torch.Tensor | None = None  # a second buffer of self_kv's shape: reorder gathers into it
+
+    @staticmethod
+    def allocate(layers: int, batch: int, positions: int, qkv_dim: int, like: torch.Tensor) -> torch.Tensor:
+        capacity = max(16, 1 << (positions - 1).bit_length())  # a power of two: few regrowths
+        return like.new_empty(layers, 2, batch, capacity, qkv_dim)
+
+    def with_room(self, new: int) -> DecoderCache:
+        """This cache with room in its buffer for `new` more positions (grown if needed)."""
+        kv, end = self.self_kv, self.length + new
+        if end <= kv.shape[3]:
+            return self
+        grown = self.allocate(kv.shape[0], kv.shape[2], end, kv.shape[4], kv)
+        grown[:, :, :, : self.length] = kv[:, :, :, : self.length]
+        return dataclasses.replace(self, self_kv=grown, spare=None)
 
     def reorder(self, index: torch.Tensor, same_sources: bool = False) -> DecoderCache:
-        """Row i continues row index[i]. With `same_sources` (beam search: every row moves
-        within its own sentence's beams) the encoder keys/values are already right."""
-
-        def pick(kv: KV) -> KV:
-            return kv[0].index_select(0, index), kv[1].index_select(0, index)
-
-        ende = self.ende_kv if same_sources else tuple(map(pick, self.ende_kv))
-        return DecoderCache(tuple(map(pick, self.self_kv)), ende, self.length)
+        """Row i continues row index[i]: one gather for every layer's keys and values, into
+        the spare buffer (which then becomes the cache's). With `same_sources` (beam search:
+        every row moves within its own sentence's beams) the encoder keys/values are already
+        right."""
+        t, kv = self.length, self.self_kv
+        if same_sources and len(index) == kv.shape[2] and not kv.requires_grad:  # (out= does no autograd)
+            spare = torch.empty_like(kv) if self.spare is None else self.spare
+            torch.index_select(kv[:, :, :, :t], 2, index, out=spare[:, :, :, :t])  # (L, 2, B, t, qkv)
+            return dataclasses.replace(self, self_kv=spare, spare=kv)
+        if same_sources:
+            return dataclasses.replace(self, self_kv=kv.index_select(2, index), spare=None)
+        ende = tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in self.ende_kv)
+        masks = tuple(None if m is None else m.index_select(0, index) for m in self.ende_mask)
+        return DecoderCache(kv.index_select(2, index), ende, masks, t)
 
 
 def _drop(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -82,7 +110,7 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = ElasticLayerNorm(dim=embed_dim)
 
     def forward(self, x, mask, heads, experts, top_k, p, p_attn, capacity_factor=None):
-        q, k, v = self.self_attn.project_qkv(x, heads)
+        q, k, v = (split_heads(t, heads) for t in self.self_attn.project_qkv(x))  # (B, H, T, Dh)
         h = self.self_attn.attend(q, (k, v), x.shape[-1], mask, dropout=p_attn)
         x = self.self_attn_norm(x + _drop(h, p, self.training))
         h, stats = self.moe(x, experts, top_k, capacity_factor=capacity_factor)
@@ -100,21 +128,25 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = ElasticLayerNorm(dim=embed_dim)
 
     def forward(
-        self, x, past_kv, ende_kv, ende_mask, heads, ende_heads, experts, top_k, p, p_attn, capacity_factor=None
+        self, x, kv_buffer, start, ende_kv, ende_mask, heads, ende_heads, experts, top_k, p, p_attn, capacity_factor
     ):
-        """x (B, t, d) new target positions; past_kv the cached keys/values of earlier ones."""
-        q, k, v = self.self_attn.project_qkv(x, heads)
-        if past_kv is not None:
-            if x.shape[1] != 1:
+        """x (B, t, d) target positions start..start+t-1. kv_buffer (2, B, T_cap, qkv), if
+        given, holds the keys/values of the `start` earlier positions; this call adds its own."""
+        q, k, v = self.self_attn.project_qkv(x)  # (B, t, qkv) each
+        if kv_buffer is not None:
+            if start and x.shape[1] != 1:
                 raise ValueError("incremental decoding takes one new token per step")
-            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)  # (B, H, T, Dh)
-        causal = past_kv is None and x.shape[1] > 1  # a single new token sees every cached one
+            end = start + x.shape[1]
+            kv_buffer[0, :, start:end], kv_buffer[1, :, start:end] = k, v
+            k, v = kv_buffer[0, :, :end], kv_buffer[1, :, :end]  # views (B, end, qkv)
+        causal = x.shape[1] > 1  # a single new token sees every cached one
+        q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)  # (B, H, T, Dh)
         h = self.self_attn.attend(q, (k, v), x.shape[-1], causal=causal, dropout=p_attn)
         x = self.self_attn_norm(x + _drop(h, p, self.training))
         h = self.ende_attn(x, ende_kv, ende_heads, ende_mask, dropout=p_attn)
         x = self.ende_attn_norm(x + _drop(h, p, self.training))
         h, stats = self.moe(x, experts, top_k, capacity_factor=capacity_factor)
-        return self.ffn_norm(x + _drop(h, p, self.training)), (k, v), stats
+        return self.ffn_norm(x + _drop(h, p, self.training)), stats
 
 
 class Transformer(nn.Module):
@@ -159,43 +191,53 @@ class Transformer(nn.Module):
         arch: ArchConfig,
         cache: DecoderCache | None = None,
         capacity_factor: float | None = None,
-    ) -> tuple[torch.Tensor, DecoderCache, tuple[RouterStats | None, ...]]:
-        """Target ids (B, t) -> logits (B, t, V). With a cache, `tgt` holds only new tokens."""
-        d = arch.decoder_embed_dim
+        keep_cache: bool = True,
+    ) -> tuple[torch.Tensor, DecoderCache | None, tuple[RouterStats | None, ...]]:
+        """Target ids (B, t) -> logits (B, t, V) and the cache to continue from (None without
+        `keep_cache`: teacher forcing). With a cache, `tgt` holds only the new token."""
+        d, n_layers = arch.decoder_embed_dim, arch.decoder_layers
         p, p_attn = self._dropouts(d)
         start = 0 if cache is None else cache.length
         x = _drop(self.embed.embed(tgt, d, start), p, self.training)
-        self_kv, ende_kv, stats = [], [], []
-        for i in range(arch.decoder_layers):
-            span, heads = arch.decoder_ende_span[i], arch.decoder_ende_heads[i]
-            if cache is None:
+        if cache is not None:
+            cache = cache.with_room(tgt.shape[1])
+            kv_buffer, ende_kv, ende_masks = cache.self_kv, cache.ende_kv, cache.ende_mask
+        else:
+            ende_kv, ende_masks = [], []
+            for i in range(n_layers):
+                span = arch.decoder_ende_span[i]
                 memory = torch.cat(enc.states[-span:], dim=1)  # (B, span * S, d_enc)
-                kv = self.decoder[i].ende_attn.project_kv(memory, heads)
-            else:
-                kv = cache.ende_kv[i]
-            ende_mask = enc.mask if span == 1 else enc.mask.repeat(1, 1, 1, span)  # (B, 1, 1, span * S)
-            past = None if cache is None else cache.self_kv[i]
-            x, new_kv, s = self.decoder[i](
+                ende_kv.append(self.decoder[i].ende_attn.project_kv(memory, arch.decoder_ende_heads[i]))
+                ende_masks.append(enc.mask if span == 1 else enc.mask.repeat(1, 1, 1, span))  # (B, 1, 1, span * S)
+            if keep_cache and bool(enc.mask.all()):
+                ende_masks = [None] * n_layers  # no padding: attention needs no mask
+            shape = (n_layers, tgt.shape[0], tgt.shape[1], self.args.qkv_dim)
+            kv_buffer = DecoderCache.allocate(*shape, like=x) if keep_cache else None
+        stats = []
+        for i in range(n_layers):
+            x, s = self.decoder[i](
                 x,
-                past,
-                kv,
-                ende_mask,
+                None if kv_buffer is None else kv_buffer[i],
+                start,
+                ende_kv[i],
+                ende_masks[i],
                 arch.decoder_self_heads[i],
-                heads,
+                arch.decoder_ende_heads[i],
                 arch.decoder_ffn[i],
                 arch.top_k,
                 p,
                 p_attn,
                 capacity_factor,
             )
-            self_kv.append(new_kv)
-            ende_kv.append(kv)
             stats.append(s)
         logits = self.embed.logits(x)
-        return logits, DecoderCache(tuple(self_kv), tuple(ende_kv), start + tgt.shape[1]), tuple(stats)
+        if keep_cache:
+            spare = None if cache is None else cache.spare
+            cache = DecoderCache(kv_buffer, tuple(ende_kv), tuple(ende_masks), start + tgt.shape[1], spare)
+        return logits, cache, tuple(stats)
 
     def forward(self, src, tgt, arch: ArchConfig, capacity_factor: float | None = None):
         """Teacher-forced pass: logits (B, T, V) and the router stats of every layer."""
         enc = self.encode(src, arch, capacity_factor)
-        logits, _, dec_stats = self.decode(tgt, enc, arch, capacity_factor=capacity_factor)
+        logits, _, dec_stats = self.decode(tgt, enc, arch, None, capacity_factor, keep_cache=False)
         return logits, enc.stats + dec_stats
