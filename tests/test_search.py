@@ -126,11 +126,11 @@ def test_measure_latency_resumes_after_sigkill_without_duplicates(tiny_supernet,
 
 def synthetic_latency(arch) -> float:
     """A known, nonlinear latency model: decoder depth x width dominates, as on a CPU."""
-    f = dict(zip(FEATURE_NAMES, arch_features(arch), strict=True))
+    active = np.mean([min(arch.top_k, len(e)) * np.mean(e) for e in arch.decoder_ffn])
     return (
-        0.02 * f["decoder_layers"] * f["decoder_embed_dim"] * (1 + f["decoder_active_ffn_mean"] / 2048)
-        + 0.004 * f["encoder_layers"] * f["encoder_embed_dim"]
-        + 0.5 * f["decoder_ende_span_mean"]
+        0.02 * arch.decoder_layers * arch.decoder_embed_dim * (1 + active / 2048)
+        + 0.004 * arch.encoder_layers * arch.encoder_embed_dim
+        + 0.5 * np.mean(arch.decoder_ende_span)
         + 1.0
     )
 
@@ -151,6 +151,29 @@ def test_predictor_learns_a_synthetic_latency_function(tmp_path):
     loaded.check_space(SMALL)
     with pytest.raises(AutomoeError, match="trained for another search space"):
         loaded.check_space(load_space("space0"))
+
+
+def test_linear_predictor_recovers_a_linear_latency_model(tmp_path):
+    """layers 0: the closed-form fit reproduces a latency that is linear in the features,
+    survives save/load, and bad sizes are refused."""
+    rng = np.random.default_rng(1)
+    archs = [SMALL.sample(rng) for _ in range(140)]
+    x = np.stack([arch_features(a) for a in archs])
+    weights = rng.uniform(0.5, 2.0, len(FEATURE_NAMES)) / x.std(0).clip(min=1e-9)
+    y = x @ weights + 3.0
+    predictor = fit(x[:100], y[:100], x[100:110], y[100:110], FitConfig(layers=0), SMALL.digest(), {})
+    np.testing.assert_allclose(predictor.predict_features(x[110:]), y[110:], rtol=1e-4)
+    nonlinear = np.array([synthetic_latency(a) for a in archs])
+    approx = fit(x[:100], nonlinear[:100], x[:0], nonlinear[:0], FitConfig(layers=0, weight_decay=0.01), "d", {})
+    assert scores(nonlinear[100:], approx.predict_features(x[100:]))["r2"] > 0.9
+    predictor.save(tmp_path / "linear.pt")
+    from automoe.latency.predictor import LatencyPredictor
+
+    loaded = LatencyPredictor.load(tmp_path / "linear.pt")
+    np.testing.assert_allclose(loaded.predict(archs[:5]), predictor.predict(archs[:5]), rtol=1e-6)
+    for bad in ({"layers": -1}, {"layers": 2, "hidden": 0}, {"weight_decay": -1.0}):
+        with pytest.raises(ValueError, match="layers must be"):
+            FitConfig(**bad)
 
 
 def target_distance(target):

@@ -92,8 +92,11 @@ def test_extremes_are_real_archs():
         assert big.encoder_ffn[0] == (max(space.ffn_dim),) * max(space.n_experts)
         assert small.encoder_ffn[0] == (min(space.ffn_dim),)
         assert dense.is_dense and not big.is_dense
-    f = SPACES["space0"].features(SPACES["space0"].largest())
-    assert f.shape == (len(FEATURE_NAMES),) and f[FEATURE_NAMES.index("decoder_experts_mean")] == 6
+    big = SPACES["space0"].largest()
+    f = dict(zip(FEATURE_NAMES, SPACES["space0"].features(big), strict=True))
+    d, n, k = big.decoder_embed_dim, big.decoder_layers, big.top_k
+    assert f["decoder_moe_layers"] == n and f["decoder_width_total"] == n * d
+    assert f["decoder_ffn_total"] == n * d * k * max(SPACES["space0"].ffn_dim)  # top-k experts of the widest
 
 
 def test_homogeneous_space_keeps_expert_sizes_equal(tmp_path):
