@@ -268,17 +268,17 @@ class SearchSpace:
         return arch_features(arch)
 
 
-# Embed dims and layer counts, and where batch-1 decoding time goes as sums over layers of
-# per-token work: the decoder runs once per generated token (its depth x width terms
-# dominate on a CPU), the encoder once. Heads are left out: with a fixed q/k/v width they
-# do not change the work. On the 102-arch Multi30k table (BENCHMARKS.md), 8-fold
-# cross-validated MAPE: linear model 6.3% (8.7% with the earlier per-layer means and
-# totals), the paper's MLP 11.0% (11.5%).
+# The decoder's depth and width, and where batch-1 decoding time goes as sums over layers
+# of per-token work: the decoder runs once per generated token (its depth x width terms
+# dominate on a CPU), the encoder once (its depth and width enter through its totals).
+# Heads are left out: with a fixed q/k/v width they do not change the work. On the
+# 102-arch Multi30k table (BENCHMARKS.md), 8-fold cross-validated MAPE: linear model
+# 6.3% (8.7% with the earlier per-layer means and totals), the paper's MLP 11.0% (11.5%).
 FEATURE_NAMES = (
     "decoder_layers",
     "decoder_embed_dim",
     "decoder_width_total",  # sum of d over decoder layers
-    "decoder_width_sq_total",  # sum of d^2: attention projections and norms
+    "decoder_width_sq_total",  # sum of d^2: lets the cost bend with width (an empirical term)
     "decoder_ffn_total",  # sum of d x active FFN hidden units (top-k experts' widths)
     "decoder_moe_layers",  # layers that route (router + dispatch)
     "decoder_ende_span_total",
