@@ -196,6 +196,7 @@ def test_moe_active_gflops_follow_the_routing(supernets):
     net = supernets["small"]
     arch = dataclasses.replace(net.space.largest(), top_k=1)
     src, tgt = batch(9, b=1, s=30, t=30)
+    src = src.clamp(min=4)  # 30 real tokens: the count is for an unpadded 30 + 30 pass
     sub = extract(net, arch)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         _, stats = sub(src, tgt)
@@ -211,6 +212,7 @@ def test_heterogeneous_experts_make_per_token_cost_adaptive(supernets):
     base = net.space.largest()
     arch = dataclasses.replace(base, encoder_ffn=((1024, 256),) * base.encoder_layers, top_k=1)
     src, tgt = batch(10, b=1, s=30, t=30)
+    src = src.clamp(min=4)
     _, stats = extract(net, arch)(src, tgt)
     src_flops, _ = per_token_flops(arch, net.space.qkv_dim, 30, 30, VOCAB, stats)
     assert len(np.unique(src_flops)) > 1  # tokens routed to the big expert cost more
@@ -224,3 +226,52 @@ def test_param_counts_active_and_without_embeddings():
     assert c.params_total - c.params_total_no_embed == VOCAB * 256
     moe = count(space.largest(), VOCAB, space.qkv_dim)
     assert moe.params_total > c.params_total and moe.params_active < moe.params_total
+
+
+def _brute_force_best(model, src, max_tokens: int, length_penalty: float, min_len: int = 0):
+    """The best translation by enumerating every target of up to `max_tokens` tokens plus
+    EOS (pad and BOS excluded), scored as beam search scores: sum of log-probabilities
+    (EOS included) / length ** length_penalty."""
+    import itertools
+
+    args = model.args
+    words = [t for t in range(args.vocab_size) if t not in (args.pad_id, args.bos_id, args.eos_id)]
+    best = (None, -float("inf"))
+    with torch.no_grad():
+        for n in range(min_len, max_tokens + 1):
+            for seq in itertools.product(words, repeat=n):
+                full = list(seq) + [args.eos_id]
+                tgt_in = torch.tensor([[args.bos_id, *full[:-1]]])
+                lprobs = torch.log_softmax(model(src, tgt_in)[0][0].float(), dim=-1)
+                lprobs[:, [args.pad_id, args.bos_id]] = -torch.inf
+                total = float(lprobs[torch.arange(len(full)), torch.tensor(full)].sum())
+                score = total / len(full) ** length_penalty
+                if score > best[1]:
+                    best = (list(seq), score)
+    return best
+
+
+@pytest.mark.parametrize("length_penalty,min_len,seed", [(0.6, 0, 0), (1.0, 0, 1), (0.6, 2, 2)])
+def test_beam_search_matches_brute_force_search_on_a_tiny_model(length_penalty, min_len, seed):
+    """With a beam wide enough to keep every hypothesis, beam search is exhaustive search:
+    its best translation and score equal brute-force enumeration over a 7-token vocabulary."""
+    space = load_space("small")
+    torch.manual_seed(seed)
+    args = ModelArgs(vocab_size=7, qkv_dim=space.qkv_dim, max_embed_dim=256, dropout=0.0)
+    arch = space.sample(np.random.default_rng(seed))
+    model = SubTransformer(arch=arch, args=args).eval()
+    with torch.no_grad():  # sharper distributions than the initial near-uniform ones
+        model.core.embed.weight.mul_(6.0)
+    src = torch.tensor([[4, 5, 6, 4, 3]])
+    max_tokens = 3
+    want_tokens, want_score = _brute_force_best(model, src, max_tokens, length_penalty, min_len)
+    (hyp,) = beam_search(
+        model, src, beam=200, length_penalty=length_penalty, max_len_a=0.0, max_len_b=max_tokens, min_len=min_len
+    )
+    assert hyp.tokens == want_tokens
+    assert hyp.score == pytest.approx(want_score, abs=1e-4)
+    # a narrow beam can only do as well or worse
+    (narrow,) = beam_search(
+        model, src, beam=2, length_penalty=length_penalty, max_len_a=0.0, max_len_b=max_tokens, min_len=min_len
+    )
+    assert narrow.score <= want_score + 1e-4

@@ -112,3 +112,57 @@ def test_router_z_loss():
     stats = RouterStats(logits, logits.softmax(-1), logits.argmax(-1, keepdim=True), torch.tensor([0, 2]), 0)
     want = (math.log(2) ** 2 + math.log(math.exp(1) + math.exp(3)) ** 2) / 2
     assert router_z_loss(stats).item() == pytest.approx(want)
+
+
+def test_padding_is_not_routed_and_counts_in_no_statistic(moe):
+    """With `keep`, only real tokens reach the router and the experts: statistics and
+    outputs of the real tokens equal a run on the real tokens alone; padding rows are zero."""
+    dims = (64, 16, 32)
+    x = torch.randn(3, 7, 32)
+    keep = torch.ones(3, 7, dtype=torch.bool)
+    keep[0, 4:] = False
+    keep[2, 2:] = False
+    y, stats = moe(x, dims, top_k=1, keep=keep)
+    y_real, stats_real = moe(x[keep], dims, top_k=1)
+    torch.testing.assert_close(y[keep], y_real)
+    assert torch.all(y[~keep] == 0)
+    assert int(stats.tokens_per_expert.sum()) == int(keep.sum()) == stats.probs.shape[0]
+    torch.testing.assert_close(stats.tokens_per_expert, stats_real.tokens_per_expert)
+    torch.testing.assert_close(load_balancing_loss(stats), load_balancing_loss(stats_real))
+    capped, capped_stats = moe(x, dims, top_k=1, keep=keep, capacity_factor=1.0)  # capacity from real tokens
+    assert capped_stats.dropped == moe(x[keep], dims, top_k=1, capacity_factor=1.0)[1].dropped
+
+
+def test_the_model_routes_no_padding():
+    """Encoder and decoder pass their padding masks to every MoE layer: router statistics of a
+    padded batch count exactly the real tokens."""
+    from automoe.model.subnet import SubTransformer
+    from automoe.model.transformer import ModelArgs
+    from automoe.space import load_space
+
+    space = load_space("small")
+    arch = space.largest()
+    torch.manual_seed(0)
+    model = SubTransformer(arch=arch, args=ModelArgs(vocab_size=50, qkv_dim=256, max_embed_dim=256)).eval()
+    src = torch.randint(4, 50, (2, 9))
+    src[1, 5:] = 0
+    tgt = torch.randint(4, 50, (2, 6))
+    tgt[0, 3:] = 0
+    _, stats = model(src, tgt)
+    enc, dec = stats[: arch.encoder_layers], stats[arch.encoder_layers :]
+    assert all(int(s.tokens_per_expert.sum()) == int((src != 0).sum()) * arch.top_k for s in enc)
+    assert all(int(s.tokens_per_expert.sum()) == int((tgt != 0).sum()) * arch.top_k for s in dec)
+
+
+def test_auxiliary_losses_are_summed_over_moe_layers():
+    """Switch sums the load-balancing loss over layers: two MoE layers give twice one layer's
+    loss, and dense layers add nothing."""
+    from automoe.train.trainer import auxiliary_loss
+
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
+    chosen = probs.argmax(-1, keepdim=True)
+    s = RouterStats(probs.log(), probs, chosen, torch.bincount(chosen.flatten(), minlength=3), 0)
+    one = auxiliary_loss([s], 0.01, 0.001)
+    torch.testing.assert_close(one, load_balancing_loss(s, 0.01) + 0.001 * router_z_loss(s))
+    torch.testing.assert_close(auxiliary_loss([s, None, s], 0.01, 0.001), 2 * one)
+    assert float(auxiliary_loss([s, s], 0.0, 0.0)) == 0.0

@@ -56,6 +56,44 @@ def test_changing_an_expert_count_repairs_the_expert_list():
             assert set(after) <= set(space.ffn_dim)
 
 
+def _added_by(space, make_child, trials: int, seed: int = 0):
+    """The decoder layers and experts a child has beyond its first parent: (layer ffn lists,
+    expert sizes)."""
+    rng = np.random.default_rng(seed)
+    layers, experts = [], []
+    for _ in range(trials):
+        parent = space.smallest()  # 1 decoder layer, 1 expert of the smallest size
+        child = make_child(parent, rng)
+        layers += list(child.decoder_ffn[parent.decoder_layers :])
+        for old, new in zip(
+            parent.encoder_ffn + parent.decoder_ffn, child.encoder_ffn + child.decoder_ffn, strict=False
+        ):  # new layers: above
+            experts += list(new[len(old) :])
+    return layers, experts
+
+
+@pytest.mark.parametrize("operator", ["mutate", "crossover"])
+def test_layers_and_experts_switched_on_are_drawn_from_the_space(operator):
+    """A layer or expert that mutation or crossover switches on takes random choices: no
+    size, expert count or head choice dominates (choice index 0 filled them before)."""
+    space = SPACES["space0"]  # ffn {3072, 2048, 1024}, experts 1..6
+
+    def child(parent, rng):
+        if operator == "mutate":
+            return space.mutate(parent, 0.5, rng)
+        return space.crossover(parent, space.sample(rng), rng)
+
+    layers, experts = _added_by(space, child, trials=600)
+    assert len(layers) > 300 and len(experts) > 1000
+    sizes = np.array([space.ffn_dim.index(s) for s in experts])
+    counts = np.bincount(sizes, minlength=len(space.ffn_dim)) / len(sizes)
+    assert np.all(np.abs(counts - 1 / len(space.ffn_dim)) < 0.06), counts  # uniform over the sizes
+    n_experts = np.array([len(f) for f in layers])
+    share_dense = float(np.mean(n_experts == 1))
+    assert abs(share_dense - 1 / len(space.n_experts)) < 0.07, share_dense  # was 0.77 dense
+    assert {len(f) for f in layers} == set(space.n_experts)
+
+
 def test_sample_covers_every_choice():
     for space in SPACES.values():
         rng = np.random.default_rng(1)

@@ -85,6 +85,11 @@ def test_supernet_validation_loss_falls_on_multi30k(prepared, tmp_path, capsys):
     assert (out / "training_curve.png").stat().st_size > 1000
     err = capsys.readouterr().err
     assert "train_supernet: done (best_update=" in err
+    import json
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["micro_batches_per_update"] >= 2  # 2,048 target tokens from micro-batches of <= 1,024 padded
+    assert metrics["target_tokens_seen"] >= 40 * 2048
 
 
 def test_retrain_learns_a_synthetic_copy_task(tmp_path, capsys):
@@ -323,3 +328,25 @@ def test_smoothed_loss_equals_torch_label_smoothing():
     )
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(nll, want_nll)
+
+
+def test_batch_units_and_tokens_seen():
+    """max_tokens caps a micro-batch's padded size (rows x longest side); tokens_per_update
+    counts real target tokens, 0 meaning one micro-batch per update."""
+    from automoe.data.dataset import TokenBatchSampler
+    from automoe.train.trainer import TrainConfig, batch_stream
+
+    rng = np.random.default_rng(0)
+    src, tgt = rng.integers(3, 30, 500), rng.integers(3, 30, 500)
+    sampler = TokenBatchSampler(src, tgt, 256, seed=0)
+    for b in sampler.plan(0):
+        assert len(b) * max(src[b].max(), tgt[b].max()) <= 256  # padded, either side
+    one = batch_stream(TokenBatchSampler(src, tgt, 256, seed=0), tgt, 0)
+    assert all(len(next(one)) == 1 for _ in range(20))
+    many = batch_stream(TokenBatchSampler(src, tgt, 256, seed=0), tgt, 600)
+    for _ in range(20):
+        update = next(many)
+        tokens = [int(tgt[b].sum()) for b in update]
+        assert sum(tokens) >= 600 and sum(tokens[:-1]) < 600  # just enough micro-batches
+    with pytest.raises(ValueError, match="tokens_per_update"):
+        TrainConfig(tokens_per_update=-1)

@@ -189,16 +189,22 @@ class SearchSpace:
             top_k=top_k,
         )
 
-    def encode(self, arch: ArchConfig) -> list[int]:
-        """ArchConfig -> gene; inactive positions get choice 0 (any valid index would do)."""
+    def encode(self, arch: ArchConfig, rng: np.random.Generator | None = None) -> list[int]:
+        """ArchConfig -> gene. Inactive positions (layers and experts the arch does not use)
+        get choice 0, or with `rng` a random choice: mutation and crossover encode with an
+        rng, so a layer or expert they switch on gets sizes drawn from the space, not the
+        first choice of every list (AutoMoE's repair extends expert lists at random)."""
         arch.validate(self)
         e_max = max(self.n_experts)
 
         def idx(options: tuple[int, ...], value: int) -> int:
             return options.index(value)
 
+        def filler(options: tuple[int, ...], count: int = 1) -> list[int]:
+            return [0 if rng is None else int(rng.integers(len(options))) for _ in range(count)]
+
         def expert_genes(sizes: tuple[int, ...]) -> list[int]:
-            return [idx(self.ffn_dim, s) for s in sizes] + [0] * (e_max - len(sizes))
+            return [idx(self.ffn_dim, s) for s in sizes] + filler(self.ffn_dim, e_max - len(sizes))
 
         gene = [
             idx(self.encoder_embed_dim, arch.encoder_embed_dim),
@@ -213,7 +219,7 @@ class SearchSpace:
                 gene += [idx(self.self_attn_heads, arch.encoder_self_heads[i]), idx(self.n_experts, len(ffn))]
                 gene += expert_genes(ffn)
             else:
-                gene += [0] * (2 + e_max)
+                gene += filler(self.self_attn_heads) + filler(self.n_experts) + filler(self.ffn_dim, e_max)
         for i in range(max(self.decoder_layers)):
             if i < arch.decoder_layers:
                 ffn = arch.decoder_ffn[i]
@@ -225,7 +231,8 @@ class SearchSpace:
                 ]
                 gene += expert_genes(ffn)
             else:
-                gene += [0] * (4 + e_max)
+                gene += filler(self.self_attn_heads) + filler(self.ende_attn_heads) + filler(self.ende_span)
+                gene += filler(self.n_experts) + filler(self.ffn_dim, e_max)
         return gene
 
     # -- sampling and evolution ---------------------------------------------------
@@ -234,8 +241,12 @@ class SearchSpace:
         return [int(rng.integers(len(options))) for options in self.gene_choices()]
 
     def sample(self, rng: np.random.Generator) -> ArchConfig:
-        """A uniformly random SubTransformer: every valid combination of choices is equally
-        likely (a gene whose enc-dec span exceeds its encoder depth is redrawn, not clipped)."""
+        """A random SubTransformer, uniform per factor as in HAT: each dimension (widths,
+        depths, top-k, then each active layer's heads, span, expert count and expert sizes)
+        is drawn uniformly from its choices, independently. This is not uniform over
+        distinct architectures: a deep decoder has more per-layer combinations than a
+        shallow one but is drawn as often. A gene whose enc-dec span exceeds its encoder
+        depth is redrawn, not clipped."""
         while True:
             gene = self.random_gene(rng)
             if self._spans_fit(gene):
@@ -248,8 +259,9 @@ class SearchSpace:
         return all(self.ende_span[gene[start + i * (4 + e_max) + 2]] <= enc_layers for i in range(dec_layers))
 
     def mutate(self, arch: ArchConfig, prob: float, rng: np.random.Generator) -> ArchConfig:
-        """Resample each gene with probability `prob`."""
-        gene = self.encode(arch)
+        """Resample each gene with probability `prob`; genes of layers and experts the arch
+        does not use are random, so whatever the mutation switches on is a random draw."""
+        gene = self.encode(arch, rng)
         choices = self.gene_choices()
         for i, options in enumerate(choices):
             if rng.random() < prob:
@@ -257,8 +269,9 @@ class SearchSpace:
         return self.decode(gene)
 
     def crossover(self, a: ArchConfig, b: ArchConfig, rng: np.random.Generator) -> ArchConfig:
-        """Uniform crossover: each gene from either parent with probability 1/2."""
-        ga, gb = self.encode(a), self.encode(b)
+        """Uniform crossover: each gene from either parent with probability 1/2 (unused
+        positions random, as in `mutate`)."""
+        ga, gb = self.encode(a, rng), self.encode(b, rng)
         return self.decode([x if rng.random() < 0.5 else y for x, y in zip(ga, gb, strict=True)])
 
     # -- predictor features ---------------------------------------------------------

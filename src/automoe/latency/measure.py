@@ -1,9 +1,12 @@
 """Latency of SubTransformers on this machine, with the paper's protocol.
 
 Batch 1, a source of `src_len` tokens cut from real validation sentences (MoE routing
-depends on the tokens), encoder once, then `tgt_steps` incremental decoder steps with
-`beam` hypotheses (cache reordered every step, as beam search does). Warm-up runs, then
-repeated runs; each figure is the mean of the runs between the 10th and 90th percentile.
+depends on the tokens), encoder once, then `tgt_steps` steps of the real beam search
+(`automoe.model.decode.beam_search` with `beam` hypotheses, EOS held off until the last
+step): the hypotheses diverge from the first step as in real decoding, so MoE decoder
+layers route them to different experts, and the search's own per-step work (log-softmax,
+top candidates, cache reorder) is timed with the model. Warm-up runs, then repeated runs;
+each figure is the mean of the runs between the 10th and 90th percentile.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from automoe.data.corpus import EOS
 from automoe.data.dataset import ParallelSplit
+from automoe.model.decode import beam_search
 from automoe.model.inference import for_inference
 
 
@@ -87,21 +91,14 @@ def measure(
     run r uses source r % len(sources)."""
     model = for_inference(model)  # the serving layout (oneDNN-packed weights on CPU)
     device = next(model.parameters()).device
-    bos = model.args.bos_id
     enc_times, dec_times = [], []
     for run in range(warmup + repeats):
         src = sources[run % len(sources)].unsqueeze(0).to(device)  # (1, S)
         t0 = _now(device)
         enc = model.encode(src)
         t1 = _now(device)
-        enc = enc.repeat_interleave(beam)
-        tokens = torch.full((beam, 1), bos, dtype=torch.long, device=device)
-        order = torch.arange(beam, device=device)
-        cache = None
-        for _ in range(steps):
-            logits, cache = model.decode(tokens, enc, None, cache)
-            tokens = logits[:, -1].argmax(-1, keepdim=True)
-            cache = cache.reorder(order, same_sources=True)
+        # exactly `steps` decoder steps: EOS is banned before the last one and forced at it
+        beam_search(model, src, beam=beam, max_len_a=0.0, max_len_b=steps - 1, min_len=steps - 1, encoded=enc)
         t2 = _now(device)
         if run >= warmup:
             enc_times.append((t1 - t0) * 1e3)

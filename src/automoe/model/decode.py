@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from automoe.model.transformer import EncoderOut
 from automoe.space import ArchConfig
 
 
@@ -64,14 +65,16 @@ def beam_search(
     max_len_a: float = 1.2,
     max_len_b: int = 10,
     min_len: int = 0,
+    encoded: EncoderOut | None = None,
 ) -> list[Hypothesis]:
     """Best hypothesis per sentence. A sentence is done once `beam` hypotheses ended with EOS
     (an EOS among the top `beam` candidates ends a hypothesis); at the length limit only EOS
-    is allowed, before `min_len` tokens EOS is not."""
+    is allowed, before `min_len` tokens EOS is not. `encoded`: `model.encode(src, arch)`
+    when the caller already has it (the latency protocol times the encoder apart)."""
     args = model.args
     batch, device = src.shape[0], src.device
     limits = max_lengths(src, args.pad_id, max_len_a, max_len_b).repeat_interleave(beam)  # (B * beam,)
-    enc = model.encode(src, arch).repeat_interleave(beam)
+    enc = (model.encode(src, arch) if encoded is None else encoded).repeat_interleave(beam)
     last = torch.full((batch * beam, 1), args.bos_id, dtype=torch.long, device=device)  # each row's newest token
     scores = torch.zeros(batch, beam, device=device)
     scores[:, 1:] = -torch.inf  # all beams start identical: keep one alive at step 0
@@ -90,10 +93,11 @@ def beam_search(
         lprobs = F.log_softmax(logits[:, -1].float(), dim=-1).index_fill_(1, never, -torch.inf)  # (B * beam, V)
         if step < min_len:
             lprobs[:, args.eos_id] = -torch.inf
-        if step >= first_limit:
+        if step >= first_limit:  # at the length limit only EOS, at its own log-probability
             at_limit = step >= limits
+            eos_lprobs = lprobs[at_limit, args.eos_id]
             lprobs[at_limit] = -torch.inf
-            lprobs[at_limit, args.eos_id] = 0.0
+            lprobs[at_limit, args.eos_id] = eos_lprobs
         vocab = lprobs.shape[-1]
         cand = lprobs.add_(scores.view(-1, 1)).view(batch, beam * vocab)  # in place: no (B * beam, V) allocation
         top_scores, top_idx = cand.topk(2 * beam, dim=1)  # (B, 2 * beam), best first

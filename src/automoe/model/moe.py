@@ -68,20 +68,28 @@ class MoE(nn.Module):
         top_k: int = 1,
         dropout: float = 0.0,
         capacity_factor: float | None = None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RouterStats | None]:
-        """x (..., d) -> (..., d) and the router statistics (None for a dense layer)."""
+        """x (..., d) -> (..., d) and the router statistics (None for a dense layer).
+
+        `keep` (...,) marks the real tokens: padding is not routed, takes no expert capacity,
+        counts in no router statistic and comes out as zeros."""
         n = len(expert_dims)
         if n == 1:
             return self.experts[0](x, expert_dims[0], dropout), None
         shape = x.shape
-        tokens = x.reshape(-1, shape[-1])  # (N, d)
-        logits = self.router(tokens, n)  # (N, n) fp32
+        flat = x.reshape(-1, shape[-1])  # (N, d)
+        rows = None
+        if keep is not None and not bool(keep.all()):
+            rows = keep.reshape(-1).nonzero().squeeze(1)  # (N_real,)
+        tokens = flat if rows is None else flat.index_select(0, rows)  # (N_real, d)
+        logits = self.router(tokens, n)  # (N_real, n) fp32
         probs = logits.softmax(dim=-1)
         k = min(top_k, n)
-        gates, chosen = probs.topk(k, dim=-1)  # (N, k)
+        gates, chosen = probs.topk(k, dim=-1)  # (N_real, k)
 
         # group assignments by expert: one sort, one bincount, one host sync for the counts
-        expert_of = chosen.reshape(-1)  # (N * k,)
+        expert_of = chosen.reshape(-1)  # (N_real * k,)
         order = torch.argsort(expert_of, stable=True)
         token_of = torch.div(order, k, rounding_mode="floor")
         counts = torch.bincount(expert_of, minlength=n)
@@ -91,13 +99,15 @@ class MoE(nn.Module):
         out = torch.zeros_like(tokens)
         start, dropped = 0, 0
         for e, count in enumerate(counts.tolist()):
-            end, keep = start + count, count if capacity is None else min(count, capacity)
-            dropped += count - keep
-            if keep:
-                idx = token_of[start : start + keep]
+            end, kept = start + count, count if capacity is None else min(count, capacity)
+            dropped += count - kept
+            if kept:
+                idx = token_of[start : start + kept]
                 y = self.experts[e](tokens[idx], expert_dims[e], dropout)
-                out.index_add_(0, idx, y * gate_of[start : start + keep, None])
+                out.index_add_(0, idx, y * gate_of[start : start + kept, None])
             start = end
+        if rows is not None:
+            out = torch.zeros_like(flat).index_copy(0, rows, out)  # padding rows stay zero
         return out.view(shape), RouterStats(logits, probs, chosen, counts, dropped)
 
 

@@ -113,7 +113,8 @@ class EncoderLayer(nn.Module):
         q, k, v = (split_heads(t, heads) for t in self.self_attn.project_qkv(x))  # (B, H, T, Dh)
         h = self.self_attn.attend(q, (k, v), x.shape[-1], mask, dropout=p_attn)
         x = self.self_attn_norm(x + _drop(h, p, self.training))
-        h, stats = self.moe(x, experts, top_k, capacity_factor=capacity_factor)
+        keep = mask.reshape(x.shape[:2])  # (B, 1, 1, S) -> (B, S): padding is not routed
+        h, stats = self.moe(x, experts, top_k, capacity_factor=capacity_factor, keep=keep)
         return self.ffn_norm(x + _drop(h, p, self.training)), stats
 
 
@@ -128,10 +129,24 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = ElasticLayerNorm(dim=embed_dim)
 
     def forward(
-        self, x, kv_buffer, start, ende_kv, ende_mask, heads, ende_heads, experts, top_k, p, p_attn, capacity_factor
+        self,
+        x,
+        kv_buffer,
+        start,
+        ende_kv,
+        ende_mask,
+        heads,
+        ende_heads,
+        experts,
+        top_k,
+        p,
+        p_attn,
+        capacity_factor,
+        keep,
     ):
         """x (B, t, d) target positions start..start+t-1. kv_buffer (2, B, T_cap, qkv), if
-        given, holds the keys/values of the `start` earlier positions; this call adds its own."""
+        given, holds the keys/values of the `start` earlier positions; this call adds its own.
+        keep (B, t): the real (non-padding) target tokens, the only ones routed."""
         q, k, v = self.self_attn.project_qkv(x)  # (B, t, qkv) each
         if kv_buffer is not None:
             if start and x.shape[1] != 1:
@@ -145,7 +160,7 @@ class DecoderLayer(nn.Module):
         x = self.self_attn_norm(x + _drop(h, p, self.training))
         h = self.ende_attn(x, ende_kv, ende_heads, ende_mask, dropout=p_attn)
         x = self.ende_attn_norm(x + _drop(h, p, self.training))
-        h, stats = self.moe(x, experts, top_k, capacity_factor=capacity_factor)
+        h, stats = self.moe(x, experts, top_k, capacity_factor=capacity_factor, keep=keep)
         return self.ffn_norm(x + _drop(h, p, self.training)), stats
 
 
@@ -213,6 +228,7 @@ class Transformer(nn.Module):
                 ende_masks = [None] * n_layers  # no padding: attention needs no mask
             shape = (n_layers, tgt.shape[0], tgt.shape[1], self.args.qkv_dim)
             kv_buffer = DecoderCache.allocate(*shape, like=x) if keep_cache else None
+        keep = tgt != self.args.pad_id  # (B, t)
         stats = []
         for i in range(n_layers):
             x, s = self.decoder[i](
@@ -228,6 +244,7 @@ class Transformer(nn.Module):
                 p,
                 p_attn,
                 capacity_factor,
+                keep,
             )
             stats.append(s)
         logits = self.embed.logits(x)

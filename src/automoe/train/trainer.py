@@ -44,8 +44,8 @@ MetricsHook = Callable[[dict[str, float], int], None]
 @dataclass(frozen=True)
 class TrainConfig:
     max_updates: int = 300
-    max_tokens: int = 4096  # padded tokens per micro-batch
-    tokens_per_update: int = 8192  # target tokens accumulated per optimizer update
+    max_tokens: int = 4096  # micro-batch cap: sentences x the longest source or target in it (padded)
+    tokens_per_update: int = 0  # real target tokens per update (micro-batches accumulated); 0: one micro-batch
     lr: float = 1e-3
     warmup_updates: int = 50
     schedule: Literal["cosine", "inverse_sqrt"] = "cosine"
@@ -68,10 +68,13 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.tokens_per_update < 0:
+            raise ValueError(
+                f"tokens_per_update must be >= 0 (0: one micro-batch per update), got {self.tokens_per_update}"
+            )
         positive = (
             "max_updates",
             "max_tokens",
-            "tokens_per_update",
             "valid_interval",
             "valid_max_sentences",
             "keep_last",
@@ -104,15 +107,29 @@ class TrainResult:
 
 
 def batch_stream(sampler: TokenBatchSampler, tgt_lengths: np.ndarray, tokens_per_update: int) -> Iterator[list]:
-    """Updates as lists of micro-batches (index arrays) from the endless sampler."""
+    """Updates as lists of micro-batches (index arrays) from the endless sampler: micro-batches
+    until `tokens_per_update` real target tokens are reached (0: exactly one)."""
     it = iter(sampler)
     while True:
-        batches, tokens = [], 0
+        batches = [next(it)]
+        tokens = int(tgt_lengths[batches[0]].sum())
         while tokens < tokens_per_update:
             b = next(it)
             batches.append(b)
             tokens += int(tgt_lengths[b].sum())
         yield batches
+
+
+def auxiliary_loss(stats, aux_weight: float, z_weight: float) -> torch.Tensor:
+    """Switch load balancing and router z-loss, summed over the MoE layers (Switch sums the
+    per-layer losses; averaging would weaken them as MoE layers are added). Dense layers
+    (stats None) add nothing."""
+    total = torch.zeros(())
+    if aux_weight or z_weight:
+        for s in stats:
+            if s is not None:
+                total = total + aux_weight * load_balancing_loss(s, 1.0) + z_weight * router_z_loss(s)
+    return total
 
 
 def shift_right(tgt: torch.Tensor, bos_id: int, pad_id: int) -> torch.Tensor:
@@ -205,12 +222,7 @@ def train(
                     logits, stats = model(src, shift_right(tgt, args.bos_id, args.pad_id), arch)
                 loss, nll = smoothed_nll(logits, tgt, cfg.label_smoothing, args.pad_id)
                 routed = [s for s in stats if s is not None]
-                aux = torch.zeros((), device=world.device)
-                if routed and (cfg.aux_loss_weight or cfg.z_loss_weight):
-                    aux = sum(
-                        cfg.aux_loss_weight * load_balancing_loss(s, 1.0) + cfg.z_loss_weight * router_z_loss(s)
-                        for s in routed
-                    ) / len(routed)
+                aux = auxiliary_loss(stats, cfg.aux_loss_weight, cfg.z_loss_weight).to(world.device)
                 b_tokens = int((tgt != args.pad_id).sum())
                 total = (loss + aux * b_tokens) * (weight / n_tokens)
                 total.backward()
@@ -229,6 +241,8 @@ def train(
             "aux": aux_sum / n_tokens / n_arch,
             "lr": lr,
             "grad_norm": grad_norm,
+            "target_tokens": float(n_tokens),
+            "micro_batches": float(len(batches)),
         }
         tokens_since += n_tokens
         done = update + 1
@@ -261,6 +275,9 @@ def train(
         "final_train_loss": history[-1]["loss"] if history else math.nan,
         "best_valid_loss": best["mean"] if best else math.nan,
         "best_update": float(best["update"]) if best else math.nan,
+        # what the run actually saw (every arch of an update sees the same tokens)
+        "target_tokens_seen": float(sum(r.get("target_tokens", 0.0) for r in history)),
+        "micro_batches_per_update": float(np.mean([r.get("micro_batches", 0.0) for r in history])) if history else 0.0,
     }
     return TrainResult(weights, summary, history, valid_history)
 
