@@ -38,9 +38,16 @@ def dense_arch(d=64, enc=2, dec=2, ffn=128, heads=4) -> ArchConfig:
     )
 
 
-def make(arch: ArchConfig, vocab: int = VOCAB, seed: int = 0) -> SubTransformer:
+def make(arch: ArchConfig, vocab: int = VOCAB, seed: int = 0, pre_norm: bool = False) -> SubTransformer:
     torch.manual_seed(seed)
-    return SubTransformer(arch=arch, args=ModelArgs(vocab_size=vocab, qkv_dim=64, max_embed_dim=64)).eval()
+    args = ModelArgs(vocab_size=vocab, qkv_dim=64, max_embed_dim=64, pre_norm=pre_norm)
+    model = SubTransformer(arch=arch, args=args).eval()
+    if pre_norm:  # final norms away from identity, so an export that skipped them would differ
+        with torch.no_grad():
+            for norm in (model.core.encoder_norm, model.core.decoder_norm):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.2, 0.2)
+    return model
 
 
 def sources(seed: int, b: int = 3, s: int = 9, vocab: int = VOCAB) -> torch.Tensor:
@@ -60,7 +67,7 @@ def models():
     net = SuperTransformer(space=space, args=ModelArgs(vocab_size=VOCAB, qkv_dim=space.qkv_dim, max_embed_dim=256))
     rng = np.random.default_rng(3)
     archs = [a for a in (space.sample(rng) for _ in range(20)) if not a.is_dense][:2]
-    return [make(dense_arch())] + [extract(net.eval(), a) for a in archs]
+    return [make(dense_arch()), make(dense_arch(), pre_norm=True)] + [extract(net.eval(), a) for a in archs]
 
 
 @needs_onednn
@@ -109,9 +116,11 @@ def ct2_model(model: SubTransformer, folder, pieces):
 PIECES = ["<pad>", "<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(4, VOCAB)]
 
 
-@pytest.mark.parametrize("arch", [dense_arch(), dense_arch(enc=1, dec=3, ffn=96, heads=2)])
-def test_ctranslate2_export_scores_and_translates_like_ours(arch, tmp_path):
-    model = make(arch, seed=4)
+@pytest.mark.parametrize(
+    "arch, pre_norm", [(dense_arch(), False), (dense_arch(enc=1, dec=3, ffn=96, heads=2), False), (dense_arch(), True)]
+)
+def test_ctranslate2_export_scores_and_translates_like_ours(arch, pre_norm, tmp_path):
+    model = make(arch, seed=4, pre_norm=pre_norm)
     translator = ct2_model(model, tmp_path / "ct2", PIECES)
     src = sources(5)
     tgt = sources(6, s=6)[:, :-1].clamp(min=4)
@@ -122,7 +131,7 @@ def test_ctranslate2_export_scores_and_translates_like_ours(arch, tmp_path):
     rows = [[PIECES[i] for i in row if i != 0] for row in src.tolist()]
     theirs = translator.score_batch(rows, [[PIECES[i] for i in row] for row in tgt.tolist()])
     np.testing.assert_allclose(np.array([r.log_probs for r in theirs]), ours, atol=1e-4)
-    out = translator.translate_batch(rows, beam_size=1, max_decoding_length=12)
+    out = translator.translate_batch(rows, beam_size=1, max_decoding_length=12, suppress_sequences=[["<s>"]])
     expected = greedy(model, src, max_len_a=0.0, max_len_b=12)
     assert [
         [PIECES.index(p) for p in r.hypotheses[0]][: len(e)] for r, e in zip(out, expected, strict=True)

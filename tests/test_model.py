@@ -19,16 +19,19 @@ from automoe.space import load_space
 VOCAB = 64
 
 
-def make_supernet(name: str, seed: int = 0) -> SuperTransformer:
+def make_supernet(name: str, seed: int = 0, pre_norm: bool = False) -> SuperTransformer:
     space = load_space(name)
     torch.manual_seed(seed)
-    args = ModelArgs(vocab_size=VOCAB, qkv_dim=space.qkv_dim, max_embed_dim=max(space.encoder_embed_dim))
+    args = ModelArgs(
+        vocab_size=VOCAB, qkv_dim=space.qkv_dim, max_embed_dim=max(space.encoder_embed_dim), pre_norm=pre_norm
+    )
     return SuperTransformer(space=space, args=args).eval()
 
 
 @pytest.fixture(scope="module")
 def supernets():
-    return {name: make_supernet(name) for name in ("small", "space0")}
+    nets = {name: make_supernet(name) for name in ("small", "space0")}
+    return nets | {"small_pre_norm": make_supernet("small", pre_norm=True)}
 
 
 def batch(seed: int, b: int = 3, s: int = 9, t: int = 7):
@@ -41,7 +44,7 @@ def batch(seed: int, b: int = 3, s: int = 9, t: int = 7):
     return src, tgt
 
 
-@pytest.mark.parametrize("name, n_archs", [("small", 25), ("space0", 6)])
+@pytest.mark.parametrize("name, n_archs", [("small", 25), ("space0", 6), ("small_pre_norm", 10)])
 def test_extracted_subtransformer_equals_the_supernet_slice(supernets, name, n_archs):
     net = supernets[name]
     rng = np.random.default_rng(11)
@@ -56,7 +59,8 @@ def test_extracted_subtransformer_equals_the_supernet_slice(supernets, name, n_a
         assert (got - want).abs().max().item() <= 1e-5
         assert [s is None for s in stats] == [len(e) == 1 for e in arch.encoder_ffn + arch.decoder_ffn]
         # compact: nothing the arch does not use
-        assert sum(p.numel() for p in sub.parameters()) == count(arch, VOCAB, space.qkv_dim).params_total
+        counted = count(arch, VOCAB, space.qkv_dim, pre_norm=net.args.pre_norm).params_total
+        assert sum(p.numel() for p in sub.parameters()) == counted
         assert len(sub.core.encoder) == arch.encoder_layers and len(sub.core.decoder) == arch.decoder_layers
         assert [len(layer.moe.experts) for layer in sub.core.encoder] == [len(e) for e in arch.encoder_ffn]
         outputs.append(want)

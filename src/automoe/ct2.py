@@ -63,7 +63,7 @@ def build_spec(model, pieces: list[str]):
     spec = transformer_spec.TransformerSpec.from_config(
         (arch.encoder_layers, arch.decoder_layers),
         arch.encoder_self_heads[0],
-        pre_norm=False,
+        pre_norm=args.pre_norm,
         activation=common_spec.Activation.RELU,
     )
     if arch.decoder_self_heads[0] != arch.encoder_self_heads[0]:
@@ -111,6 +111,10 @@ def build_spec(model, pieces: list[str]):
         norm(dst.attention.layer_norm, layer.ende_attn_norm)
         _ffn(dst.ffn, layer, linear, norm)
 
+    if args.pre_norm:
+        norm(spec.encoder.layer_norm, core.encoder_norm)
+        norm(spec.decoder.layer_norm, core.decoder_norm)
+
     spec.register_source_vocabulary(pieces)
     spec.register_target_vocabulary(pieces)
     spec.config.unk_token = pieces[1]
@@ -157,6 +161,7 @@ def export(folder: Path | str, out: Path | str) -> dict[str, Any]:
         "source_model_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest(),
         "pad_id": model.args.pad_id,
         "eos_id": model.args.eos_id,
+        "bos_id": model.args.bos_id,
     }
     with staged_dir(out) as tmp:
         _Converter().convert(str(tmp / "ct2"), force=True)
@@ -209,6 +214,7 @@ class Ct2Translator:
                 beam_size=d.beam,
                 length_penalty=d.length_penalty,
                 max_decoding_length=limit,
+                suppress_sequences=[[self.sp.id_to_piece(self.meta.get("bos_id", 2))]],  # as ours: never BOS
             )
             out += [r.hypotheses[0] for r in results]
         return out

@@ -59,11 +59,13 @@ def count(
     src_len: int = 30,
     tgt_len: int = 30,
     routing: Sequence[RouterStats | None] | None = None,
+    pre_norm: bool = False,
 ) -> Counts:
-    """`routing`: the router stats of a batch-1 forward (encoder layers then decoder layers)."""
+    """`routing`: the router stats of a batch-1 forward (encoder layers then decoder layers).
+    `pre_norm`: the model has the final encoder and decoder LayerNorms of pre-LN."""
     e, d, q, S, T = arch.encoder_embed_dim, arch.decoder_embed_dim, qkv_dim, src_len, tgt_len
     embed = vocab_size * max(e, d)
-    fixed = embed  # parameters outside the experts
+    fixed = embed + (2 * e + 2 * d if pre_norm else 0)  # parameters outside the experts
     total_experts, active_experts = 0, 0.0
     flops, flops_all = 0.0, 0.0
     stats = list(routing) if routing is not None else [None] * (arch.encoder_layers + arch.decoder_layers)

@@ -1,11 +1,12 @@
 """The encoder-decoder core shared by the SuperTransformer and the compact SubTransformer.
 
-Post-LayerNorm Transformer (Vaswani et al.) with sinusoidal positions, ReLU experts, one
-embedding table for source, target and output, arbitrary encoder-decoder attention
-(each decoder layer attends to the last 1, 2 or 3 encoder layers, concatenated along
-time) and a Mixture-of-Experts FFN in every layer. The core is built at a `shape` (an
-ArchConfig: the space's largest for the supernet, the arch itself for a compact model)
-and runs any `arch` that fits inside it; the arch is an argument of every call.
+Post-LayerNorm Transformer (Vaswani et al.; `ModelArgs.pre_norm`: pre-LN with final
+encoder and decoder norms) with sinusoidal positions, ReLU experts, one embedding table
+for source, target and output, arbitrary encoder-decoder attention (each decoder layer
+attends to the last 1, 2 or 3 encoder layers, concatenated along time) and a
+Mixture-of-Experts FFN in every layer. The core is built at a `shape` (an ArchConfig:
+the space's largest for the supernet, the arch itself for a compact model) and runs
+any `arch` that fits inside it; the arch is an argument of every call.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ModelArgs:
     max_embed_dim: int  # the space's largest width: dropout scales with d / max_embed_dim
     dropout: float = 0.3
     attention_dropout: float = 0.1
+    pre_norm: bool = False  # False: post-LN (the paper's); True: pre-LN with final encoder/decoder norms
     pad_id: int = 0
     bos_id: int = 2
     eos_id: int = 3
@@ -102,25 +104,33 @@ def _drop(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, *, embed_dim: int, qkv_dim: int, ffn_dims: tuple[int, ...]):
+    def __init__(self, *, embed_dim: int, qkv_dim: int, ffn_dims: tuple[int, ...], pre_norm: bool = False):
         super().__init__()
+        self.pre_norm = pre_norm
         self.self_attn = Attention(query_dim=embed_dim, kv_dim=embed_dim, qkv_dim=qkv_dim)
         self.self_attn_norm = ElasticLayerNorm(dim=embed_dim)
         self.moe = MoE(embed_dim=embed_dim, ffn_dims=ffn_dims)
         self.ffn_norm = ElasticLayerNorm(dim=embed_dim)
 
     def forward(self, x, mask, heads, experts, top_k, p, p_attn, capacity_factor=None):
-        q, k, v = (split_heads(t, heads) for t in self.self_attn.project_qkv(x))  # (B, H, T, Dh)
+        pre = self.pre_norm  # pre-LN: normalise each sublayer's input; post-LN: its residual sum
+        r = self.self_attn_norm(x) if pre else x
+        q, k, v = (split_heads(t, heads) for t in self.self_attn.project_qkv(r))  # (B, H, T, Dh)
         h = self.self_attn.attend(q, (k, v), x.shape[-1], mask, dropout=p_attn)
-        x = self.self_attn_norm(x + _drop(h, p, self.training))
+        x = x + _drop(h, p, self.training)
+        x = x if pre else self.self_attn_norm(x)
         keep = mask.reshape(x.shape[:2])  # (B, 1, 1, S) -> (B, S): padding is not routed
-        h, stats = self.moe(x, experts, top_k, capacity_factor=capacity_factor, keep=keep)
-        return self.ffn_norm(x + _drop(h, p, self.training)), stats
+        h, stats = self.moe(self.ffn_norm(x) if pre else x, experts, top_k, capacity_factor=capacity_factor, keep=keep)
+        x = x + _drop(h, p, self.training)
+        return (x if pre else self.ffn_norm(x)), stats
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, *, embed_dim: int, encoder_dim: int, qkv_dim: int, ffn_dims: tuple[int, ...]):
+    def __init__(
+        self, *, embed_dim: int, encoder_dim: int, qkv_dim: int, ffn_dims: tuple[int, ...], pre_norm: bool = False
+    ):
         super().__init__()
+        self.pre_norm = pre_norm
         self.self_attn = Attention(query_dim=embed_dim, kv_dim=embed_dim, qkv_dim=qkv_dim)
         self.self_attn_norm = ElasticLayerNorm(dim=embed_dim)
         self.ende_attn = Attention(query_dim=embed_dim, kv_dim=encoder_dim, qkv_dim=qkv_dim)
@@ -147,7 +157,8 @@ class DecoderLayer(nn.Module):
         """x (B, t, d) target positions start..start+t-1. kv_buffer (2, B, T_cap, qkv), if
         given, holds the keys/values of the `start` earlier positions; this call adds its own.
         keep (B, t): the real (non-padding) target tokens, the only ones routed."""
-        q, k, v = self.self_attn.project_qkv(x)  # (B, t, qkv) each
+        pre = self.pre_norm  # pre-LN: normalise each sublayer's input; post-LN: its residual sum
+        q, k, v = self.self_attn.project_qkv(self.self_attn_norm(x) if pre else x)  # (B, t, qkv) each
         if kv_buffer is not None:
             if start and x.shape[1] != 1:
                 raise ValueError("incremental decoding takes one new token per step")
@@ -157,11 +168,14 @@ class DecoderLayer(nn.Module):
         causal = x.shape[1] > 1  # a single new token sees every cached one
         q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)  # (B, H, T, Dh)
         h = self.self_attn.attend(q, (k, v), x.shape[-1], causal=causal, dropout=p_attn)
-        x = self.self_attn_norm(x + _drop(h, p, self.training))
-        h = self.ende_attn(x, ende_kv, ende_heads, ende_mask, dropout=p_attn)
-        x = self.ende_attn_norm(x + _drop(h, p, self.training))
-        h, stats = self.moe(x, experts, top_k, capacity_factor=capacity_factor, keep=keep)
-        return self.ffn_norm(x + _drop(h, p, self.training)), stats
+        x = x + _drop(h, p, self.training)
+        x = x if pre else self.self_attn_norm(x)
+        h = self.ende_attn(self.ende_attn_norm(x) if pre else x, ende_kv, ende_heads, ende_mask, dropout=p_attn)
+        x = x + _drop(h, p, self.training)
+        x = x if pre else self.ende_attn_norm(x)
+        h, stats = self.moe(self.ffn_norm(x) if pre else x, experts, top_k, capacity_factor=capacity_factor, keep=keep)
+        x = x + _drop(h, p, self.training)
+        return (x if pre else self.ffn_norm(x)), stats
 
 
 class Transformer(nn.Module):
@@ -170,13 +184,17 @@ class Transformer(nn.Module):
         self.shape, self.args = shape, args
         enc_d, dec_d = shape.encoder_embed_dim, shape.decoder_embed_dim
         self.embed = SharedEmbedding(vocab_size=args.vocab_size, dim=max(enc_d, dec_d), pad_id=args.pad_id)
+        pre = args.pre_norm
         self.encoder = nn.ModuleList(
-            EncoderLayer(embed_dim=enc_d, qkv_dim=args.qkv_dim, ffn_dims=ffn) for ffn in shape.encoder_ffn
+            EncoderLayer(embed_dim=enc_d, qkv_dim=args.qkv_dim, ffn_dims=ffn, pre_norm=pre) for ffn in shape.encoder_ffn
         )
         self.decoder = nn.ModuleList(
-            DecoderLayer(embed_dim=dec_d, encoder_dim=enc_d, qkv_dim=args.qkv_dim, ffn_dims=ffn)
+            DecoderLayer(embed_dim=dec_d, encoder_dim=enc_d, qkv_dim=args.qkv_dim, ffn_dims=ffn, pre_norm=pre)
             for ffn in shape.decoder_ffn
         )
+        # pre-LN: the final norms (every encoder state the decoder attends to goes through the encoder's)
+        self.encoder_norm = ElasticLayerNorm(dim=enc_d) if pre else None
+        self.decoder_norm = ElasticLayerNorm(dim=dec_d) if pre else None
 
     def _dropouts(self, dim: int) -> tuple[float, float]:
         if not self.training:
@@ -195,7 +213,7 @@ class Transformer(nn.Module):
             x, s = self.encoder[i](
                 x, mask, arch.encoder_self_heads[i], arch.encoder_ffn[i], arch.top_k, p, p_attn, capacity_factor
             )
-            states.append(x)
+            states.append(x if self.encoder_norm is None else self.encoder_norm(x))
             stats.append(s)
         return EncoderOut(tuple(states), mask, tuple(stats))
 
@@ -247,6 +265,8 @@ class Transformer(nn.Module):
                 keep,
             )
             stats.append(s)
+        if self.decoder_norm is not None:
+            x = self.decoder_norm(x)
         logits = self.embed.logits(x)
         if keep_cache:
             spare = None if cache is None else cache.spare

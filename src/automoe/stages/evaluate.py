@@ -83,7 +83,7 @@ def evaluate_model(name: str, folder: Path, data: PreparedData, cfg: EvaluateCon
     result = score(hyps, refs)
     lat = m.measure(model, m.source_windows(data.split("valid"), 30, 8), 5, 30, cfg.latency_warmup, cfg.latency_repeats)
     args, arch = model.args, model.arch
-    counts = count(arch, args.vocab_size, args.qkv_dim)
+    counts = count(arch, args.vocab_size, args.qkv_dim, pre_norm=args.pre_norm)
     tokens = _routed_token_flops(model, split, min(n, cfg.flops_sentences))
     result |= {
         "latency_ms": lat.total_ms,

@@ -28,6 +28,7 @@ def model_args(space: SearchSpace, vocab_size: int, cfg: TrainConfig) -> ModelAr
         max_embed_dim=max(space.encoder_embed_dim + space.decoder_embed_dim),
         dropout=cfg.dropout,
         attention_dropout=cfg.attention_dropout,
+        pre_norm=cfg.norm == "pre",
     )
 
 

@@ -53,6 +53,7 @@ class TrainConfig:
     adam_betas: tuple[float, ...] = (0.9, 0.98)
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
+    norm: Literal["post", "pre"] = "post"  # layer norm placement (post: the paper's; pre: final norms added)
     dropout: float = 0.3
     attention_dropout: float = 0.1
     aux_loss_weight: float = 0.0  # Switch load balancing (0.01 when on)
