@@ -120,10 +120,19 @@ def automoe_pipeline(
         found = _task(c.search(prepared=prepared, supernet=supernet, predictor=predictor, **common), "search")
         nproc = PIPELINE.resources_of("retrain").gpu
         searched = _task(
-            c.retrain(prepared=prepared, arch_name="", search_result=found.outputs["result"], nproc=nproc, **common),
+            c.retrain(
+                prepared=prepared,
+                arch_name="",
+                search_result=found.outputs["result"],
+                supernet=supernet,
+                nproc=nproc,
+                **common,
+            ),
             "retrain",
         ).set_display_name("retrain (searched)")
-        dense = _task(c.retrain(prepared=prepared, arch_name="largest_dense", nproc=nproc, **common), "retrain")
+        dense = _task(
+            c.retrain(prepared=prepared, arch_name="largest_dense", supernet=supernet, nproc=nproc, **common), "retrain"
+        )
         dense.set_display_name("retrain (dense baseline)")
         evaluation = _task(
             c.evaluate(prepared=prepared, model=searched.outputs["model"], baseline=dense.outputs["model"], **common),

@@ -15,9 +15,12 @@ def retrain(
     model: Output[Model],
     metrics: Output[Metrics],
     search_result: Input[Artifact] = None,
+    supernet: Input[Model] = None,
 ):
-    """The searched arch (`search_result`), or a named arch of the space (`arch_name`, e.g. largest_dense)."""
+    """The searched arch (`search_result`), or a named arch of the space (`arch_name`, e.g. largest_dense);
+    `supernet` for retrain.init_from_supernet (both retrain tasks get it: one policy for all)."""
     from automoe.stages import retrain
 
     arch = search_result.path if search_result is not None else arch_name
-    retrain.component_main(params, overrides, parent_run_id, prepared.path, arch, "", model.path, metrics, nproc)
+    net = supernet.path if supernet is not None else ""
+    retrain.component_main(params, overrides, parent_run_id, prepared.path, arch, net, model.path, metrics, nproc)

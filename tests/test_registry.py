@@ -46,6 +46,23 @@ def test_gate_promotes_better_and_keeps_champion_against_worse():
     assert best == champ  # rolled-back and already-decided versions never come back by themselves
 
 
+def test_gate_floor_refuses_a_model_that_does_not_translate():
+    """Below min_bleu or min_chrf nothing becomes champion: not the first registration, not
+    a version that beats a weak champion, not a version without scores."""
+    gate = Gate(bleu_tolerance=0.5, cost_tolerance=0.1, min_bleu=10.0, min_chrf=35.0)
+    best, verdicts = decide(None, [v(1, 0.86, chrf=13.8)], gate)
+    assert best is None and verdicts == {1: "rejected: BLEU 0.86 below the floor 10"}
+    weak = v(1, 5.0, chrf=20.0)  # a champion promoted before the floor existed
+    best, verdicts = decide(weak, [weak, v(2, 9.0, chrf=40.0)], gate)
+    assert best == weak and "below the floor 10" in verdicts[2]
+    best, verdicts = decide(weak, [weak, v(2, 12.0, chrf=30.0)], gate)
+    assert best == weak and verdicts[2] == "rejected: chrF 30.00 below the floor 35"
+    best, verdicts = decide(None, [v(1, float("nan"), chrf=50.0)], gate)
+    assert best is None and "below the floor" in verdicts[1]
+    best, verdicts = decide(weak, [weak, v(2, 25.0, chrf=55.0)], gate)
+    assert best.number == 2 and verdicts == {2: "promoted"}
+
+
 # -- evaluate -----------------------------------------------------------------------------------
 
 
@@ -209,6 +226,7 @@ def test_register_gate_rollback_and_serving(trained, tracked, tmp_path, capsys):
     mv = client.get_model_version(NAME, "1")
     assert mv.tags[registry.BLEU] == "20.0000" and mv.tags["automoe.data_sha256"]
     assert mv.tags["automoe.git_commit"] and mv.tags["automoe.pipeline_run_id"]
+    assert mv.tags["automoe.init"] == "scratch"  # how the model was initialised travels with it
 
     # pyfunc round trip: load by alias, translate -> the compact model's own translations
     lines = ["A man is riding a bike.", "Two children play in the park.", ""]

@@ -249,6 +249,21 @@ def test_sampled_archs_depend_only_on_seed_and_update():
     assert (largest, smallest, sampled) == (space.largest(), space.smallest(), first[3][0])
 
 
+def test_budget_aware_sampling_trains_only_what_the_search_can_choose():
+    space = load_space("small")
+    limit = 0.5 * count(space.largest_dense(), 1, space.qkv_dim).gflops_no_embed
+    uniform = train_supernet.TrainSupernetConfig(space="small")
+    cfg = train_supernet.TrainSupernetConfig(space="small", sample_max_gflops=0.5)
+    free = [train_supernet.update_archs(space, uniform, u)[0] for u in range(200)]
+    assert any(count(a, 1, space.qkv_dim).gflops_no_embed > limit for a in free)  # the limit binds
+    within = [train_supernet.update_archs(space, cfg, u)[0] for u in range(200)]
+    costs = [count(a, 1, space.qkv_dim).gflops_no_embed for a in within]
+    assert max(costs) <= limit and len(set(within)) > 150  # under the limit, and still varied
+    assert within == [train_supernet.update_archs(space, cfg, u)[0] for u in range(200)]  # seeded
+    with pytest.raises(Exception, match="sample_max_gflops"):
+        train_supernet.load_config({"train_supernet": {"sample_max_gflops": -1}})
+
+
 def test_checkpoint_averaging(tmp_path):
     for update, value in ((1, 1.0), (2, 2.0), (3, 6.0)):
         checkpoint.save(tmp_path, update, {"update": update, "model": {"w": torch.full((2,), value)}}, keep_last=2)
@@ -284,6 +299,22 @@ def test_mismatched_vocab_is_refused(prepared, multi30k, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "supernet.pt: its vocabulary" in err and "differs from the prepared data" in err
     assert not (tmp_path / "r").exists()
+
+    # inherited weights keep the supernet's norm placement: another one is refused
+    common = ["--data", str(prepared), "--arch", str(tmp_path / "arch.yaml"), "--supernet", str(net / "supernet.pt")]
+    rc = retrain.main(
+        [*common, "--out", str(tmp_path / "r"), *tiny_train("retrain", 5, init_from_supernet="true", train__norm="pre")]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "retrain.train.norm: 'pre', but the supernet" in err and "is post-LN" in err
+    # the policy is recorded with the model
+    import json
+
+    assert (
+        retrain.main([*common, "--out", str(tmp_path / "ok"), *tiny_train("retrain", 2, init_from_supernet="true")])
+        == 0
+    )
+    assert json.loads((tmp_path / "ok" / "metrics.json").read_text())["init_from_supernet"] == 1.0
 
 
 @pytest.mark.parametrize(

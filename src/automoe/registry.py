@@ -1,7 +1,9 @@
 """The promotion gate, as a pure decision over registered versions.
 
-A version is promoted to `champion` only when its BLEU is not worse than the current
-champion's beyond `bleu_tolerance` and its cost (latency or GFLOPs) is within the search budget. The decision
+A version is promoted to `champion` only when its BLEU and chrF reach the floors
+(`min_bleu`, `min_chrf`: a model that does not translate never becomes champion, the first
+registration included), its BLEU is not worse than the current champion's beyond
+`bleu_tolerance` and its cost (latency or GFLOPs) is within the search budget. The decision
 is a fold in version order from the current champion over the undecided versions
 registered after it, so concurrent registrations that each re-run it converge on the
 same champion, and the previous champion is recorded on the new one before the alias
@@ -13,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # version tags
-BLEU, COST, BUDGET = "automoe.bleu", "automoe.gate_cost", "automoe.gate_budget"  # cost: ms or GFLOPs
+BLEU, CHRF = "automoe.bleu", "automoe.chrf"
+COST, BUDGET = "automoe.gate_cost", "automoe.gate_budget"  # cost: ms or GFLOPs
 GATE, PREVIOUS, REVOKED = "automoe.gate", "automoe.previous_champion", "automoe.revoked"
 CHAMPION, CANDIDATE = "champion", "candidate"
 
@@ -22,6 +25,8 @@ CHAMPION, CANDIDATE = "champion", "candidate"
 class Gate:
     bleu_tolerance: float = 0.5  # BLEU points a new model may lose against the champion
     cost_tolerance: float = 0.1  # measured latency may exceed the budget by this fraction (timing noise)
+    min_bleu: float = 0.0  # floors: below either, a version is never promoted
+    min_chrf: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -32,9 +37,14 @@ class Version:
     budget: float
     decided: bool = False  # already promoted, superseded or rejected by an earlier decision
     revoked: bool = False  # rolled back or replaced by a person
+    chrf: float = float("nan")
 
 
 def check(candidate: Version, champion: Version | None, gate: Gate) -> tuple[bool, str]:
+    if not candidate.bleu >= gate.min_bleu:  # (a missing score, NaN, fails too)
+        return False, f"BLEU {candidate.bleu:.2f} below the floor {gate.min_bleu:g}"
+    if gate.min_chrf > 0 and not candidate.chrf >= gate.min_chrf:
+        return False, f"chrF {candidate.chrf:.2f} below the floor {gate.min_chrf:g}"
     if candidate.cost > candidate.budget * (1 + gate.cost_tolerance):
         return False, f"cost {candidate.cost:.4g} over the budget {candidate.budget:.4g}"
     if champion is not None and candidate.bleu < champion.bleu - gate.bleu_tolerance:

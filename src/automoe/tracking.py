@@ -279,6 +279,7 @@ def registry_versions(client, name: str):
             float(t.get(r.BUDGET, "inf")),
             decided=r.GATE in t,
             revoked=t.get(r.REVOKED) == "true",
+            chrf=float(t.get(r.CHRF, "nan")),
         )
 
     versions = [as_version(mv) for mv in client.search_model_versions(f"name='{name}'")]

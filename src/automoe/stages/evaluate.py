@@ -11,6 +11,7 @@ Output folder: `metrics.json` (DVC metrics), `hyp.<name>.txt`, `report.md`,
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,8 +100,21 @@ def evaluate_model(name: str, folder: Path, data: PreparedData, cfg: EvaluateCon
         "translate_sentences_per_s": n / seconds,
         "dense": arch.is_dense,
         "flops_per_token": tokens,
-    }
+    } | _training(folder)
     return result
+
+
+def _training(folder: Path) -> dict[str, Any]:
+    """How the model was trained (its retrain metrics.json): the comparison is fair only when
+    the searched model and the baseline share the initialisation and the budget."""
+    path = folder / "metrics.json"
+    trained = json.loads(path.read_text()) if path.is_file() else {}
+    init = {0.0: "scratch", 1.0: "supernet"}.get(trained.get("init_from_supernet"), "unknown")
+    return {
+        "init": init,
+        "train_updates": float(trained.get("updates", float("nan"))),
+        "train_target_tokens": float(trained.get("target_tokens_seen", float("nan"))),
+    }
 
 
 @torch.inference_mode()
@@ -161,6 +175,9 @@ def report(results: dict[str, dict], data: PreparedData) -> str:
         ("params active", "params_active", "{:,}"),
         ("params active w/o embeddings", "params_active_no_embed", "{:,}"),
         ("test sentences / s (beam search)", "translate_sentences_per_s", "{:.1f}"),
+        ("initialisation", "init", "{}"),
+        ("training updates", "train_updates", "{:,.0f}"),
+        ("training target tokens", "train_target_tokens", "{:,.0f}"),
     ]
     lines = [
         f"# automoe evaluation ({data.manifest['src_lang']}→{data.manifest['tgt_lang']})",
@@ -172,6 +189,8 @@ def report(results: dict[str, dict], data: PreparedData) -> str:
         lines.append(f"| {label} | " + " | ".join(fmt.format(results[n][k]) for n in names) + " |")
     if "dense" in results:
         s, d = results["searched"], results["dense"]
+        if (s["init"], s["train_updates"]) != (d["init"], d["train_updates"]):
+            lines += ["", "**Warning: the two models were not trained the same way (see the last rows).**"]
         lines += [
             "",
             f"**Speedup vs dense: {d['latency_ms'] / s['latency_ms']:.2f}x** latency, "

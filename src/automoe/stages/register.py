@@ -4,9 +4,10 @@ Logs the model as an MLflow pyfunc translator (code, SentencePiece model, arch, 
 signature, input example) in this stage's run, registers a version tagged with BLEU,
 chrF, latency, GFLOPs, the search budget, the data hash, the git commit and the pipeline
 run, points alias `candidate` at it, and moves alias `champion` only when the gate
-passes (BLEU not worse than the champion beyond a tolerance; latency or GFLOPs within
-the budget). The previous champion is recorded on the new one before the alias moves.
-Output folder: `registration.json`.
+passes (BLEU and chrF at or above the floors `min_bleu` / `min_chrf`; BLEU not worse than
+the champion beyond a tolerance; latency or GFLOPs within the budget). The previous
+champion is recorded on the new one before the alias moves. The version also records how
+the model was initialised (`automoe.init`: scratch or supernet). Output folder: `registration.json`.
 """
 
 from __future__ import annotations
@@ -32,12 +33,19 @@ class RegisterConfig:
     model_name: str = "automoe-en-de"
     bleu_tolerance: float = 0.5  # BLEU points a new model may lose against the champion
     cost_tolerance: float = 0.1  # measured latency may exceed the budget by this fraction
+    min_bleu: float = 10.0  # floors: below either nothing becomes champion, whatever the champion was
+    min_chrf: float = 35.0
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
             raise ValueError("model_name must not be empty")
         if self.bleu_tolerance < 0 or self.cost_tolerance < 0:
             raise ValueError("tolerances must be >= 0")
+        if self.min_bleu < 0 or self.min_chrf < 0:
+            raise ValueError("min_bleu and min_chrf must be >= 0")
+
+    def gate(self) -> registry.Gate:
+        return registry.Gate(self.bleu_tolerance, self.cost_tolerance, self.min_bleu, self.min_chrf)
 
 
 @dataclass(frozen=True)
@@ -61,9 +69,12 @@ def version_tags(inputs: RegisterInputs, data: PreparedData, run: tracking.Stage
     ev = _read_json(inputs.evaluation / "metrics.json")
     budget = _read_json(inputs.search / "budget.json")
     cost = ev["searched_latency_ms"] if budget["kind"] == "latency_ms" else ev["searched_gflops"]
+    trained = inputs.model / "metrics.json"
+    init = _read_json(trained).get("init_from_supernet") if trained.is_file() else None
     return {
+        "automoe.init": {None: "unknown", 0.0: "scratch", 1.0: "supernet"}.get(init, "unknown"),
         registry.BLEU: f"{ev['searched_bleu']:.4f}",
-        "automoe.chrf": f"{ev['searched_chrf']:.4f}",
+        registry.CHRF: f"{ev['searched_chrf']:.4f}",
         "automoe.latency_ms": f"{ev['searched_latency_ms']:.4f}",
         "automoe.gflops": f"{ev['searched_gflops']:.6f}",
         registry.COST: f"{cost:.6f}",
@@ -87,7 +98,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs, out_dir: Path, run: trackin
     version = tracking.log_translator(run, inputs.model, cfg.model_name, tags)
     client = tracking.registry_client()
     client.set_registered_model_alias(cfg.model_name, registry.CANDIDATE, str(version))
-    decision = tracking.settle_champion(client, cfg.model_name, registry.Gate(cfg.bleu_tolerance, cfg.cost_tolerance))
+    decision = tracking.settle_champion(client, cfg.model_name, cfg.gate())
     promoted = decision["champion"] == version
     result = {
         "model_name": cfg.model_name,

@@ -71,6 +71,12 @@ def run(
         supernet, vocab = SuperTransformer.load(artifact_file(inputs.supernet, "supernet.pt"))
         data.check_vocab(vocab, str(inputs.supernet))
         space = supernet.space
+        if supernet.args.pre_norm != (cfg.train.norm == "pre"):
+            theirs = "pre" if supernet.args.pre_norm else "post"
+            raise ConfigError(
+                f"retrain.train.norm: {cfg.train.norm!r}, but the supernet {inputs.supernet} is {theirs}-LN "
+                "(weights inherited from it keep its norm placement)"
+            )
     else:
         space = load_space(cfg.space)
     arch = resolve_arch(inputs.arch, space)
@@ -101,6 +107,7 @@ def run(
             atomic_write_text(out_dir / "arch.yaml", arch.to_yaml())
             atomic_write_bytes(out_dir / SPM_FILE, (data.root / SPM_FILE).read_bytes())  # self-contained model
             write_curves(out_dir, result.history, result.valid_history, "retraining")
+            result.metrics["init_from_supernet"] = float(cfg.init_from_supernet)  # the registered model records it
             atomic_write_json(out_dir / "metrics.json", result.metrics)
     finally:
         close_world(world)

@@ -34,7 +34,15 @@ VALID_RANDOM_SEED = 2**31 - 1
 class TrainSupernetConfig:
     space: str = "small"  # a preset name under configs/spaces/ or a path to a space YAML
     sampling: Literal["uniform", "sandwich"] = "uniform"  # sandwich: largest + smallest + random per update
+    # budget-aware sampling: 0 samples the whole space; f > 0 samples only archs whose GFLOPs
+    # (analytic, 30 + 30 tokens) are at most f x the largest dense arch's, i.e. what a search
+    # under about that budget can choose (GFLOPs are known before any latency is measured)
+    sample_max_gflops: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.sample_max_gflops < 0:
+            raise ValueError(f"sample_max_gflops must be >= 0 (0: the whole space), got {self.sample_max_gflops}")
 
 
 @dataclass(frozen=True)
@@ -45,8 +53,23 @@ class TrainSupernetInputs:
 def update_archs(space: SearchSpace, cfg: TrainSupernetConfig, update: int) -> list[ArchConfig]:
     """The SubTransformer(s) of an update, from the seed and the update count alone, so
     every worker and every resumed run trains the same ones."""
-    sampled = space.sample(np.random.default_rng([cfg.train.seed, update]))
+    rng = np.random.default_rng([cfg.train.seed, update])
+    sampled = space.sample(rng)
+    if cfg.sample_max_gflops:
+        limit = cfg.sample_max_gflops * _gflops(space, space.largest_dense())
+        for _ in range(10_000):  # redraw until under the limit (the smallest arch always is)
+            if _gflops(space, sampled) <= limit:
+                break
+            sampled = space.sample(rng)
+        else:
+            sampled = space.smallest()
     return [space.largest(), space.smallest(), sampled] if cfg.sampling == "sandwich" else [sampled]
+
+
+def _gflops(space: SearchSpace, arch: ArchConfig) -> float:
+    from automoe.model.counting import count
+
+    return count(arch, 1, space.qkv_dim).gflops_no_embed  # the vocabulary does not change the ranking
 
 
 def valid_archs(space: SearchSpace, seed: int) -> dict[str, ArchConfig]:
