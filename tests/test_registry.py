@@ -76,7 +76,7 @@ def trained(multi30k, tmp_path_factory):
     models = {}
     for name, seed in (("a", 1), ("b", 2)):
         train = dict(TINY_TRAIN, seed=seed, max_updates=40, valid_interval=20, lr=0.005)
-        sets = as_overrides({"retrain": {"space": TINY_SPACE, "train": train}})
+        sets = as_overrides({"retrain": {"space": TINY_SPACE, "train": train, "init_from_supernet": False}})
         out = root / name
         assert (
             retrain.main(

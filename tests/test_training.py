@@ -54,6 +54,8 @@ def tiny_train(section: str, updates: int, **extra) -> list[str]:
         "train__lr": 0.003,
         "space": TINY,
     }
+    if section == "retrain":
+        base["init_from_supernet"] = "false"  # from scratch unless a test says otherwise
     return sets(section, **(base | extra))
 
 
@@ -144,7 +146,7 @@ def test_retrain_learns_a_synthetic_copy_task(tmp_path, capsys):
     assert valid[-1]["model"] < 0.1 and valid[0]["model"] > 1.0  # copying, not a unigram model
     model, vocab = SubTransformer.load(out / "model.pt")
     space = load_space(TINY)
-    compact = count(model.arch, vocab["vocab_size"], space.qkv_dim).params_total
+    compact = count(model.arch, vocab["vocab_size"], space.qkv_dim, pre_norm=model.args.pre_norm).params_total
     assert sum(p.numel() for p in model.parameters()) == compact
 
 
@@ -273,7 +275,8 @@ def test_checkpoint_averaging(tmp_path):
 
 def test_mismatched_vocab_is_refused(prepared, multi30k, tmp_path, capsys):
     net = tmp_path / "supernet"
-    assert train_supernet.main(["--data", str(prepared), "--out", str(net), *tiny_train("train_supernet", 5)]) == 0
+    post_ln = tiny_train("train_supernet", 5, train__norm="post")
+    assert train_supernet.main(["--data", str(prepared), "--out", str(net), *post_ln]) == 0
     other = tmp_path / "other"
     assert (
         prepare_data.main(
@@ -293,7 +296,7 @@ def test_mismatched_vocab_is_refused(prepared, multi30k, tmp_path, capsys):
             str(net / "supernet.pt"),
             "--out",
             str(tmp_path / "r"),
-            *tiny_train("retrain", 5, init_from_supernet="true"),
+            *tiny_train("retrain", 5, init_from_supernet="true", train__norm="post"),
         ]
     )
     err = capsys.readouterr().err
@@ -311,7 +314,14 @@ def test_mismatched_vocab_is_refused(prepared, multi30k, tmp_path, capsys):
     import json
 
     assert (
-        retrain.main([*common, "--out", str(tmp_path / "ok"), *tiny_train("retrain", 2, init_from_supernet="true")])
+        retrain.main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "ok"),
+                *tiny_train("retrain", 2, init_from_supernet="true", train__norm="post"),
+            ]
+        )
         == 0
     )
     assert json.loads((tmp_path / "ok" / "metrics.json").read_text())["init_from_supernet"] == 1.0
