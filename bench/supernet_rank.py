@@ -4,9 +4,9 @@ loss and validation loss after retraining each architecture on its own.
 Picks `--archs` architectures spread over the space's cost range (evenly spaced quantiles
 of analytic GFLOPs, or of predicted latency with `--predictor`), scores each with the
 supernet's weights on the first `--valid-sentences` validation sentences (the search's
-fitness), retrains each from scratch with the `retrain` section of `--params` for
-`--updates` updates (the same recipe for all), and compares the two rankings on the same
-validation sentences. Results are kept per arch in `--out/rank.json`, so a killed run
+fitness), retrains each from scratch for `--updates` updates with the from-scratch
+recipe of `--params` (`train_supernet.train`, the same for all), and compares the two
+rankings on the same validation sentences. Results are kept per arch in `--out/rank.json`, so a killed run
 resumes with the next arch.
 
     python bench/supernet_rank.py --data data/prepared --supernet models/supernet/supernet.pt \\
@@ -72,8 +72,11 @@ def main() -> None:
     del supernet
 
     params = read_yaml(a.params) if a.params.is_file() else {}
-    section = dict(params.get("retrain", {}))
-    train = dict(section.get("train", {})) | {
+    section = {k: v for k, v in params.get("retrain", {}).items() if k != "train"}
+    # from scratch with the from-scratch recipe (the supernet's), warm-up capped to a third of the run
+    train = dict(params.get("train_supernet", {}).get("train", {}))
+    train = train | {
+        "warmup_updates": min(int(train.get("warmup_updates", 0)), a.updates // 3),
         "max_updates": a.updates,
         "valid_max_sentences": a.valid_sentences,
         "valid_interval": a.updates,

@@ -63,6 +63,17 @@ def test_gate_floor_refuses_a_model_that_does_not_translate():
     assert best.number == 2 and verdicts == {2: "promoted"}
 
 
+def test_a_relative_budget_is_checked_on_the_measured_ratio_to_dense():
+    from automoe.stages.register import gate_cost
+
+    ev = {"searched_latency_ms": 60.0, "dense_latency_ms": 120.0, "searched_gflops": 0.2}
+    relative = {"kind": "latency_ms", "value": 50.0, "fraction_of_dense": 0.5}  # predicted dense: 100 ms
+    assert gate_cost(ev, relative) == pytest.approx(50.0)  # half the dense latency: on the budget
+    assert gate_cost(ev | {"dense_latency_ms": 80.0}, relative) == pytest.approx(75.0)  # 0.75 of dense: over it
+    assert gate_cost(ev, {"kind": "latency_ms", "value": 50.0}) == 60.0  # an absolute budget: as measured
+    assert gate_cost(ev, {"kind": "gflops", "value": 0.3, "fraction_of_dense": 0.5}) == 0.2
+
+
 # -- evaluate -----------------------------------------------------------------------------------
 
 

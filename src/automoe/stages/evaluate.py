@@ -82,14 +82,10 @@ def evaluate_model(name: str, folder: Path, data: PreparedData, cfg: EvaluateCon
     hyps = [translator.sp.decode(ids) for ids in hyp_ids]
     atomic_write_text(out / f"hyp.{name}.txt", "".join(h + "\n" for h in hyps))
     result = score(hyps, refs)
-    lat = m.measure(model, m.source_windows(data.split("valid"), 30, 8), 5, 30, cfg.latency_warmup, cfg.latency_repeats)
     args, arch = model.args, model.arch
     counts = count(arch, args.vocab_size, args.qkv_dim, pre_norm=args.pre_norm)
     tokens = _routed_token_flops(model, split, min(n, cfg.flops_sentences))
     result |= {
-        "latency_ms": lat.total_ms,
-        "encoder_ms": lat.encoder_ms,
-        "decoder_ms": lat.decoder_ms,
         "gflops": counts.gflops,
         "gflops_no_embed": counts.gflops_no_embed,
         "params_total": counts.params_total,
@@ -131,12 +127,37 @@ def _routed_token_flops(model, split, n: int) -> list[float]:
     return out
 
 
+LATENCY_ROUNDS = 3
+
+
+def latencies(folders: dict[str, Path], data: PreparedData, cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
+    """The latency protocol for every model, in alternating rounds (A, B, A, B, ...), each
+    figure the median over the rounds: a machine whose speed drifts (a shared host) moves
+    all models alike, so their ratio, which the gate and the speedup use, stays fair."""
+    sources = m.source_windows(data.split("valid"), 30, 8)
+    models = {name: Translator.from_folder(folder, cfg.decode).model for name, folder in folders.items()}
+    runs: dict[str, list[m.Latency]] = {name: [] for name in models}
+    for _ in range(LATENCY_ROUNDS):
+        for name, model in models.items():
+            runs[name].append(m.measure(model, sources, 5, 30, cfg.latency_warmup, cfg.latency_repeats))
+    return {
+        name: {
+            "latency_ms": float(np.median([r.total_ms for r in rs])),
+            "encoder_ms": float(np.median([r.encoder_ms for r in rs])),
+            "decoder_ms": float(np.median([r.decoder_ms for r in rs])),
+        }
+        for name, rs in runs.items()
+    }
+
+
 def run(cfg: EvaluateConfig, inputs: EvaluateInputs, out_dir: Path) -> dict[str, float]:
     torch.set_num_threads(cfg.threads)
     data = PreparedData.open(inputs.data)
     models = {"searched": inputs.model} | ({"dense": inputs.baseline} if inputs.baseline else {})
     with staged_dir(out_dir) as tmp:
         results = {name: evaluate_model(name, Path(folder), data, cfg, tmp) for name, folder in models.items()}
+        for name, lat in latencies({k: Path(v) for k, v in models.items()}, data, cfg).items():
+            results[name] |= lat
         _histogram(tmp / "flops_per_token.png", {k: v.pop("flops_per_token") for k, v in results.items()})
         metrics = _flat(results)
         atomic_write_json(tmp / "metrics.json", metrics)

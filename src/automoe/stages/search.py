@@ -200,7 +200,13 @@ def write_outputs(out_dir: Path, cfg: SearchConfig, result, baseline, metrics: d
     atomic_write_json(out_dir / "metrics.json", metrics)
     atomic_write_json(
         out_dir / "budget.json",
-        {"kind": cfg.budget.kind, "value": metrics["budget"], "source": cfg.budget.latency_source},
+        {
+            "kind": cfg.budget.kind,
+            "value": metrics["budget"],
+            "source": cfg.budget.latency_source,
+            # a budget relative to the dense baseline: the gate checks the measured ratio
+            "fraction_of_dense": cfg.budget.value if cfg.budget.relative_to_dense else None,
+        },
     )
     atomic_write_text(out_dir / "best_arch.yaml", result.best.arch.to_yaml())
 
