@@ -11,7 +11,6 @@ Output folder: `metrics.json` (DVC metrics), `hyp.<name>.txt`, `report.md`,
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from automoe.model.counting import count, per_token_flops
 from automoe.plots import figure
 from automoe.serving import DecodeConfig, Translator
 from automoe.stages._cli import cli_run, component_run, guarded, stage_parser
+from automoe.stages.retrain import initialisation, training_record
 from automoe.train.trainer import shift_right
 
 NAME = "evaluate"
@@ -69,9 +69,9 @@ def score(hyps: list[str], refs: list[str]) -> dict[str, Any]:
     }
 
 
-def evaluate_model(name: str, folder: Path, data: PreparedData, cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
-    translator = Translator.from_folder(folder, cfg.decode)
-    data.check_vocab(translator.vocab, str(folder))
+def evaluate_model(
+    name: str, folder: Path, translator: Translator, data: PreparedData, cfg: EvaluateConfig, out: Path
+) -> dict[str, Any]:
     model = translator.model
     split = data.split(cfg.split)
     n = len(split) if not cfg.max_sentences else min(cfg.max_sentences, len(split))
@@ -103,11 +103,9 @@ def evaluate_model(name: str, folder: Path, data: PreparedData, cfg: EvaluateCon
 def _training(folder: Path) -> dict[str, Any]:
     """How the model was trained (its retrain metrics.json): the comparison is fair only when
     the searched model and the baseline share the initialisation and the budget."""
-    path = folder / "metrics.json"
-    trained = json.loads(path.read_text()) if path.is_file() else {}
-    init = {0.0: "scratch", 1.0: "supernet"}.get(trained.get("init_from_supernet"), "unknown")
+    trained = training_record(folder)
     return {
-        "init": init,
+        "init": initialisation(trained),
         "train_updates": float(trained.get("updates", float("nan"))),
         "train_target_tokens": float(trained.get("target_tokens_seen", float("nan"))),
     }
@@ -130,12 +128,11 @@ def _routed_token_flops(model, split, n: int) -> list[float]:
 LATENCY_ROUNDS = 3
 
 
-def latencies(folders: dict[str, Path], data: PreparedData, cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
+def latencies(models: dict[str, Any], data: PreparedData, cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
     """The latency protocol for every model, in alternating rounds (A, B, A, B, ...), each
     figure the median over the rounds: a machine whose speed drifts (a shared host) moves
     all models alike, so their ratio, which the gate and the speedup use, stays fair."""
     sources = m.source_windows(data.split("valid"), 30, 8)
-    models = {name: Translator.from_folder(folder, cfg.decode).model for name, folder in folders.items()}
     runs: dict[str, list[m.Latency]] = {name: [] for name in models}
     for _ in range(LATENCY_ROUNDS):
         for name, model in models.items():
@@ -155,8 +152,11 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs, out_dir: Path) -> dict[str,
     data = PreparedData.open(inputs.data)
     models = {"searched": inputs.model} | ({"dense": inputs.baseline} if inputs.baseline else {})
     with staged_dir(out_dir) as tmp:
-        results = {name: evaluate_model(name, Path(folder), data, cfg, tmp) for name, folder in models.items()}
-        for name, lat in latencies({k: Path(v) for k, v in models.items()}, data, cfg).items():
+        translators = {name: Translator.from_folder(folder, cfg.decode) for name, folder in models.items()}
+        for name, translator in translators.items():
+            data.check_vocab(translator.vocab, str(models[name]))
+        results = {name: evaluate_model(name, Path(models[name]), t, data, cfg, tmp) for name, t in translators.items()}
+        for name, lat in latencies({k: t.model for k, t in translators.items()}, data, cfg).items():
             results[name] |= lat
         _histogram(tmp / "flops_per_token.png", {k: v.pop("flops_per_token") for k, v in results.items()})
         metrics = _flat(results)

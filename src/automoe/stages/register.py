@@ -23,6 +23,7 @@ from automoe.data.dataset import PreparedData
 from automoe.errors import AutomoeError, DataError
 from automoe.io import atomic_write_json
 from automoe.stages._cli import cli_run, component_run, guarded, stage_parser
+from automoe.stages.retrain import initialisation, training_record
 
 NAME = "register"
 ARTIFACTS = ["registration.json"]  # logged to MLflow
@@ -83,10 +84,8 @@ def version_tags(inputs: RegisterInputs, data: PreparedData, run: tracking.Stage
     ev = _read_json(inputs.evaluation / "metrics.json")
     budget = _read_json(inputs.search / "budget.json")
     cost = gate_cost(ev, budget)
-    trained = inputs.model / "metrics.json"
-    init = _read_json(trained).get("init_from_supernet") if trained.is_file() else None
     return {
-        "automoe.init": {None: "unknown", 0.0: "scratch", 1.0: "supernet"}.get(init, "unknown"),
+        "automoe.init": initialisation(training_record(inputs.model)),
         registry.BLEU: f"{ev['searched_bleu']:.4f}",
         registry.CHRF: f"{ev['searched_chrf']:.4f}",
         "automoe.latency_ms": f"{ev['searched_latency_ms']:.4f}",

@@ -10,6 +10,7 @@ weights are the best checkpoint's (lowest validation NLL) or the average of the 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,17 @@ def run(
     finally:
         close_world(world)
     return result.metrics
+
+
+def training_record(folder: Path) -> dict[str, Any]:
+    """A retrain output folder's metrics.json ({} when there is none: a model from elsewhere)."""
+    path = Path(folder) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def initialisation(record: dict[str, Any]) -> str:
+    """'supernet', 'scratch' or 'unknown', from a training record."""
+    return {0.0: "scratch", 1.0: "supernet"}.get(record.get("init_from_supernet"), "unknown")
 
 
 def load_config(params: Any, overrides: Any = None) -> RetrainConfig:
