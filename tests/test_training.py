@@ -391,3 +391,34 @@ def test_batch_units_and_tokens_seen():
         assert sum(tokens) >= 600 and sum(tokens[:-1]) < 600  # just enough micro-batches
     with pytest.raises(ValueError, match="tokens_per_update"):
         TrainConfig(tokens_per_update=-1)
+
+
+def test_precision_setting_picks_the_autocast_dtype(monkeypatch):
+    from automoe.train import trainer
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert trainer.autocast_dtype("fp32", cuda) is None
+    assert trainer.autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert trainer.autocast_dtype("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(trainer, "_cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower: fp32
+    assert trainer.autocast_dtype("auto", cpu) is None
+    monkeypatch.setattr(trainer, "_cpu_has_native_bf16", lambda: True)
+    assert trainer.autocast_dtype("auto", cpu) is torch.bfloat16
+
+
+def test_bf16_autocast_learns_like_fp32(prepared, tmp_path):
+    """bf16 autocast (the CPU default where the CPU has bf16) trains the supernet as fp32
+    does: the same validation curve to within a small margin, and metrics say which ran."""
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        args = ["--data", str(prepared), "--out", str(out), *tiny_train("train_supernet", 20)]
+        assert train_supernet.main([*args, "--set", f"train_supernet.train.precision={precision}"]) == 0
+        import json
+
+        assert json.loads((out / "metrics.json").read_text())["bf16_autocast"] == float(precision == "bf16")
+        curves[precision] = read_valid_history(out / "valid_curves.csv")
+    first, last = curves["fp32"][0]["mean"], curves["fp32"][-1]["mean"]
+    assert last < first - 0.5  # it learns ...
+    for a, b in zip(curves["fp32"], curves["bf16"], strict=True):
+        assert abs(a["mean"] - b["mean"]) < 0.1 * (first - last)  # ... and bf16 follows the same curve

@@ -67,6 +67,9 @@ class TrainConfig:
     threads: int = 2
     seed: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # autocast dtype for forward passes (weights, optimizer and loss stay fp32). auto: bf16 on
+    # CUDA and on CPUs with native bf16 (avx512_bf16 / AMX), else fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
         if self.tokens_per_update < 0:
@@ -105,6 +108,24 @@ class TrainResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     valid_history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (emulated bf16 is slower than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a run uses on `device` (None: plain fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or device.type == "cuda" or _cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
 
 
 def batch_stream(sampler: TokenBatchSampler, tgt_lengths: np.ndarray, tokens_per_update: int) -> Iterator[list]:
@@ -190,7 +211,8 @@ def train(
             print(f"{desc}: resuming at update {start} from {state['path'].name}", file=sys.stderr)
 
     stream = batch_stream(sampler, train_split.tgt.lengths, cfg.tokens_per_update)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if world.device.type == "cuda" else contextlib.nullcontext()
+    dtype = autocast_dtype(cfg.precision, world.device)
+    amp = torch.autocast(world.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     bar = tqdm(
         total=cfg.max_updates,
         initial=start,
@@ -279,6 +301,7 @@ def train(
         # what the run actually saw (every arch of an update sees the same tokens)
         "target_tokens_seen": float(sum(r.get("target_tokens", 0.0) for r in history)),
         "micro_batches_per_update": float(np.mean([r.get("micro_batches", 0.0) for r in history])) if history else 0.0,
+        "bf16_autocast": float(dtype == torch.bfloat16),
     }
     return TrainResult(weights, summary, history, valid_history)
 
