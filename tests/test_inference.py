@@ -225,3 +225,34 @@ def test_export_cli_refuses_a_moe_model_without_output(model_folder, tmp_path):
         env=subprocess_env(),
     )
     assert proc.returncode == 2 and "no model.pt here" in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
+def test_translate_cli_keeps_every_line_of_invalid_utf8(model_folder, locale):
+    """Invalid UTF-8 on stdin: every line is translated (bad bytes -> U+FFFD), one output
+    line per input line, and stderr names the repaired lines; whatever the locale."""
+    from automoe.serving import DecodeConfig, Translator
+
+    data = b"A man rides a bike.\nTwo dogs \xff\xfe play.\r\nA woman \xc3 sings.\nThe end.\n"
+    env = subprocess_env(LC_ALL=locale, LANG=locale)
+    env.pop("PYTHONIOENCODING", None)
+    cmd = [sys.executable, "-m", "automoe.cli", "translate", "--model", str(model_folder), "--beam", "1"]
+    proc = subprocess.run(cmd, input=data, capture_output=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode("utf-8").splitlines()
+    ours = Translator.from_folder(model_folder, DecodeConfig(beam=1))
+    fixed = ["A man rides a bike.", "Two dogs \ufffd\ufffd play.", "A woman \ufffd sings.", "The end."]
+    assert out == ours.translate(fixed)
+    assert proc.stderr.decode().strip() == "translate: invalid UTF-8 replaced with U+FFFD on line 2, 3"
+
+
+def test_translator_accepts_bytes_and_surrogate_escaped_text(model_folder):
+    """The Python API (and so the pyfunc model) repairs what the CLI repairs."""
+    from automoe.serving import DecodeConfig, Translator
+    from automoe.textio import clean_lines
+
+    bad = b"Two dogs \xff play?"
+    text, repaired = clean_lines([bad, bad.decode("utf-8", "surrogateescape"), "ok \ud800 ?", "fine"])
+    assert text == ["Two dogs \ufffd play?"] * 2 + ["ok \ufffd ?", "fine"] and repaired == [0, 1, 2]
+    ours = Translator.from_folder(model_folder, DecodeConfig(beam=1))
+    assert ours.translate([bad, "fine"]) == ours.translate(["Two dogs \ufffd play?", "fine"])

@@ -26,6 +26,7 @@ from typing import Any
 
 from automoe.data.corpus import SPM_FILE
 from automoe.errors import AutomoeError
+from automoe.textio import clean_lines
 
 META_FILE = "automoe.json"
 MAX_POSITIONS = 1024
@@ -219,8 +220,8 @@ class Ct2Translator:
             out += [r.hypotheses[0] for r in results]
         return out
 
-    def translate(self, lines: Iterable[str]) -> list[str]:
-        lines = [str(x) for x in lines]
+    def translate(self, lines: Iterable[str | bytes]) -> list[str]:
+        lines, _ = clean_lines(lines)  # invalid UTF-8 -> U+FFFD: every line is translated
         if not lines:
             return []
         eos = self.sp.id_to_piece(self.meta["eos_id"])

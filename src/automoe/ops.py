@@ -8,6 +8,7 @@ from pathlib import Path
 
 from automoe import ct2
 from automoe.stages._cli import guarded
+from automoe.textio import as_text
 
 
 @guarded
@@ -35,14 +36,23 @@ def translate(argv: list[str] | None = None) -> None:
         from automoe.serving import DecodeConfig, Translator
 
         run = Translator.from_folder(Path(args.model), DecodeConfig(beam=args.beam)).translate
+    # bytes in, whatever the locale: invalid UTF-8 becomes U+FFFD, every line is translated
+    # (one output line per input line) and the repaired line numbers go to stderr
     batch: list[str] = []
-    for line in sys.stdin:
-        batch.append(line.rstrip("\n"))
+    repaired: list[int] = []
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        text, bad = as_text(raw.rstrip(b"\n").removesuffix(b"\r"))
+        if bad:
+            repaired.append(number)
+        batch.append(text)
         if len(batch) >= args.batch_lines:
             _emit(run(batch))
             batch = []
     if batch:
         _emit(run(batch))
+    if repaired:
+        shown = ", ".join(map(str, repaired[:10])) + (f" and {len(repaired) - 10} more" if len(repaired) > 10 else "")
+        print(f"translate: invalid UTF-8 replaced with U+FFFD on line {shown}", file=sys.stderr)
 
 
 def _emit(lines) -> None:

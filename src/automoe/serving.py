@@ -22,6 +22,7 @@ from automoe.errors import AutomoeError
 from automoe.model.decode import beam_search
 from automoe.model.inference import for_inference
 from automoe.model.subnet import SubTransformer
+from automoe.textio import clean_lines
 
 MODEL_FILE = "model.pt"
 
@@ -94,8 +95,8 @@ class Translator:
             start = end
         return out
 
-    def translate(self, lines: Iterable[str]) -> list[str]:
-        lines = [str(x) for x in lines]
+    def translate(self, lines: Iterable[str | bytes]) -> list[str]:
+        lines, _ = clean_lines(lines)  # invalid UTF-8 -> U+FFFD: every line is translated
         if not lines:
             return []
         return [self.sp.decode(ids) for ids in self.translate_ids(self.encode(lines))]
