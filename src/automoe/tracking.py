@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from automoe.errors import AutomoeError
 from automoe.io import atomic_write_json
 
 PARENT_FILE = Path(".automoe") / "parent_run.json"
@@ -53,12 +54,54 @@ def _client():
     return MlflowClient(tracking_uri=uri)
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// store (None for other stores)."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def check_store() -> None:
+    """Fail fast, in one line naming the fix, when the tracking store cannot be used: a
+    sqlite file in a folder this user cannot write (a container's read-only root file
+    system) or a tracking server that does not answer."""
+    uri = tracking_uri()
+    fix = (
+        "set MLFLOW_TRACKING_URI to a tracking server (http://host:5000) or to "
+        "sqlite:////<writable folder>/mlflow.db, or AUTOMOE_TRACKING=0 to run without tracking"
+    )
+    db = _sqlite_path(uri)
+    if db is not None:
+        folder = db.parent
+        if not folder.is_dir():
+            raise AutomoeError(f"MLflow tracking store {_redact(uri)}: folder {folder} does not exist; {fix}")
+        if not os.access(folder, os.W_OK | os.X_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise AutomoeError(f"MLflow tracking store {_redact(uri)}: {folder} is not writable by this user; {fix}")
+    elif uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+                pass
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):  # alive, but this client is refused (auth, allowed hosts)
+                raise AutomoeError(
+                    f"MLflow tracking server {_redact(uri)} refused this client (HTTP {exc.code}): check "
+                    "MLFLOW_TRACKING_USERNAME/PASSWORD and the server's --allowed-hosts"
+                ) from None
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise AutomoeError(f"MLflow tracking server {_redact(uri)} is not reachable ({reason}); {fix}") from None
+
+
 def _experiment_id(client) -> str:
     exp = client.get_experiment_by_name(experiment_name())
     if exp is not None:
         return exp.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+    db = _sqlite_path(tracking_uri())
+    if db is not None:  # artifacts beside the database (a mounted volume in a container)
+        location = (db.parent / "mlartifacts").absolute().as_uri()
+    elif not tracking_uri().startswith(("http://", "https://")):
         location = Path("mlartifacts").absolute().as_uri()
     with contextlib.suppress(Exception):  # a concurrent stage may have created it first
         return client.create_experiment(experiment_name(), artifact_location=location)
@@ -112,15 +155,18 @@ def end_kfp_parent(kfp_run_id: str, succeeded: bool) -> None:
             client.set_terminated(run.info.run_id, "FINISHED" if succeeded else "FAILED")
 
 
-def workspace_parent() -> str:
+def workspace_parent() -> str | None:
     """The DVC workspace's parent run: reuse the one in PARENT_FILE if this store has it,
-    else start one and remember it."""
+    else start one and remember it. None where the working directory is not writable (a
+    single stage in a container): the stage's run is then a top-level run."""
     uri = tracking_uri()
     if PARENT_FILE.is_file():
         with contextlib.suppress(ValueError, KeyError):
             saved = json.loads(PARENT_FILE.read_text())
             if saved["tracking_uri"] == uri:
                 return saved["run_id"]
+    if not os.access(PARENT_FILE.parent if PARENT_FILE.parent.is_dir() else Path.cwd(), os.W_OK):
+        return None
     run_id = start_parent()
     atomic_write_json(PARENT_FILE, {"run_id": run_id, "tracking_uri": uri})
     return run_id
@@ -175,9 +221,10 @@ def stage_run(stage: str, parent_run_id: str | None = None) -> Iterator[StageRun
     if not enabled():
         yield StageRun(None)
         return
+    check_store()
     client = _client()
     parent = parent_run_id or os.environ.get("AUTOMOE_PARENT_RUN_ID") or workspace_parent()
-    tags = {**context_tags(), "automoe.stage": stage, "mlflow.parentRunId": parent}
+    tags = {**context_tags(), "automoe.stage": stage} | ({"mlflow.parentRunId": parent} if parent else {})
     run = client.create_run(_experiment_id(client), run_name=stage, tags=tags)
     status = "FAILED"
     try:
