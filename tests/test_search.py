@@ -113,13 +113,14 @@ def test_measure_latency_resumes_after_sigkill_without_duplicates(tiny_supernet,
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_rows = table.read_text().count("\n") - 1
-    assert 4 <= killed_rows < 16
+    assert 4 <= killed_rows < 17
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = LatencyTable(out, json.loads((out / "hardware.json").read_text())).rows()
-    assert sorted(r["arch_id"] for r in rows) == list(range(16))
+    assert sorted(r["arch_id"] for r in rows) == list(range(17))
     space = load_space(TINY_SPACE)
     expected = measure_latency.archs_to_measure(space, measure_latency.MeasureLatencyConfig(n_archs=14))
+    assert expected[-1] == space.largest_dense()  # the baseline of relative budgets is measured
     assert {r["arch_id"]: r["arch"] for r in rows} == {i: key(a) for i, a in enumerate(expected)}
     assert all(r["latency_ms"] > 0 for r in rows)
 
@@ -494,3 +495,31 @@ def count_gflops(arch, supernet_path) -> float:
 
     net, _ = SuperTransformer.load(supernet_path)
     return count(arch, net.args.vocab_size, net.space.qkv_dim).gflops
+
+
+def test_relative_budget_uses_the_measured_dense_latency():
+    """A budget that is a fraction of the dense baseline is a fraction of the baseline's
+    measured latency when the table has it (a prediction off by 30% for the baseline moved
+    the whole budget: the gate then rejected the searched model)."""
+    from automoe.latency.table import arch_key
+    from automoe.stages.search import Budget, SearchConfig, absolute_budget
+
+    space = load_space(TINY_SPACE)
+    rng = np.random.default_rng(0)
+    archs = [space.sample(rng) for _ in range(40)]
+    x = np.stack([arch_features(a) for a in archs])
+    y = np.array([synthetic_latency(a) for a in archs])
+    predictor = fit(x, y, x[:5], y[:5], FitConfig(layers=0), space.digest(), {})
+    dense = space.largest_dense()
+    predicted = float(predictor.predict([dense])[0])
+    predictor.measured = {arch_key(dense): predicted * 0.7}
+    assert predictor.reference_ms(dense) == pytest.approx(predicted * 0.7)
+    assert predictor.reference_ms(archs[0]) == pytest.approx(float(predictor.predict([archs[0]])[0]))
+
+    def cost(a):
+        return float(predictor.predict([a])[0])
+
+    cost.reference = predictor.reference_ms
+    cfg = SearchConfig(budget=Budget(kind="latency_ms", value=2.0, relative_to_dense=True))
+    budget, dense_cost, _ = absolute_budget(cfg, cost, space, space)
+    assert dense_cost == pytest.approx(predicted * 0.7) and budget == pytest.approx(2.0 * predicted * 0.7)

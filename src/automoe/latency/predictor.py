@@ -2,12 +2,13 @@
 Adam, MSE), or with `layers: 0` a linear model over the same features fitted in closed
 form (least squares, `weight_decay` as the ridge penalty), which generalises better from
 the ~100 measured archs a CPU run affords. The saved file describes itself: feature
-names, normalisation, the hash of the search space it was trained for and the hardware it
-predicts."""
+names, normalisation, the hash of the search space it was trained for, the hardware it
+predicts and the table's measured latencies (so a budget relative to the dense baseline
+uses the baseline's measured latency)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from automoe.errors import AutomoeError
+from automoe.latency.table import arch_key
 from automoe.model import artifact
 from automoe.space import FEATURE_NAMES, ArchConfig, SearchSpace, arch_features
 
@@ -41,6 +43,12 @@ class LatencyPredictor:
     hardware: dict
     hidden: int = 400
     layers: int = 3
+    measured: dict[str, float] = field(default_factory=dict)  # arch key -> the table's latency (ms)
+
+    def reference_ms(self, arch: ArchConfig) -> float:
+        """The latency of an arch the table measured (a budget's reference), else the prediction."""
+        measured = self.measured.get(arch_key(arch))
+        return float(measured) if measured is not None else float(self.predict([arch])[0])
 
     def predict_features(self, x: np.ndarray) -> np.ndarray:
         """Feature rows (N, F) -> latency in ms (N,)."""
@@ -74,6 +82,7 @@ class LatencyPredictor:
                 "hidden": self.hidden,
                 "layers": self.layers,
                 "metrics": dict(metrics or {}),
+                "measured": dict(self.measured),
                 "state_dict": artifact.cpu_state(self.net),
             },
         )
@@ -96,6 +105,7 @@ class LatencyPredictor:
             p["hardware"],
             p["hidden"],
             p["layers"],
+            dict(p.get("measured", {})),
         )
 
 

@@ -67,9 +67,12 @@ class MeasureLatencyInputs:
 
 
 def archs_to_measure(space: SearchSpace, cfg: MeasureLatencyConfig) -> list[ArchConfig]:
-    """The same list for every shard and every rerun: the extremes, then seeded samples."""
+    """The same list for every shard and every rerun: the extremes, seeded samples, then the
+    largest dense arch (the baseline a relative budget is a fraction of: measured, not
+    extrapolated; last, so tables measured before it was added keep their arch ids)."""
     rng = np.random.default_rng(cfg.seed)
-    return [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(cfg.n_archs)]
+    samples = [space.sample(rng) for _ in range(cfg.n_archs)]
+    return [space.largest(), space.smallest(), *samples, space.largest_dense()]
 
 
 def run(cfg: MeasureLatencyConfig, inputs: MeasureLatencyInputs, out_dir: Path) -> dict[str, float]:

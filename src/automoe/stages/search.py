@@ -125,15 +125,22 @@ def cost_function(cfg: SearchConfig, inputs: SearchInputs, supernet: SuperTransf
             raise ConfigError("search.budget: a predicted-latency budget needs --predictor (train_predictor output)")
         predictor = LatencyPredictor.load(artifact_file(inputs.predictor, "predictor.pt"))
         predictor.check_space(space, str(inputs.predictor))
-        return lambda a: float(predictor.predict([a])[0])
+
+        def cost(arch: ArchConfig) -> float:
+            return float(predictor.predict([arch])[0])
+
+        cost.reference = predictor.reference_ms  # the dense baseline as measured, when it was
+        return cost
     sources = m.source_windows(data.split("valid"), 30, 4)
     return lambda a: m.measure(extract(supernet, a), sources, warmup=2, repeats=5).total_ms
 
 
 def absolute_budget(cfg: SearchConfig, cost, space, baseline_space) -> tuple[float, float, float]:
     """(budget, cost of the largest dense arch of `baseline_space` (the supernet's), lowest
-    cost seen in `space` (the searched one))."""
-    dense = cost(baseline_space.largest_dense())
+    cost seen in `space` (the searched one)). With a predictor, the dense arch's cost is its
+    measured latency when the table has it (measure_latency measures it): a budget that is
+    a fraction of the baseline is then a fraction of what the baseline really costs."""
+    dense = getattr(cost, "reference", cost)(baseline_space.largest_dense())
     rng = np.random.default_rng([cfg.seed, 7])
     floor = min([cost(space.smallest())] + [cost(space.sample(rng)) for _ in range(100)])
     budget = cfg.budget.value * dense if cfg.budget.relative_to_dense else cfg.budget.value

@@ -20,7 +20,7 @@ from automoe.config import load_section
 from automoe.errors import DataError
 from automoe.io import atomic_write_json, atomic_write_text, staged_dir
 from automoe.latency.predictor import FitConfig, fit, scores
-from automoe.latency.table import load_space_of, read_table
+from automoe.latency.table import arch_key, load_space_of, read_table
 from automoe.plots import figure
 from automoe.space import ArchConfig, arch_features
 from automoe.stages._cli import cli_run, component_run, guarded, html_images, stage_parser
@@ -64,6 +64,7 @@ def run(cfg: TrainPredictorConfig, inputs: TrainPredictorInputs, out_dir: Path) 
     y = np.array([r["latency_ms"] for r in rows])
     train_idx, valid_idx, test_idx = split(len(rows), cfg)
     predictor = fit(x[train_idx], y[train_idx], x[valid_idx], y[valid_idx], cfg.fit, space.digest(), hardware)
+    predictor.measured = {arch_key(a): float(ms) for a, ms in zip(archs, y, strict=True)}
     predicted = predictor.predict_features(x)
     metrics = {f"test_{k}": v for k, v in scores(y[test_idx], predicted[test_idx]).items()}
     metrics |= {f"train_{k}": v for k, v in scores(y[train_idx], predicted[train_idx]).items() if k != "kendall_tau"}
