@@ -1,32 +1,40 @@
 """The automoe KFP v2 pipeline: wiring only (tasks, resources, retries, caching), no logic.
 
-    python pipeline.py compile [--output pipeline.yaml]
+    python pipeline.py compile [--output pipeline.yaml] [--set section.key=value ...]
     python pipeline.py run-local [--set section.key=value ...]      # kfp.local, this machine
-    python pipeline.py upload --host http://ml-pipeline:8888 [--name automoe] [--version TAG]
+    python pipeline.py upload --host http://ml-pipeline:8888 [--name automoe] [--version TAG] [--set ...]
 
 The run's parameters are params.yaml (as JSON, the `params` pipeline parameter), the
 fields below that a person sets in the Kubeflow UI (empty or 0 = keep params.yaml), then
 `overrides` (`section.key=value` strings). Structure (latency shards, resources, images,
-secrets) comes from params.yaml's `pipeline` and `measure_latency` sections at compile time.
+secrets) comes from params.yaml's `pipeline` and `measure_latency` sections at compile time;
+`compile --set` / `upload --set` change them there (a run cannot: the params task refuses).
+Compiled without `pipeline.mlflow_tracking_uri`, every task refuses to track into its pod's
+own throwaway store (it fails at once, naming the setting).
 """
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
 import components as c
-from automoe.config import PipelineConfig, load_section, read_yaml
+from automoe.config import PipelineConfig, load_section, merge, parse_overrides, read_yaml
 from automoe.stages.measure_latency import MeasureLatencyConfig
 
 ROOT = Path(__file__).resolve().parent
+PARAMS_FILE = c.images.PARAMS_FILE
 # One line of JSON: a KFP dict parameter (protobuf Struct) turns ints into floats, and a
 # multi-line default breaks the comment header of the compiled YAML.
-PARAMS = json.dumps(read_yaml(ROOT / "params.yaml"), separators=(",", ":"), sort_keys=True)
-PIPELINE = load_section(PipelineConfig, "pipeline", ROOT / "params.yaml")
-MEASURE = load_section(MeasureLatencyConfig, "measure_latency", ROOT / "params.yaml")
+PARAMS = json.dumps(read_yaml(PARAMS_FILE), separators=(",", ":"), sort_keys=True)
+PIPELINE = load_section(PipelineConfig, "pipeline", PARAMS_FILE)
+MEASURE = load_section(MeasureLatencyConfig, "measure_latency", PARAMS_FILE)
+RUN_LOCAL = {"on": False}  # kfp.local: tasks are processes here and may track into ./mlflow.db
 
 
 def _task(task, stage: str):
@@ -39,6 +47,8 @@ def _task(task, stage: str):
     task.set_display_name(stage)
     if PIPELINE.mlflow_tracking_uri:
         task.set_env_variable("MLFLOW_TRACKING_URI", PIPELINE.mlflow_tracking_uri)
+    elif not RUN_LOCAL["on"]:  # a pod's own sqlite file vanishes with the pod: refuse it
+        task.set_env_variable("AUTOMOE_NO_LOCAL_STORE", "pipeline.mlflow_tracking_uri")
     if PIPELINE.s3_endpoint:
         task.set_env_variable("AWS_ENDPOINT_URL", PIPELINE.s3_endpoint)
     if PIPELINE.s3_secret:
@@ -153,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compile", help="write the pipeline spec YAML")
     comp.add_argument("--output", default="pipeline.yaml")
+    comp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     local = sub.add_parser("run-local", help="run every stage here with kfp.local (SubprocessRunner)")
     local.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     local.add_argument("--pipeline-root", default=".kfp_local")
@@ -161,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--name", default=PIPELINE.name)
     up.add_argument("--version", default=PIPELINE.image_tag, help="pipeline version name")
     up.add_argument("--output", default="pipeline.yaml")
+    up.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.command in ("compile", "upload") and args.overrides:
+        return _with_overrides(list(argv if argv is not None else sys.argv[1:]), args.overrides)
     if args.command in ("compile", "upload"):
         compiler.Compiler().compile(automoe_pipeline, args.output)
         print(f"wrote {args.output}")
@@ -173,8 +187,25 @@ def main(argv: list[str] | None = None) -> int:
     kfp_local.init(
         runner=kfp_local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(args.pipeline_root).absolute())
     )
+    RUN_LOCAL["on"] = True
     automoe_pipeline(params=PARAMS, overrides=list(args.overrides))
     return 0
+
+
+def _with_overrides(argv: list[str], overrides: list[str]) -> int:
+    """Compile (and upload) from params.yaml with `overrides` applied: the structure is read
+    when this module and the components are imported, so a child process does it from a
+    merged, validated copy of params.yaml."""
+    from automoe.stages.pipeline_params import validate
+
+    data = merge(read_yaml(PARAMS_FILE) or {}, parse_overrides(overrides))
+    validate(data)
+    rest = [a for i, a in enumerate(argv) if a != "--set" and (i == 0 or argv[i - 1] != "--set")]
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = Path(tmp) / "params.yaml"
+        merged.write_text(json.dumps(data))
+        env = dict(os.environ, AUTOMOE_PIPELINE_PARAMS=str(merged))
+        return subprocess.run([sys.executable, str(Path(__file__).resolve()), *rest], env=env).returncode
 
 
 def upload(host: str, name: str, version: str, package: str) -> int:

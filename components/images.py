@@ -1,10 +1,13 @@
 """The one place that names the project's container images (from params.yaml `pipeline:`)."""
 
+import os
 from pathlib import Path
 
 from automoe.config import PipelineConfig, load_section
 
-PIPELINE = load_section(PipelineConfig, "pipeline", Path(__file__).resolve().parents[1] / "params.yaml")
+# `python pipeline.py compile --set ...` compiles from a merged copy of params.yaml
+PARAMS_FILE = Path(os.environ.get("AUTOMOE_PIPELINE_PARAMS") or Path(__file__).resolve().parents[1] / "params.yaml")
+PIPELINE = load_section(PipelineConfig, "pipeline", PARAMS_FILE)
 IMAGE = PIPELINE.image_for("")  # the CPU image
 
 

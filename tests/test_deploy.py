@@ -135,3 +135,49 @@ def test_pipeline_references_are_importable_and_images_come_from_one_place():
     # no image name or tag is written anywhere but params.yaml (read by components/images.py)
     for path in [ROOT / "pipeline.py", *sorted((ROOT / "components").glob("*.py"))]:
         assert "ghcr.io" not in path.read_text() and not re.search(r'base_image="', path.read_text()), path
+
+
+def test_chart_mlflow_server_accepts_its_service_name(tmp_path):
+    """MLflow refuses Host headers other than localhost and private IPs (403; /health is
+    exempt, so probes pass): the chart's server must accept its in-cluster Service names.
+    The rendered --allowed-hosts value is given to a real server here."""
+    import urllib.error
+    import urllib.request
+
+    from servers import mlflow_server
+
+    deployment = next(d for d in rendered() if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-mlflow"))
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    hosts = re.search(r'--allowed-hosts "([^"]+)"', args).group(1)
+    service = f"{deployment['metadata']['name']}.automoe.svc.cluster.local:5000"
+
+    def status(uri: str, host: str) -> int:
+        request = urllib.request.Request(uri + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default")
+        request.add_header("Host", host)
+        try:
+            with urllib.request.urlopen(request, timeout=30):
+                return 200
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert "mlflow db upgrade" in args.split("exec mlflow server")[0]  # the schema first, then the server
+    # `helm test` calls the API by the in-cluster Service name
+    test_pod = next(d for d in rendered() if d["kind"] == "Pod")
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = test_pod["spec"]["containers"][0]["args"][0]
+    assert f'url = "http://{service}"' in script and "/api/2.0/mlflow/experiments/get-by-name" in script
+    artifacts = ("--artifacts-destination", str(tmp_path / "a"))
+    with mlflow_server(tmp_path / "default", extra_args=artifacts) as uri:
+        assert status(uri, service) == 403  # what the chart's server did without the flag
+    with mlflow_server(tmp_path / "chart", extra_args=(*artifacts, "--allowed-hosts", hosts)) as uri:
+        assert status(uri, service) == 200
+        assert status(uri, deployment["metadata"]["name"] + ":5000") == 200
+        assert status(uri, "evil.example.com") == 403
+
+
+def test_upload_job_compiles_the_clusters_wiring_into_the_pipeline():
+    job = next(d for d in rendered() if d["kind"] == "Job")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert "pipeline.mlflow_tracking_uri=http://rel-automoe-mlflow.automoe.svc.cluster.local:5000" in sets
+    assert "pipeline.image=ghcr.io/automoe/automoe" in sets and any(s.startswith("pipeline.image_tag=") for s in sets)

@@ -50,6 +50,24 @@ def test_stage_runs_are_children_of_one_workspace_parent(small_corpus, tmp_path,
     assert json.loads((tmp_path / tracking.PARENT_FILE).read_text())["run_id"] == parents[0].info.run_id
 
 
+def test_default_store_is_in_the_dvc_project_when_dvc_runs_stages_in_a_copy(small_corpus, tmp_path, monkeypatch):
+    """`dvc exp run` runs stages in a temporary copy of the project and sets DVC_ROOT to the
+    project: the default store and the parent-run file must be the project's, not the copy's."""
+    project, copy = tmp_path / "project", tmp_path / "exp-copy"
+    project.mkdir()
+    copy.mkdir()
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("AUTOMOE_TRACKING", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    args = ["--out", "prepared", *[a for o in paths_overrides(small_corpus) for a in ("--set", o)]]
+    assert prepare_data.main(args) == 0
+    assert (project / "mlflow.db").is_file() and (project / tracking.PARENT_FILE).is_file()
+    assert not (copy / "mlflow.db").exists() and not (copy / ".automoe").exists()
+    _, runs = mlflow_runs(f"sqlite:///{project / 'mlflow.db'}")
+    assert sorted(r.info.run_name for r in runs) == ["pipeline", "prepare_data"]
+
+
 def test_failed_stage_run_is_marked_failed(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTOMOE_TRACKING", "1")
@@ -121,6 +139,71 @@ def test_dvc_repro_in_a_copy_of_the_repo(multi30k, tmp_path):
     registration = json.loads((repo / "results/register/registration.json").read_text())
     assert registration["version"] == 1 and registration["promoted"] and registration["champion"] == 1
     assert "searched" in (repo / "results/evaluate/report.md").read_text()
+    # checkpoints (with optimizer state) are persisted but never copied into the DVC cache
+    import hashlib
+
+    cache = {p.parent.name + p.name for p in (repo / ".dvc" / "cache").rglob("*") if p.is_file()}
+    ckpts = list((repo / "models/supernet/checkpoints").glob("*.pt"))
+    assert ckpts and (repo / "models/supernet/supernet.pt").is_file()
+    assert not {hashlib.md5(p.read_bytes()).hexdigest() for p in ckpts} & cache  # noqa: S324 - DVC's key
+    assert hashlib.md5((repo / "models/supernet/supernet.pt").read_bytes()).hexdigest() in cache  # noqa: S324
+    # a change in a module a stage imports (not named by the stage itself) makes it stale
+    with open(repo / "src/automoe/model/inference.py", "a") as f:
+        f.write("\n# changed\n")
+    status = subprocess.run(dvc + ["status"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert "measure_latency:" in status.stdout and "prepare_data:" not in status.stdout, status.stdout
+
+
+def _imported_files(module: str, skip: set[str]) -> set[str]:
+    """The package files `module` imports, transitively (function-level imports included),
+    not following the modules in `skip`."""
+    import ast
+
+    src = ROOT / "src"
+
+    def file_of(mod: str) -> Path | None:
+        p = src.joinpath(*mod.split("."))
+        return (
+            p / "__init__.py"
+            if (p / "__init__.py").is_file()
+            else (p.with_suffix(".py") if p.with_suffix(".py").is_file() else None)
+        )
+
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        mod = todo.pop()
+        if mod in seen or mod in skip:
+            continue
+        seen.add(mod)
+        path = file_of(mod)
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            todo += [n for n in names if n.startswith("automoe") and file_of(n)]
+    return {str(file_of(m).relative_to(ROOT)) for m in seen}
+
+
+def test_dvc_stage_deps_cover_every_module_the_stage_imports():
+    """A change in any module a stage runs makes `dvc repro` rerun it. MLflow tracking does
+    not change a stage's outputs (it is not followed), except for register, whose output
+    is the registration."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        stage = stage.get("do", stage)
+        deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
+        skip = set() if name == "register" else {"automoe.tracking"}
+        needed = _imported_files(f"automoe.stages.{name}", skip)
+        missing = sorted(f for f in needed if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+        assert not missing, f"dvc.yaml stage {name} does not depend on {missing}"
 
 
 def test_pipeline_compiles_to_a_valid_pipeline_spec(tmp_path):
@@ -246,3 +329,53 @@ def test_ui_fields_override_params_and_are_validated():
 
     with pytest.raises(ConfigError, match="search.budget.kind: expected one of"):
         resolve(params, [], dict(ui, budget_kind="watts"))
+
+
+def test_compile_time_settings_come_from_compile_set_and_runs_cannot_change_them(tmp_path, monkeypatch):
+    """compile/upload take --set (the chart's upload Job passes the cluster's MLflow URI);
+    without a tracking URI every task refuses its pod-local store; a run's overrides cannot
+    change what compilation fixed."""
+    out = tmp_path / "p.yaml"
+
+    def compile_with(*sets: str) -> dict:
+        cmd = [sys.executable, "pipeline.py", "compile", "--output", str(out)]
+        cmd += [a for s in sets for a in ("--set", s)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return next(yaml.safe_load_all(out.read_text()))["deploymentSpec"]["executors"]
+
+    uri = "http://automoe-mlflow.automoe.svc.cluster.local:5000"
+    executors = compile_with(f"pipeline.mlflow_tracking_uri={uri}", "pipeline.image_tag=abc123")
+    train = executors["exec-train-supernet"]["container"]
+    assert {"name": "MLFLOW_TRACKING_URI", "value": uri} in train["env"]
+    assert train["image"] == "ghcr.io/automoe/automoe:abc123"
+    assert not any(e["name"] == "AUTOMOE_NO_LOCAL_STORE" for e in train["env"])
+    executors = compile_with()
+    assert {"name": "AUTOMOE_NO_LOCAL_STORE", "value": "pipeline.mlflow_tracking_uri"} in executors[
+        "exec-prepare-data"
+    ]["container"]["env"]
+    bad = subprocess.run(
+        [sys.executable, "pipeline.py", "compile", "--output", str(out), "--set", "pipeline.retries=many"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode != 0 and "retries" in bad.stderr
+
+    # in a task compiled that way, tracking into the pod's own sqlite file fails at once
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOMOE_TRACKING", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("AUTOMOE_NO_LOCAL_STORE", "pipeline.mlflow_tracking_uri")
+    with pytest.raises(tracking.AutomoeError, match="pipeline.mlflow_tracking_uri=http"):
+        tracking.check_store()
+
+    from automoe.stages.pipeline_params import resolve
+
+    params = (ROOT / "params.yaml").read_text()
+    for key in ("measure_latency.num_shards=4", "pipeline.image_tag=x", "measure_latency.node_selector.a=b"):
+        with pytest.raises(ValueError, match="fixed when the pipeline was compiled"):
+            resolve(params, [key], {})
+    assert json.loads(resolve(params, ["measure_latency.repeats=4"], {}))["measure_latency"]["repeats"] == 4

@@ -387,3 +387,16 @@ def test_register_without_tracking_is_refused(trained, tmp_path, capsys):
     ev, se = fake_results(tmp_path, bleu=20.0, latency=50.0)
     assert do_register(prep, models["a"], ev, se, tmp_path / "r") == 2
     assert "needs MLflow tracking" in capsys.readouterr().err
+
+
+def test_logged_model_requirements_are_installable_from_public_indexes(monkeypatch):
+    """The pyfunc model's pins carry no local version label (torch 2.13.0+cpu exists on no
+    public index, so `mlflow models serve` could not build its environment)."""
+    import importlib.metadata
+
+    from automoe import tracking
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "2.13.0+cpu" if p == "torch" else real(p))
+    pins = tracking._requirements()
+    assert "torch==2.13.0" in pins and not any("+" in p for p in pins)

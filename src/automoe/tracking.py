@@ -4,7 +4,9 @@ One parent run per pipeline execution, one child run per stage. The parent run i
 travels explicitly: a KFP pipeline passes it as a parameter; under DVC it is kept in
 `.automoe/parent_run.json` in the workspace (`make run` starts a fresh one per
 execution). The embedded default store is a local sqlite file, `mlflow.db`, with
-artifacts in `mlartifacts/`; `MLFLOW_TRACKING_URI` overrides it.
+artifacts in `mlartifacts/`, in the DVC project's root (`DVC_ROOT`, which DVC sets to the
+project even when `dvc exp run` runs stages in a temporary copy) or else the working
+directory; `MLFLOW_TRACKING_URI` overrides it.
 """
 
 from __future__ import annotations
@@ -37,8 +39,13 @@ def enabled() -> bool:
     return on and is_main_process()
 
 
+def workspace() -> Path:
+    """Where the default store and the parent-run file live: the DVC project root, else `.`."""
+    return Path(os.environ.get("DVC_ROOT") or ".").absolute()
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').absolute()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace() / 'mlflow.db'}"
 
 
 def experiment_name() -> str:
@@ -69,6 +76,11 @@ def check_store() -> None:
         "sqlite:////<writable folder>/mlflow.db, or AUTOMOE_TRACKING=0 to run without tracking"
     )
     db = _sqlite_path(uri)
+    if db is not None and os.environ.get("AUTOMOE_NO_LOCAL_STORE") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise AutomoeError(
+            f"this task would track into {_redact(uri)} inside its pod, which is lost with the pod; "
+            f"compile the pipeline with `--set {os.environ['AUTOMOE_NO_LOCAL_STORE']}=http://<mlflow>:5000`"
+        )
     if db is not None:
         folder = db.parent
         if not folder.is_dir():
@@ -79,8 +91,18 @@ def check_store() -> None:
         import urllib.error
         import urllib.request
 
+        # an API call, not /health: the server answers /health whatever the Host header
+        probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+        request = urllib.request.Request(probe)
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        if user and password:
+            import base64
+
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+            with urllib.request.urlopen(request, timeout=10):  # noqa: S310 - the configured server
                 pass
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):  # alive, but this client is refused (auth, allowed hosts)
@@ -102,7 +124,7 @@ def _experiment_id(client) -> str:
     if db is not None:  # artifacts beside the database (a mounted volume in a container)
         location = (db.parent / "mlartifacts").absolute().as_uri()
     elif not tracking_uri().startswith(("http://", "https://")):
-        location = Path("mlartifacts").absolute().as_uri()
+        location = (workspace() / "mlartifacts").as_uri()
     with contextlib.suppress(Exception):  # a concurrent stage may have created it first
         return client.create_experiment(experiment_name(), artifact_location=location)
     return client.get_experiment_by_name(experiment_name()).experiment_id
@@ -160,15 +182,16 @@ def workspace_parent() -> str | None:
     else start one and remember it. None where the working directory is not writable (a
     single stage in a container): the stage's run is then a top-level run."""
     uri = tracking_uri()
-    if PARENT_FILE.is_file():
+    path = workspace() / PARENT_FILE
+    if path.is_file():
         with contextlib.suppress(ValueError, KeyError):
-            saved = json.loads(PARENT_FILE.read_text())
+            saved = json.loads(path.read_text())
             if saved["tracking_uri"] == uri:
                 return saved["run_id"]
-    if not os.access(PARENT_FILE.parent if PARENT_FILE.parent.is_dir() else Path.cwd(), os.W_OK):
+    if not os.access(path.parent if path.parent.is_dir() else workspace(), os.W_OK):
         return None
     run_id = start_parent()
-    atomic_write_json(PARENT_FILE, {"run_id": run_id, "tracking_uri": uri})
+    atomic_write_json(path, {"run_id": run_id, "tracking_uri": uri})
     return run_id
 
 
@@ -304,9 +327,11 @@ def log_translator(run: StageRun, model_dir: Path, registered_name: str, tags: M
 
 
 def _requirements() -> list[str]:
+    """Pins a fresh environment can install from public indexes: without local version
+    labels (torch 2.13.0+cpu is served by no public index as such; 2.13.0 is on PyPI)."""
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("torch", "sentencepiece", "numpy", "pyyaml", "mlflow")]
+    return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "sentencepiece", "numpy", "pyyaml", "mlflow")]
 
 
 def registry_client():

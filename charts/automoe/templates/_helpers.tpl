@@ -83,3 +83,17 @@ seccompProfile:
 - name: AWS_REGION
   value: {{ .Values.s3.external.region | quote }}
 {{- end -}}
+
+{{/* Host headers the MLflow server accepts (it refuses others with 403, the probes excepted):
+its Service name in every in-cluster form, with and without a port, localhost for
+port-forwarding, and mlflow.allowedHosts (an ingress name, say). */}}
+{{- define "automoe.mlflowAllowedHosts" -}}
+{{- $svc := printf "%s-mlflow" (include "automoe.fullname" .) -}}
+{{- $ns := .Release.Namespace -}}
+{{- $hosts := list -}}
+{{- range (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) "localhost" "127.0.0.1") -}}
+{{- $hosts = append $hosts . -}}
+{{- $hosts = append $hosts (printf "%s:*" .) -}}
+{{- end -}}
+{{- concat $hosts .Values.mlflow.allowedHosts | join "," -}}
+{{- end -}}

@@ -24,6 +24,13 @@ UI_FIELDS = {
     "retrain_updates": "retrain.train.max_updates",
 }
 INTEGER_FIELDS = {"search_iterations", "search_population", "supernet_updates", "retrain_updates"}
+# fixed when the pipeline is compiled (the DAG's shape, pods, images): a run cannot change them
+COMPILE_TIME = (
+    "pipeline",
+    "measure_latency.num_shards",
+    "measure_latency.node_selector",
+    "measure_latency.accelerator",
+)
 
 
 def ui_overrides(ui: dict[str, Any]) -> list[str]:
@@ -40,13 +47,33 @@ def ui_overrides(ui: dict[str, Any]) -> list[str]:
     return out
 
 
-def resolve(params: str, overrides: list, ui: dict[str, Any]) -> str:
-    from automoe.cli import COMMANDS
+def compile_time_keys(overrides: list[str]) -> list[str]:
+    """The overrides that try to change what the compiled pipeline fixed."""
+    keys = [str(o).partition("=")[0].strip() for o in overrides]
+    return [k for k in keys if any(k == c or k.startswith(c + ".") for c in COMPILE_TIME)]
 
-    data = parse_yaml(params, "params") or {}
-    data = merge(data, parse_overrides(ui_overrides(ui) + [str(o) for o in overrides]))
+
+def validate(data: dict[str, Any]) -> None:
+    """Load every stage section (unknown keys and wrong types fail here, named)."""
+    from automoe.cli import COMMANDS
+    from automoe.config import PipelineConfig, load_section
+
     for name in data:
         target = COMMANDS.get(name, "")
         if target and ":" not in target:
             importlib.import_module(target).load_config(data)
+    if "pipeline" in data:
+        load_section(PipelineConfig, "pipeline", data)
+
+
+def resolve(params: str, overrides: list, ui: dict[str, Any]) -> str:
+    fixed = compile_time_keys([str(o) for o in overrides])
+    if fixed:
+        raise ValueError(
+            f"{', '.join(fixed)}: fixed when the pipeline was compiled; change it with "
+            "`python pipeline.py compile --set ...` (or upload --set) and run the new version"
+        )
+    data = parse_yaml(params, "params") or {}
+    data = merge(data, parse_overrides(ui_overrides(ui) + [str(o) for o in overrides]))
+    validate(data)
     return json.dumps(data, separators=(",", ":"), sort_keys=True)
