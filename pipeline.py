@@ -26,9 +26,9 @@ from kfp import compiler, dsl, kubernetes
 import components as c
 from automoe.config import PipelineConfig, load_section, merge, parse_overrides, read_yaml
 from automoe.stages.measure_latency import MeasureLatencyConfig
+from components.images import PARAMS_FILE
 
 ROOT = Path(__file__).resolve().parent
-PARAMS_FILE = c.images.PARAMS_FILE
 # One line of JSON: a KFP dict parameter (protobuf Struct) turns ints into floats, and a
 # multi-line default breaks the comment header of the compiled YAML.
 PARAMS = json.dumps(read_yaml(PARAMS_FILE), separators=(",", ":"), sort_keys=True)
