@@ -2,6 +2,7 @@
 
 import ast
 import json
+import os
 import re
 import subprocess
 import sys
@@ -181,3 +182,30 @@ def test_upload_job_compiles_the_clusters_wiring_into_the_pipeline():
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     assert "pipeline.mlflow_tracking_uri=http://rel-automoe-mlflow.automoe.svc.cluster.local:5000" in sets
     assert "pipeline.image=ghcr.io/automoe/automoe" in sets and any(s.startswith("pipeline.image_tag=") for s in sets)
+
+
+def test_bucket_job_creates_missing_buckets_and_keeps_existing_ones(tmp_path):
+    """The chart's post-install Job, its rendered script run against a real S3 server
+    (SeaweedFS): creates what is missing, leaves what exists, and is safe to rerun."""
+    from servers import seaweedfs
+
+    job = next(d for d in rendered() if d["kind"] == "Job" and "s3-buckets" in d["metadata"]["name"])
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    script, buckets = container["args"][0], container["args"][1:]
+    assert buckets == ["mlflow", "automoe"]
+    names = {e["name"] for e in container["env"]}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= names
+    with seaweedfs(tmp_path / "weed", buckets=("automoe",)) as server:
+        env = {**os.environ, **server.env()}
+        for expected in (
+            ["bucket mlflow: created", "bucket automoe: exists"],
+            ["bucket mlflow: exists", "bucket automoe: exists"],
+        ):
+            proc = run([sys.executable, "-c", script, *buckets], env=env)
+            assert proc.returncode == 0, proc.stderr
+            assert all(line in proc.stdout for line in expected), proc.stdout
+        assert {b["Name"] for b in server.client().list_buckets()["Buckets"]} >= {"mlflow", "automoe"}
+    assert "Job" not in [
+        d["kind"] for d in rendered("--set", "s3.buckets=null") if "s3-buckets" in d["metadata"]["name"]
+    ]
