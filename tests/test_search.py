@@ -519,7 +519,6 @@ def test_relative_budget_uses_the_measured_dense_latency():
     def cost(a):
         return float(predictor.predict([a])[0])
 
-    cost.reference = predictor.reference_ms
     cfg = SearchConfig(budget=Budget(kind="latency_ms", value=2.0, relative_to_dense=True))
-    budget, dense_cost, _ = absolute_budget(cfg, cost, space, space)
+    budget, dense_cost, _ = absolute_budget(cfg, cost, space, space, predictor.reference_ms)
     assert dense_cost == pytest.approx(predicted * 0.7) and budget == pytest.approx(2.0 * predicted * 0.7)

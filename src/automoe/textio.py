@@ -15,12 +15,10 @@ REPLACEMENT = "\ufffd"
 def as_text(item: str | bytes) -> tuple[str, bool]:
     """(valid text, whether anything was replaced) for one line."""
     if isinstance(item, bytes | bytearray):
-        text = bytes(item).decode("utf-8", errors="replace")
         try:
-            bytes(item).decode("utf-8")
-            return text, False
+            return bytes(item).decode("utf-8"), False
         except UnicodeDecodeError:
-            return text, True
+            return bytes(item).decode("utf-8", errors="replace"), True
     text = str(item)
     try:
         text.encode("utf-8")

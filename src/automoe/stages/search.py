@@ -117,30 +117,29 @@ class ValidLoss:
 
 
 def cost_function(cfg: SearchConfig, inputs: SearchInputs, supernet: SuperTransformer, data: PreparedData):
+    """(cost of an arch under the budget's kind, cost of the budget's reference arch)."""
     space = supernet.space
     if cfg.budget.kind == "gflops":
-        return lambda a: count(a, supernet.args.vocab_size, space.qkv_dim).gflops
+        gflops = lambda a: count(a, supernet.args.vocab_size, space.qkv_dim).gflops  # noqa: E731
+        return gflops, gflops
     if cfg.budget.latency_source == "predicted":
         if inputs.predictor is None:
             raise ConfigError("search.budget: a predicted-latency budget needs --predictor (train_predictor output)")
         predictor = LatencyPredictor.load(artifact_file(inputs.predictor, "predictor.pt"))
         predictor.check_space(space, str(inputs.predictor))
-
-        def cost(arch: ArchConfig) -> float:
-            return float(predictor.predict([arch])[0])
-
-        cost.reference = predictor.reference_ms  # the dense baseline as measured, when it was
-        return cost
+        # the budget's reference (the dense baseline) as the table measured it, when it did
+        return (lambda a: float(predictor.predict([a])[0])), predictor.reference_ms
     sources = m.source_windows(data.split("valid"), 30, 4)
-    return lambda a: m.measure(extract(supernet, a), sources, warmup=2, repeats=5).total_ms
+    cost = lambda a: m.measure(extract(supernet, a), sources, warmup=2, repeats=5).total_ms  # noqa: E731
+    return cost, cost
 
 
-def absolute_budget(cfg: SearchConfig, cost, space, baseline_space) -> tuple[float, float, float]:
+def absolute_budget(cfg: SearchConfig, cost, space, baseline_space, reference=None) -> tuple[float, float, float]:
     """(budget, cost of the largest dense arch of `baseline_space` (the supernet's), lowest
-    cost seen in `space` (the searched one)). With a predictor, the dense arch's cost is its
-    measured latency when the table has it (measure_latency measures it): a budget that is
-    a fraction of the baseline is then a fraction of what the baseline really costs."""
-    dense = getattr(cost, "reference", cost)(baseline_space.largest_dense())
+    cost seen in `space` (the searched one)). `reference` costs the dense arch (default:
+    `cost`); with a predictor it is the measured latency when the table has it, so a
+    relative budget is a fraction of what the baseline really costs."""
+    dense = (reference or cost)(baseline_space.largest_dense())
     rng = np.random.default_rng([cfg.seed, 7])
     floor = min([cost(space.smallest())] + [cost(space.sample(rng)) for _ in range(100)])
     budget = cfg.budget.value * dense if cfg.budget.relative_to_dense else cfg.budget.value
@@ -162,8 +161,8 @@ def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, flo
     if cfg.space:  # search part of the supernet's space; the budget stays relative to its dense baseline
         space = load_space(cfg.space)
         space.check_subspace_of(supernet.space, "search.space")
-    cost = cost_function(cfg, inputs, supernet, data)
-    budget, dense_cost, floor = absolute_budget(cfg, cost, space, supernet.space)
+    cost, reference = cost_function(cfg, inputs, supernet, data)
+    budget, dense_cost, floor = absolute_budget(cfg, cost, space, supernet.space, reference)
     fitness = ValidLoss(supernet, data, cfg.valid_sentences, cfg.max_tokens)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=cfg.iterations, desc=NAME, mininterval=5.0) as bar:
