@@ -1,0 +1,365 @@
+"""Tables, figures and MLflow runs of a finished multi30k_fair run (run.sh), for BENCHMARKS.md.
+
+    python configs/experiments/multi30k_fair/report.py [OUT] [--figures bench/figures] [--no-mlflow]
+
+Writes OUT/report.md (models, dense curve, goals, ablation, searches, stage times,
+hardware), the figures `multi30k_fair_bleu_vs_latency.png`, `multi30k_fair_pareto.png` and
+`multi30k_fair_valid_curves.png` (into OUT/figures and the figures folder), and logs them to
+MLflow: a parent run `multi30k_fair` with the report and figures, one child run per model
+with its arch, training record, test figures and training curves. The store is
+MLFLOW_TRACKING_URI, else OUT/mlflow.db. `--metrics PATH` (run.sh: OUT/report.json) records
+that the report was made, and the parent run's id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import statistics
+from pathlib import Path
+
+import yaml
+
+from automoe.io import atomic_write_json, atomic_write_text
+from automoe.plots import figure
+from automoe.train.trainer import read_valid_history
+
+REF = "dense_d256_l3x3_f1024"
+SEARCHES = {  # search folder -> (label, budget as a fraction of the reference's measured latency)
+    "het_b50": ("heterogeneous experts, 1/2", 1 / 2),
+    "het_b75": ("heterogeneous experts, 3/4", 3 / 4),
+    "hom_b50": ("homogeneous experts, 1/2", 1 / 2),
+    "dense_b50": ("dense-only search (HAT), 1/2", 1 / 2),
+}
+ARMS = {"het_b50": "heterogeneous", "hom_b50": "homogeneous", "dense_b50": "dense-only (HAT)"}
+SMALLEST = "dense_d192_l2x1_f256"  # the space's fastest arch: the floor of any budget
+FIGURES = ("multi30k_fair_bleu_vs_latency.png", "multi30k_fair_pareto.png", "multi30k_fair_valid_curves.png")
+
+
+def kind(name: str) -> tuple[str, str, int]:
+    """(group, search folder or '', seed) of a retrain folder's name."""
+    if name.startswith("dense_d"):
+        return "dense", "", 1
+    search, seed = name.rsplit("_s", 1)
+    return "searched", search, int(seed)
+
+
+def load(out: Path) -> dict[str, dict]:
+    """Every evaluated model: its test figures, and its latency relative to the reference
+    measured in the same alternating rounds (`ratio`); the reference from all evaluations."""
+    models: dict[str, dict] = {}
+    ref_runs: list[dict] = []
+    for path in sorted((out / "evaluate").glob("*/metrics.json")):
+        m = json.loads(path.read_text())
+        name = path.parent.name
+        mine = {k[len("searched_") :]: v for k, v in m.items() if k.startswith("searched_")}
+        ref = {k[len("dense_") :]: v for k, v in m.items() if k.startswith("dense_")}
+        mine["ratio"] = mine["latency_ms"] / ref["latency_ms"]
+        models[name] = mine | {"signature": m["bleu_signature"], "chrf_signature": m["chrf_signature"]}
+        ref_runs.append(ref)
+    if ref_runs:
+        ref = dict(ref_runs[0])
+        for key in ("latency_ms", "encoder_ms", "decoder_ms", "translate_sentences_per_s"):
+            ref[key] = statistics.median(r[key] for r in ref_runs)
+        ref["ratio"] = 1.0
+        ref["signature"] = next(iter(models.values()))["signature"]
+        models[REF] = ref
+    ref_ms = models[REF]["latency_ms"] if models else float("nan")
+    for name, m in models.items():
+        group, search, seed = kind(name)
+        m |= {"group": group, "search": search, "seed": seed, "latency_at_ref": m["ratio"] * ref_ms}
+        arch = out / "retrain" / name / "arch.yaml"
+        m["arch"] = yaml.safe_load(arch.read_text()) if arch.is_file() else {}
+    return dict(sorted(models.items(), key=lambda kv: (kv[1]["group"] != "dense", -kv[1]["ratio"], kv[0])))
+
+
+def dense_curve(models: dict[str, dict]) -> list[tuple[float, float]]:
+    """(latency ratio, BLEU) of the dense family, fastest first, kept only where BLEU rises
+    with latency (the curve a user would pick from: a slower and worse model is dominated)."""
+    points = sorted((m["ratio"], m["bleu"]) for m in models.values() if m["group"] == "dense")
+    front: list[tuple[float, float]] = []
+    for x, y in points:
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def curve_bleu(curve: list[tuple[float, float]], x: float) -> float | None:
+    """The dense curve's BLEU at latency ratio x (linear between points, flat after the last;
+    None below the fastest dense model, where the dense family has nothing to offer)."""
+    if not curve or x < curve[0][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return curve[-1][1]
+
+
+def above_curve(curve: list[tuple[float, float]], m: dict) -> tuple[float | None, bool]:
+    """(BLEU above the dense curve at m's latency, whether m is on or above the curve)."""
+    y = curve_bleu(curve, m["ratio"])
+    if y is None:  # faster than every dense model: above the curve if it beats the fastest one
+        return m["bleu"] - curve[0][1], m["bleu"] >= curve[0][1]
+    return m["bleu"] - y, m["bleu"] >= y
+
+
+def describe(arch: dict) -> str:
+    if not arch:
+        return "-"
+    enc, dec = arch["encoder_ffn"], arch["decoder_ffn"]
+
+    def ffn(layers: list[list[int]]) -> str:
+        return " ".join("/".join(str(s) for s in e) if len(e) > 1 else str(e[0]) for e in layers)
+
+    return f"enc d={arch['encoder_embed_dim']} [{ffn(enc)}], dec d={arch['decoder_embed_dim']} [{ffn(dec)}]" + (
+        f", top-{arch['top_k']}" if any(len(e) > 1 for e in enc + dec) else ""
+    )
+
+
+def models_table(models: dict[str, dict], curve: list[tuple[float, float]]) -> str:
+    lines = [
+        "| model | seed | arch (FFN per layer; a/b = experts) | BLEU | chrF | latency (ms) | × reference "
+        "| enc / dec (ms) | GFLOPs | params active / total | test sent/s | vs dense curve "
+        "| init, updates, target tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in models.items():
+        label = name if m["group"] == "dense" else SEARCHES[m["search"]][0]
+        vs = "-" if m["group"] == "dense" else f"{above_curve(curve, m)[0]:+.2f}"
+        lines.append(
+            f"| {label} | {m['seed']} | {describe(m['arch'])} | {m['bleu']:.2f} | {m['chrf']:.2f} "
+            f"| {m['latency_ms']:.1f} | {m['ratio']:.3f} | {m['encoder_ms']:.1f} / {m['decoder_ms']:.1f} "
+            f"| {m['gflops']:.3f} | {m['params_active'] / 1e6:.2f}M / {m['params_total'] / 1e6:.2f}M "
+            f"| {m['translate_sentences_per_s']:.0f} | {vs} "
+            f"| {m['init']}, {m['train_updates']:.0f}, {m['train_target_tokens'] / 1e6:.2f}M |"
+        )
+    return "\n".join(lines)
+
+
+def ablation(models: dict[str, dict]) -> str:
+    lines = [
+        "| space (budget 1/2) | seeds | BLEU mean ± sd | BLEU per seed | chrF mean | latency × reference (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for search, arm in ARMS.items():
+        ms = [m for m in models.values() if m["search"] == search]
+        if not ms:
+            continue
+        b = [m["bleu"] for m in ms]
+        sd = statistics.stdev(b) if len(b) > 1 else float("nan")
+        lines.append(
+            f"| {arm} | {len(ms)} | {statistics.mean(b):.2f} ± {sd:.2f} | {', '.join(f'{x:.2f}' for x in b)} "
+            f"| {statistics.mean(m['chrf'] for m in ms):.2f} | {statistics.mean(m['ratio'] for m in ms):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def goals(models: dict[str, dict], curve: list[tuple[float, float]]) -> str:
+    if REF not in models:
+        return "(no evaluation yet)"
+    ref = models[REF]
+    searched = [m for m in models.values() if m["group"] == "searched"]
+    fast = [m for m in searched if m["ratio"] <= 1 / 3]
+    best = max(fast, key=lambda m: m["bleu"], default=None)
+    lines = [
+        f"- Reference (d=256 3+3) >= 35 BLEU on test2016: **{'met' if ref['bleu'] >= 35 else 'missed'}** "
+        f"({ref['bleu']:.2f}).",
+        "- A searched model at <= 1/3 of the reference's measured latency within 0.5 BLEU of it: "
+        + (
+            f"**{'met' if ref['bleu'] - best['bleu'] <= 0.5 else 'missed'}** (best such model: "
+            f"{best['bleu']:.2f} BLEU at {best['ratio']:.3f}x, {best['bleu'] - ref['bleu']:+.2f})."
+            if best
+            else "**missed** (no searched model measured at or under 1/3: "
+            + ", ".join(f"{m['ratio']:.3f}x" for m in searched)
+            + (f"; the space's fastest arch measured {models[SMALLEST]['ratio']:.3f}x" if SMALLEST in models else "")
+            + ")."
+        ),
+    ]
+    close = [m for m in searched if ref["bleu"] - m["bleu"] <= 0.5]
+    fastest = min(close, key=lambda m: m["ratio"], default=None)
+    if fastest:
+        lines.append(
+            f"- The fastest searched model within 0.5 BLEU of the reference: {fastest['ratio']:.3f}x its latency "
+            f"({SEARCHES[fastest['search']][0]}, seed {fastest['seed']}, {fastest['bleu']:.2f} BLEU)."
+        )
+    on = [above_curve(curve, m)[1] for m in searched]
+    lines.append(
+        f"- Every searched point on or above the dense curve: **{'met' if on and all(on) else 'missed'}** "
+        f"({sum(on)} of {len(on)})."
+    )
+    return "\n".join(lines)
+
+
+def searches(out: Path) -> str:
+    lines = [
+        "| search | evaluations | budget (ms) | winner predicted (ms) | winner valid loss | random search best "
+        "| winner measured in evaluate (× reference, seed 1) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, (label, _) in SEARCHES.items():
+        path = out / "search" / name / "metrics.json"
+        if path.is_file():
+            m = json.loads(path.read_text())
+            ev = out / "evaluate" / f"{name}_s1" / "metrics.json"
+            measured = "-"
+            if ev.is_file():
+                e = json.loads(ev.read_text())
+                measured = f"{e['searched_latency_ms'] / e['dense_latency_ms']:.3f}"
+            lines.append(
+                f"| {label} | {m['evaluations']:.0f} | {m['budget']:.1f} | {m['best_cost']:.1f} "
+                f"| {m['best_fitness']:.3f} | {m.get('random_best_fitness', float('nan')):.3f} | {measured} |"
+            )
+    return "\n".join(lines)
+
+
+def times(out: Path) -> str:
+    path = out / "times.tsv"
+    if not path.is_file():
+        return ""
+    rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
+    total = sum(int(b) for _, b in rows)
+    body = "\n".join(f"| {a} | {int(b)} |" for a, b in rows)
+    return f"| step | seconds |\n|---|---|\n{body}\n| sum of steps (retrains ran two at a time) | {total} |"
+
+
+def plots(out: Path, models: dict[str, dict], curve: list[tuple[float, float]], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f for f in FIGURES]
+    ref_ms = models[REF]["latency_ms"] if REF in models else 1.0
+    with figure(paths[0], size=(7.5, 5)) as ax:
+        dense = sorted((m["latency_at_ref"], m["bleu"], n) for n, m in models.items() if m["group"] == "dense")
+        ax.plot([d[0] for d in dense], [d[1] for d in dense], "s-", color="black", label="dense family")
+        for x, y, n in dense:
+            ax.annotate(n.removeprefix("dense_"), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        markers = {"het_b50": "o", "het_b75": "D", "hom_b50": "^", "dense_b50": "v"}
+        for search, (label, _) in SEARCHES.items():
+            ms = [m for m in models.values() if m["search"] == search]
+            if ms:
+                ax.scatter(
+                    [m["latency_at_ref"] for m in ms],
+                    [m["bleu"] for m in ms],
+                    marker=markers[search],
+                    s=50,
+                    label=label + " (each seed)",
+                )
+        for fraction in sorted({f for _, f in SEARCHES.values()}):
+            ax.axvline(fraction * ref_ms, color="grey", ls=":", lw=1)
+        ax.set_xlabel(f"latency (ms, batch 1, beam 5, 30+30 tokens; reference {ref_ms:.1f} ms; dotted: budgets)")
+        ax.set_ylabel("BLEU (test2016, beam 4, lenpen 0.6)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    with figure(paths[1], size=(7.5, 4.5)) as ax:
+        for name, (label, _) in SEARCHES.items():
+            s = out / "search" / name
+            if not (s / "pareto.csv").is_file():
+                continue
+            rows = []
+            for f in ("population.csv", "random.csv"):
+                if (s / f).is_file():
+                    rows += list(csv.DictReader(open(s / f)))
+            dots = ax.scatter([float(r["cost"]) for r in rows], [float(r["fitness"]) for r in rows], s=6, alpha=0.3)
+            front = list(csv.DictReader(open(s / "pareto.csv")))
+            ax.plot(
+                [float(r["cost"]) for r in front],
+                [float(r["fitness"]) for r in front],
+                "o-",
+                ms=3,
+                color=dots.get_facecolor()[0][:3],
+                label=label,
+            )
+            budget = json.loads((s / "metrics.json").read_text())["budget"]
+            ax.axvline(budget, color=dots.get_facecolor()[0][:3], ls="--", lw=1)
+        ax.set_xlabel("predicted latency (ms; dashed: each search's budget)")
+        ax.set_ylabel("validation loss (inherited supernet weights)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    with figure(paths[2], size=(7.5, 4.5)) as ax:
+        for name, m in models.items():
+            path = out / "retrain" / name / "valid_curves.csv"
+            if path.is_file():
+                rows = read_valid_history(path)
+                key = [k for k in rows[0] if k != "update"][0]
+                style = "-" if m["group"] == "dense" else "--"
+                ax.plot([r["update"] for r in rows], [r[key] for r in rows], style, marker=".", lw=1, label=name)
+        ax.set_xlabel("fine-tuning update (one micro-batch of <= 2,048 padded tokens)")
+        ax.set_ylabel("validation NLL per token")
+        ax.legend(fontsize=6, ncol=2)
+        ax.grid(alpha=0.3)
+    return paths
+
+
+def report(out: Path, models: dict[str, dict], curve: list[tuple[float, float]]) -> str:
+    parts = [
+        "# multi30k_fair\n",
+        "## Goals\n\n" + goals(models, curve),
+        "## Models (test2016)\n\n" + models_table(models, curve),
+        "Dense curve (latency × reference, BLEU): " + ", ".join(f"({x:.3f}, {y:.2f})" for x, y in curve),
+        "## Ablation at 1/2 of the reference's latency\n\n" + ablation(models),
+        "## Searches\n\n" + searches(out),
+        "## Stage wall times\n\n" + times(out),
+    ]
+    if models:
+        parts.append(f"BLEU signature: `{models[REF]['signature']}`")
+    for name in ("train_supernet", "measure_latency", "train_predictor"):
+        path = out / f"{name}.json"
+        if path.is_file():
+            parts.append(f"{name}: `{json.dumps(json.loads(path.read_text()))}`")
+    fp = out / "latency" / "hardware.json"
+    if fp.is_file():
+        parts.append(f"hardware: `{json.dumps(json.loads(fp.read_text()))}`")
+    return "\n\n".join(parts) + "\n"
+
+
+def log_to_mlflow(out: Path, models: dict[str, dict], figures: list[Path]) -> str:
+    """A parent run with the report and figures, a child run per model; returns the parent id."""
+    os.environ["AUTOMOE_TRACKING"] = "1"
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "multi30k_fair")
+    from automoe import tracking
+
+    parent = tracking.start_parent("multi30k_fair", tags={"automoe.experiment": "multi30k_fair"})
+    with tracking.stage_run("report", parent) as run:
+        run.log_artifact(out / "report.md")
+        for path in figures:
+            run.log_artifact(path, "figures")
+        for search in SEARCHES:
+            for f in ("pareto.csv", "best_arch.yaml", "metrics.json"):
+                if (out / "search" / search / f).is_file():
+                    run.log_artifact(out / "search" / search / f, f"search/{search}")
+    for name, m in models.items():
+        with tracking.stage_run(name, parent) as run:
+            run.log_params({"group": m["group"], "search": m["search"], "seed": m["seed"], "arch": m["arch"]})
+            run.log_metrics({k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            for f in ("training_curve.png", "valid_curves.csv", "curves.csv", "arch.yaml", "metrics.json"):
+                if (out / "retrain" / name / f).is_file():
+                    run.log_artifact(out / "retrain" / name / f, "retrain")
+    return parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default="results/experiments/multi30k_fair", type=Path)
+    parser.add_argument("--figures", default="bench/figures", type=Path, help="also copy the figures here")
+    parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("--metrics", type=Path, help="write a summary here when done")
+    args = parser.parse_args()
+    out = args.out.absolute()
+    models = load(out)
+    curve = dense_curve(models)
+    figures = plots(out, models, curve, out / "figures")
+    text = report(out, models, curve)
+    atomic_write_text(out / "report.md", text)
+    args.figures.mkdir(parents=True, exist_ok=True)
+    for path in figures:
+        shutil.copyfile(path, args.figures / path.name)
+    parent = None if args.no_mlflow else log_to_mlflow(out, models, figures)
+    if args.metrics:
+        atomic_write_json(args.metrics, {"models": len(models), "mlflow_parent_run": parent})
+    print(f"report: {out / 'report.md'} ({len(models)} models; MLflow parent run {parent})")
+
+
+if __name__ == "__main__":
+    main()
