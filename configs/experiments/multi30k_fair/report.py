@@ -1,10 +1,10 @@
 """Tables, figures and MLflow runs of a finished multi30k_fair run (run.sh), for BENCHMARKS.md.
 
-    python configs/experiments/multi30k_fair/report.py [OUT] [--figures bench/figures] [--no-mlflow]
+    python configs/experiments/multi30k_fair/report.py [OUT] [--figures bench/figures] [--no-mlflow] [--metrics F]
 
 Writes OUT/report.md (models, dense curve, goals, ablation, searches, stage times,
 hardware), the figures `multi30k_fair_bleu_vs_latency.png`, `multi30k_fair_pareto.png` and
-`multi30k_fair_valid_curves.png` (into OUT/figures and the figures folder), and logs them to
+`multi30k_fair_valid_curves.png` (into OUT/figures, and copied to --figures), and logs them to
 MLflow: a parent run `multi30k_fair` with the report and figures, one child run per model
 with its arch, training record, test figures and training curves. The store is
 MLFLOW_TRACKING_URI, else OUT/mlflow.db. `--metrics PATH` (run.sh: OUT/report.json) records
@@ -342,7 +342,7 @@ def log_to_mlflow(out: Path, models: dict[str, dict], figures: list[Path]) -> st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default="results/experiments/multi30k_fair", type=Path)
-    parser.add_argument("--figures", default="bench/figures", type=Path, help="also copy the figures here")
+    parser.add_argument("--figures", type=Path, help="also copy the figures here (BENCHMARKS.md: bench/figures)")
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--metrics", type=Path, help="write a summary here when done")
     args = parser.parse_args()
@@ -352,9 +352,10 @@ def main() -> None:
     figures = plots(out, models, curve, out / "figures")
     text = report(out, models, curve)
     atomic_write_text(out / "report.md", text)
-    args.figures.mkdir(parents=True, exist_ok=True)
-    for path in figures:
-        shutil.copyfile(path, args.figures / path.name)
+    if args.figures:
+        args.figures.mkdir(parents=True, exist_ok=True)
+        for path in figures:
+            shutil.copyfile(path, args.figures / path.name)
     parent = None if args.no_mlflow else log_to_mlflow(out, models, figures)
     if args.metrics:
         atomic_write_json(args.metrics, {"models": len(models), "mlflow_parent_run": parent})
