@@ -209,3 +209,86 @@ def test_bucket_job_creates_missing_buckets_and_keeps_existing_ones(tmp_path):
     assert "Job" not in [
         d["kind"] for d in rendered("--set", "s3.buckets=null") if "s3-buckets" in d["metadata"]["name"]
     ]
+
+
+def test_chart_s3_store_is_the_tested_seaweedfs_serving_only_the_secrets_key_pair(tmp_path):
+    """The in-cluster store's container command, run here with the tests' SeaweedFS binary
+    (same release as the image): its probe answers, the Secret's key pair can create and
+    read buckets and objects, anonymous and wrong-key requests are refused."""
+    import time
+    import urllib.request
+
+    import boto3
+    from botocore.exceptions import ClientError
+    from servers import _weed_ports, weed_binary
+
+    sts = next(d for d in rendered() if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "rel-automoe-s3")
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    version = run([weed_binary(), "version"]).stdout.split()[2]
+    assert container["image"] == f"chrislusf/seaweedfs:{version}"
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]} == {
+        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert container["command"] == ["weed"] and container["args"][0] == "server"
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["port"] == "s3" and container["ports"][0]["containerPort"] == 9000
+    # the same arguments, with this machine's folder, loopback and free ports
+    ports = _weed_ports(("master", "volume", "filer", "s3"))
+    swap = {"-dir": str(tmp_path / "data"), "-ip.bind": "127.0.0.1"} | {f"-{k}.port": str(v) for k, v in ports.items()}
+    args = [
+        a if a.split("=")[0] not in swap else f"{a.split('=')[0]}={swap[a.split('=')[0]]}" for a in container["args"]
+    ]
+    assert len([a for a in args if a.split("=")[0] in swap]) == len(swap)  # every swapped flag is in the chart
+    (tmp_path / "data").mkdir()
+    key, secret = "chart-test-key", "chart-test-secret-0123"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    log = open(tmp_path / "weed.out", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [weed_binary(), f"-logdir={tmp_path}", *args, "-ip=127.0.0.1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "weed.out").read_text(errors="replace")[-2000:]
+            try:
+                if urllib.request.urlopen(endpoint + probe["path"], timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the chart's S3 store did not become ready"
+            time.sleep(0.5)
+        s3 = boto3.client(
+            "s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret, region_name="us-east-1"
+        )
+        for attempt in range(30):  # the filer may take a moment after the gateway answers
+            try:
+                s3.create_bucket(Bucket="mlflow")
+                break
+            except ClientError:
+                if attempt == 29:
+                    raise
+                time.sleep(1)
+        s3.put_object(Bucket="mlflow", Key="a/b.txt", Body=b"artifact")
+        assert s3.get_object(Bucket="mlflow", Key="a/b.txt")["Body"].read() == b"artifact"
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"{endpoint}/mlflow/a/b.txt", timeout=5)
+        assert anonymous.value.code == 403
+        wrong = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=key,
+            aws_secret_access_key="wrong-secret-00",
+            region_name="us-east-1",
+        )
+        with pytest.raises(ClientError):
+            wrong.get_object(Bucket="mlflow", Key="a/b.txt")
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        log.close()
