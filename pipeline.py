@@ -1,7 +1,7 @@
 """The automoe KFP v2 pipeline: wiring only (tasks, resources, retries, caching), no logic.
 
     python pipeline.py compile [--output pipeline.yaml] [--set section.key=value ...]
-    python pipeline.py run-local [--set section.key=value ...]      # kfp.local, this machine
+    python pipeline.py run-local [--no-cache] [--set section.key=value ...]   # kfp.local, this machine
     python pipeline.py upload --host http://ml-pipeline:8888 [--name automoe] [--version TAG] [--set ...]
 
 The run's parameters are params.yaml (as JSON, the `params` pipeline parameter), the
@@ -37,18 +37,28 @@ MEASURE = load_section(MeasureLatencyConfig, "measure_latency", PARAMS_FILE)
 RUN_LOCAL = {"on": False}  # kfp.local: tasks are processes here and may track into ./mlflow.db
 
 
+def _tracking(task):
+    """The tracking store of every task that tracks (stages, and the parent run's open/close)."""
+    if PIPELINE.mlflow_tracking_uri:
+        task.set_env_variable("MLFLOW_TRACKING_URI", PIPELINE.mlflow_tracking_uri)
+    elif not RUN_LOCAL["on"]:  # a pod's own sqlite file vanishes with the pod: refuse it
+        task.set_env_variable("AUTOMOE_NO_LOCAL_STORE", "pipeline.mlflow_tracking_uri")
+    return task
+
+
 def _task(task, stage: str):
-    """Resources, accelerator, retries, tracking URI and S3 credentials of a stage's task."""
+    """Resources, accelerator, retries, tracking and S3 credentials of a stage's task. The
+    KFP run id reaches the pod from its `pipeline/runid` label (tracking finds the parent run
+    by it and records it): as an input it would be part of the cache key of every task."""
     res = PIPELINE.resources_of(stage)
     task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu).set_memory_request(res.memory).set_memory_limit(res.memory)
     if res.gpu > 0:
         task.set_accelerator_type(PIPELINE.gpu_accelerator).set_accelerator_limit(res.gpu)
     task.set_retry(num_retries=PIPELINE.retries, backoff_duration="60s", backoff_factor=2)
     task.set_display_name(stage)
-    if PIPELINE.mlflow_tracking_uri:
-        task.set_env_variable("MLFLOW_TRACKING_URI", PIPELINE.mlflow_tracking_uri)
-    elif not RUN_LOCAL["on"]:  # a pod's own sqlite file vanishes with the pod: refuse it
-        task.set_env_variable("AUTOMOE_NO_LOCAL_STORE", "pipeline.mlflow_tracking_uri")
+    _tracking(task)
+    if not RUN_LOCAL["on"]:  # kfp.local: run-local exports the parent run's id instead
+        kubernetes.use_field_path_as_env(task, env_name="KFP_RUN_ID", field_path="metadata.labels['pipeline/runid']")
     if PIPELINE.s3_endpoint:
         task.set_env_variable("AWS_ENDPOINT_URL", PIPELINE.s3_endpoint)
     if PIPELINE.s3_secret:
@@ -102,7 +112,7 @@ def automoe_pipeline(
     overrides: list = [],  # noqa: B006 - KFP needs a literal default
 ):
     # The exit task closes the parent run (FINISHED or FAILED); it finds it by the KFP run id.
-    close = c.close_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
+    close = _tracking(c.close_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False))
     with dsl.ExitHandler(close):
         resolved = c.resolve_params(
             params=params,
@@ -118,16 +128,24 @@ def automoe_pipeline(
             supernet_updates=supernet_updates,
             retrain_updates=retrain_updates,
         ).set_display_name("params")
-        parent = c.open_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
-        common = {"params": resolved.output, "overrides": [], "parent_run_id": parent.output}
-        prepared = _task(c.prepare_data(**common), "prepare_data").outputs["prepared"]
+        parent = _tracking(c.open_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False))
+
+        def own(stage: str) -> dict:
+            """A stage task's inputs: its own params section only (the inputs are the cache key)."""
+            return {"params": resolved.outputs[stage], "overrides": []}
+
+        prepared = _task(c.prepare_data(**own("prepare_data")).after(parent), "prepare_data").outputs["prepared"]
         supernet = _task(
-            c.train_supernet(prepared=prepared, nproc=PIPELINE.resources_of("train_supernet").gpu, **common),
+            c.train_supernet(
+                prepared=prepared, nproc=PIPELINE.resources_of("train_supernet").gpu, **own("train_supernet")
+            ),
             "train_supernet",
         ).outputs["supernet"]
-        latency = _measure_latency(prepared, supernet, common)
-        predictor = _task(c.train_predictor(latency=latency, **common), "train_predictor").outputs["predictor"]
-        found = _task(c.search(prepared=prepared, supernet=supernet, predictor=predictor, **common), "search")
+        latency = _measure_latency(prepared, supernet, own("measure_latency"))
+        predictor = _task(c.train_predictor(latency=latency, **own("train_predictor")), "train_predictor").outputs[
+            "predictor"
+        ]
+        found = _task(c.search(prepared=prepared, supernet=supernet, predictor=predictor, **own("search")), "search")
         nproc = PIPELINE.resources_of("retrain").gpu
         searched = _task(
             c.retrain(
@@ -136,16 +154,19 @@ def automoe_pipeline(
                 search_result=found.outputs["result"],
                 supernet=supernet,
                 nproc=nproc,
-                **common,
+                **own("retrain"),
             ),
             "retrain",
         ).set_display_name("retrain (searched)")
         dense = _task(
-            c.retrain(prepared=prepared, arch_name="largest_dense", supernet=supernet, nproc=nproc, **common), "retrain"
+            c.retrain(prepared=prepared, arch_name="largest_dense", supernet=supernet, nproc=nproc, **own("retrain")),
+            "retrain",
         )
         dense.set_display_name("retrain (dense baseline)")
         evaluation = _task(
-            c.evaluate(prepared=prepared, model=searched.outputs["model"], baseline=dense.outputs["model"], **common),
+            c.evaluate(
+                prepared=prepared, model=searched.outputs["model"], baseline=dense.outputs["model"], **own("evaluate")
+            ),
             "evaluate",
         )
         registered = c.register(
@@ -153,7 +174,7 @@ def automoe_pipeline(
             model=searched.outputs["model"],
             evaluation=evaluation.outputs["evaluation"],
             search_result=found.outputs["result"],
-            **common,
+            **own("register"),
         )
         _task(registered, "register").set_caching_options(False)  # the registry changes between runs
 
@@ -167,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     local = sub.add_parser("run-local", help="run every stage here with kfp.local (SubprocessRunner)")
     local.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     local.add_argument("--pipeline-root", default=".kfp_local")
+    local.add_argument("--no-cache", action="store_true", help="run every task (default: reuse cached task outputs)")
     up = sub.add_parser("upload", help="compile and upload to a Kubeflow Pipelines endpoint")
     up.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888")
     up.add_argument("--name", default=PIPELINE.name)
@@ -184,8 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from kfp import local as kfp_local
 
+    from automoe import tracking
+
+    if tracking.enabled():  # this execution's parent run: the tasks inherit its id (not an input)
+        tracking.check_store()
+        os.environ["AUTOMOE_PARENT_RUN_ID"] = tracking.start_parent()
     kfp_local.init(
-        runner=kfp_local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(args.pipeline_root).absolute())
+        runner=kfp_local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(Path(args.pipeline_root).absolute()),
+        enable_caching=not args.no_cache,  # as on a cluster: a task whose inputs are unchanged is reused
     )
     RUN_LOCAL["on"] = True
     automoe_pipeline(params=PARAMS, overrides=list(args.overrides))

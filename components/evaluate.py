@@ -8,7 +8,6 @@ from components.images import IMAGE
 def evaluate(
     params: str,
     overrides: list,
-    parent_run_id: str,
     prepared: Input[Dataset],
     model: Input[Model],
     baseline: Input[Model],
@@ -21,7 +20,6 @@ def evaluate(
     evaluate.component_main(
         params,
         overrides,
-        parent_run_id,
         prepared.path,
         model.path,
         baseline.path,

@@ -8,7 +8,6 @@ from components.images import IMAGE
 def measure_latency(
     params: str,
     overrides: list,
-    parent_run_id: str,
     prepared: Input[Dataset],
     supernet: Input[Model],
     shard: int,
@@ -17,9 +16,7 @@ def measure_latency(
 ):
     from automoe.stages import measure_latency
 
-    measure_latency.component_main(
-        params, overrides, parent_run_id, prepared.path, supernet.path, shard, latency.path, metrics
-    )
+    measure_latency.component_main(params, overrides, prepared.path, supernet.path, shard, latency.path, metrics)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -1,3 +1,5 @@
+from typing import NamedTuple
+
 from kfp import dsl
 
 from components.images import IMAGE
@@ -17,9 +19,23 @@ def resolve_params(
     search_population: int,
     supernet_updates: int,
     retrain_updates: int,
-) -> str:
-    """The run's params: params.yaml JSON + the UI fields + overrides, validated for every stage."""
-    from automoe.stages.pipeline_params import resolve
+) -> NamedTuple(
+    "Sections",
+    prepare_data=str,
+    train_supernet=str,
+    measure_latency=str,
+    train_predictor=str,
+    search=str,
+    retrain=str,
+    evaluate=str,
+    register=str,
+):
+    """The run's params: params.yaml JSON + the UI fields + overrides, validated for every
+    stage, then one output per stage holding only its section (a task's inputs are its cache
+    key: a change to one section leaves the other tasks' keys as they were)."""
+    from collections import namedtuple
+
+    from automoe.stages.pipeline_params import STAGES, resolve, sections
 
     ui = {
         "corpus_source": corpus_source,
@@ -33,4 +49,5 @@ def resolve_params(
         "supernet_updates": supernet_updates,
         "retrain_updates": retrain_updates,
     }
-    return resolve(params, overrides, ui)
+    split = sections(resolve(params, overrides, ui))
+    return namedtuple("Sections", STAGES)(*(split[stage] for stage in STAGES))

@@ -8,7 +8,6 @@ from components.images import IMAGE
 def register(
     params: str,
     overrides: list,
-    parent_run_id: str,
     prepared: Input[Dataset],
     model: Input[Model],
     evaluation: Input[Dataset],
@@ -21,7 +20,6 @@ def register(
     register.component_main(
         params,
         overrides,
-        parent_run_id,
         prepared.path,
         model.path,
         evaluation.path,

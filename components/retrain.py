@@ -8,7 +8,6 @@ from components.images import image_for
 def retrain(
     params: str,
     overrides: list,
-    parent_run_id: str,
     prepared: Input[Dataset],
     arch_name: str,
     nproc: int,
@@ -23,4 +22,4 @@ def retrain(
 
     arch = search_result.path if search_result is not None else arch_name
     net = supernet.path if supernet is not None else ""
-    retrain.component_main(params, overrides, parent_run_id, prepared.path, arch, net, model.path, metrics, nproc)
+    retrain.component_main(params, overrides, prepared.path, arch, net, model.path, metrics, nproc)

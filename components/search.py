@@ -8,7 +8,6 @@ from components.images import IMAGE
 def search(
     params: str,
     overrides: list,
-    parent_run_id: str,
     prepared: Input[Dataset],
     supernet: Input[Model],
     predictor: Input[Model],
@@ -21,7 +20,6 @@ def search(
     search.component_main(
         params,
         overrides,
-        parent_run_id,
         prepared.path,
         supernet.path,
         predictor.path,

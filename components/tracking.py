@@ -9,7 +9,7 @@ from components.images import IMAGE
 def open_tracking(kfp_run_id: str) -> str:
     from automoe import tracking
 
-    return tracking.start_parent(tags={"automoe.kfp_run_id": kfp_run_id})
+    return tracking.open_kfp_parent(kfp_run_id)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -8,7 +8,6 @@ from components.images import IMAGE
 def train_predictor(
     params: str,
     overrides: list,
-    parent_run_id: str,
     latency: Input[Dataset],
     predictor: Output[Model],
     metrics: Output[Metrics],
@@ -16,6 +15,4 @@ def train_predictor(
 ):
     from automoe.stages import train_predictor
 
-    train_predictor.component_main(
-        params, overrides, parent_run_id, latency.path, predictor.path, metrics, scatter.path
-    )
+    train_predictor.component_main(params, overrides, latency.path, predictor.path, metrics, scatter.path)

@@ -8,7 +8,6 @@ from components.images import image_for
 def train_supernet(
     params: str,
     overrides: list,
-    parent_run_id: str,
     prepared: Input[Dataset],
     nproc: int,
     supernet: Output[Model],
@@ -17,4 +16,4 @@ def train_supernet(
     """nproc > 1: one torchrun worker per GPU."""
     from automoe.stages import train_supernet
 
-    train_supernet.component_main(params, overrides, parent_run_id, prepared.path, supernet.path, metrics, nproc)
+    train_supernet.component_main(params, overrides, prepared.path, supernet.path, metrics, nproc)

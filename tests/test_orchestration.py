@@ -11,6 +11,7 @@ import yaml
 from conftest import ROOT, as_overrides, paths_overrides, subprocess_env, tiny_pipeline_params
 
 from automoe import tracking
+from automoe.errors import AutomoeError
 from automoe.stages import prepare_data
 
 # one MLflow child run per stage execution (retrain runs twice: searched and dense)
@@ -76,6 +77,28 @@ def test_failed_stage_run_is_marked_failed(tmp_path, monkeypatch, capsys):
     assert prepare_data.main(["--out", "p", "--set", "prepare_data.mirror=/nonexistent"]) == 2
     _, runs = mlflow_runs(uri)
     assert [r.info.status for r in runs if r.info.run_name == "prepare_data"] == ["FAILED"]
+
+
+def test_a_pod_finds_its_parent_run_by_the_kfp_run_id_and_records_it(tmp_path, monkeypatch):
+    """On a cluster the run id comes from the pod's label (KFP_RUN_ID), never from a task input."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOMOE_TRACKING", "1")
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    parent = tracking.open_kfp_parent("run-1234")  # the open-tracking task
+    monkeypatch.setenv("KFP_RUN_ID", "run-1234")  # a stage's pod
+    with tracking.stage_run("search") as run:
+        assert run.parent_run_id == parent
+    _, runs = mlflow_runs(uri)
+    child = next(r for r in runs if r.info.run_name == "search")
+    assert child.data.tags["mlflow.parentRunId"] == parent and child.data.tags["automoe.kfp_run_id"] == "run-1234"
+    assert not (tmp_path / tracking.PARENT_FILE).exists()  # no workspace parent in a pod
+    monkeypatch.setenv("KFP_RUN_ID", "run-without-parent")
+    with pytest.raises(AutomoeError, match="no parent run tagged automoe.kfp_run_id=run-without-parent"):
+        tracking.kfp_parent("run-without-parent", attempts=1)
+    # kfp.local: run-local hands its parent to the tasks; open-tracking tags that one
+    monkeypatch.setenv("AUTOMOE_PARENT_RUN_ID", parent)
+    assert tracking.open_kfp_parent("local-run") == parent
 
 
 def copy_repo(dst: Path) -> Path:
@@ -220,7 +243,7 @@ def test_pipeline_compiles_to_a_valid_pipeline_spec(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    spec = yaml.safe_load(out.read_text())
+    spec = next(yaml.safe_load_all(out.read_text()))
     parsed = json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())  # strict: unknown fields fail
     executors = parsed.deployment_spec["executors"]
     images = {e["container"]["image"] for e in executors.values()}
@@ -245,6 +268,19 @@ def test_pipeline_compiles_to_a_valid_pipeline_spec(tmp_path):
         assert parsed.components["comp-exit-handler-1"].dag.tasks[task].retry_policy.max_retry_count == 2
     for executor in executors.values():  # nothing is pip-installed at run time
         assert "pip install" not in " ".join(executor["container"]["command"])
+    # the cache key of a task is its inputs: only its own params section, nothing per execution
+    dag = parsed.components["comp-exit-handler-1"].dag.tasks
+    for task in stages:
+        inputs = dag[task].inputs.parameters
+        assert "parent_run_id" not in inputs and "kfp_run_id" not in inputs
+        source = inputs["params"].task_output_parameter
+        stage = task.removesuffix("-2").replace("-", "_")
+        assert (source.producer_task, source.output_parameter_key) == ("resolve-params", stage)
+        assert "open-tracking" in dag[task].dependent_tasks or task != "prepare-data"
+    platform = spec_platform(out)
+    for task in stages:  # the run id reaches the pod from its label (lineage, parent run)
+        env = platform[f"exec-{task}"]["fieldPathAsEnv"]
+        assert {"name": "KFP_RUN_ID", "fieldPath": "metadata.labels['pipeline/runid']"} in env
 
 
 @pytest.mark.slow
@@ -267,6 +303,34 @@ def test_kfp_local_run_records_a_parent_and_a_child(multi30k, tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
     registrations = list((tmp_path / "root").rglob("registration.json"))
     assert len(registrations) == 1 and json.loads(registrations[0].read_text())["champion"] == 1
+
+
+def spec_platform(path: Path) -> dict:
+    """The Kubernetes platform config of each executor in a compiled pipeline file."""
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.mark.slow
+def test_kfp_local_rerun_with_only_a_new_budget_reuses_the_cached_upstream_tasks(multi30k, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    env = subprocess_env(AUTOMOE_TRACKING="1", MLFLOW_TRACKING_URI=uri, TMPDIR=str(tmp_path))
+    cmd = [sys.executable, "pipeline.py", "run-local", "--pipeline-root", str(tmp_path / "root")]
+    cmd += [a for o in as_overrides(tiny_pipeline_params(multi30k)) for a in ("--set", o)]
+    for extra in ([], ["--set", "search.budget.value=0.7"]):
+        proc = subprocess.run(cmd + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _, runs = mlflow_runs(uri)
+    parents = sorted((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    first, second = (
+        sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id) for p in parents
+    )
+    assert first == sorted(ALL_STAGE_RUNS)
+    # data, supernet, latency table, predictor and the dense baseline came from the cache
+    assert second == ["evaluate", "register", "retrain", "search"]
+    searched = [r for r in runs if r.info.run_name == "search"]
+    assert sorted(r.data.params["budget.value"] for r in searched) == ["0.7", "0.8"]
 
 
 def test_gpu_resources_compile_to_cuda_image_accelerators_and_secrets(tmp_path):

@@ -1,12 +1,15 @@
 """MLflow adapter: the only module that imports mlflow.
 
-One parent run per pipeline execution, one child run per stage. The parent run id
-travels explicitly: a KFP pipeline passes it as a parameter; under DVC it is kept in
-`.automoe/parent_run.json` in the workspace (`make run` starts a fresh one per
-execution). The embedded default store is a local sqlite file, `mlflow.db`, with
-artifacts in `mlartifacts/`, in the DVC project's root (`DVC_ROOT`, which DVC sets to the
-project even when `dvc exp run` runs stages in a temporary copy) or else the working
-directory; `MLFLOW_TRACKING_URI` overrides it.
+One parent run per pipeline execution, one child run per stage. A stage finds its parent
+from its environment, never from a task input (a KFP task's inputs are its cache key, and
+a per-execution id there would make every task miss the cache): `AUTOMOE_PARENT_RUN_ID`
+(kfp.local: `pipeline.py run-local` opens the parent and exports it), else `KFP_RUN_ID`
+(a cluster pod's `pipeline/runid` label: the parent is the run the pipeline's
+open-tracking task tagged with it), else, under DVC, `.automoe/parent_run.json` in the
+workspace (`make run` starts a fresh one per execution). The embedded default store is a
+local sqlite file, `mlflow.db`, with artifacts in `mlartifacts/`, in the DVC project's
+root (`DVC_ROOT`, which DVC sets to the project even when `dvc exp run` runs stages in a
+temporary copy) or else the working directory; `MLFLOW_TRACKING_URI` overrides it.
 """
 
 from __future__ import annotations
@@ -166,6 +169,41 @@ def start_parent(run_name: str = "pipeline", tags: Mapping[str, str] | None = No
     return run.info.run_id
 
 
+def open_kfp_parent(kfp_run_id: str) -> str:
+    """The parent run of KFP run `kfp_run_id`, tagged with it so that its tasks find it: the
+    one this process was handed (AUTOMOE_PARENT_RUN_ID, kfp.local), else a new one."""
+    given = os.environ.get("AUTOMOE_PARENT_RUN_ID")
+    if not given:
+        return start_parent(tags={"automoe.kfp_run_id": kfp_run_id})
+    _client().set_tag(given, "automoe.kfp_run_id", kfp_run_id)
+    return given
+
+
+def kfp_parent(kfp_run_id: str, attempts: int = 5) -> str:
+    """The id of the parent run tagged with `kfp_run_id` (open_kfp_parent ran before any stage)."""
+    client = _client()
+    query = f"tags.`automoe.kfp_run_id` = '{kfp_run_id}'"
+    for attempt in range(attempts):
+        runs = client.search_runs([_experiment_id(client)], filter_string=query, max_results=5)
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        if parents:
+            return parents[0].info.run_id
+        time.sleep(min(2**attempt, 10))
+    raise AutomoeError(
+        f"MLflow at {_redact(tracking_uri())}: no parent run tagged automoe.kfp_run_id={kfp_run_id} "
+        "(the pipeline's open-tracking task creates it before any stage: was this task started on its own?)"
+    )
+
+
+def find_parent() -> str | None:
+    """This execution's parent run (see the module doc), or None for a top-level stage run."""
+    if os.environ.get("AUTOMOE_PARENT_RUN_ID"):
+        return os.environ["AUTOMOE_PARENT_RUN_ID"]
+    if os.environ.get("KFP_RUN_ID"):
+        return kfp_parent(os.environ["KFP_RUN_ID"])
+    return workspace_parent()
+
+
 def end_kfp_parent(kfp_run_id: str, succeeded: bool) -> None:
     """Close the parent run that `start_parent` opened for this KFP run, if any."""
     client = _client()
@@ -246,7 +284,7 @@ def stage_run(stage: str, parent_run_id: str | None = None) -> Iterator[StageRun
         return
     check_store()
     client = _client()
-    parent = parent_run_id or os.environ.get("AUTOMOE_PARENT_RUN_ID") or workspace_parent()
+    parent = parent_run_id or find_parent()
     tags = {**context_tags(), "automoe.stage": stage} | ({"mlflow.parentRunId": parent} if parent else {})
     run = client.create_run(_experiment_id(client), run_name=stage, tags=tags)
     status = "FAILED"

@@ -99,14 +99,14 @@ def component_run(
     load_config: Callable,
     params: str,
     overrides: list,
-    parent_run_id: str,
     out_path: str,
     body: Callable[[Any, tracking.StageRun], Mapping[str, float]],
     artifacts: list[str],
     metrics: Any,
 ) -> dict[str, float]:
     """What every KFP component body does: the same tracked run under the pipeline's parent
-    run, its metrics copied to the component's Metrics output."""
+    run (which tracking finds from the task's environment, never from a task input: inputs
+    are the cache key), its metrics copied to the component's Metrics output."""
     from automoe.config import parse_yaml
 
     cfg = load_config(parse_yaml(params, "params"), list(overrides))
@@ -116,7 +116,6 @@ def component_run(
         cfg,
         lambda tracker: body(cfg, tracker),
         artifacts=lambda: [out / a for a in artifacts],
-        parent_run_id=parent_run_id or None,
     )
     write_kfp_metrics(metrics, result)
     return result
@@ -141,9 +140,14 @@ def guarded(fn: Callable[[list[str] | None], Any]) -> Callable[[list[str] | None
 
 
 def write_kfp_metrics(metrics_artifact: Any, metrics: Mapping[str, float]) -> None:
-    """Copy stage metrics onto a KFP `Output[Metrics]` so they show in the UI."""
+    """Copy stage metrics onto a KFP `Output[Metrics]` so they show in the UI, and into its
+    file: an artifact without a file is never a cache hit for kfp.local (nor downloadable)."""
     for key, value in metrics.items():
         metrics_artifact.log_metric(key, float(value))
+    path = getattr(metrics_artifact, "path", None)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(path), {k: float(v) for k, v in metrics.items()})
 
 
 def _fmt(value: float) -> str:
@@ -164,9 +168,7 @@ def artifact_file(path: Path | str, name: str) -> Path:
     return path / name if path.is_dir() else path
 
 
-def run_distributed(
-    stage: str, nproc: int, params: str, overrides: list, stage_args: list[str], parent_run_id: str
-) -> dict[str, float]:
+def run_distributed(stage: str, nproc: int, params: str, overrides: list, stage_args: list[str]) -> dict[str, float]:
     """The same stage CLI under torchrun with `nproc` workers (one per GPU); its metrics."""
     import subprocess
     import tempfile
@@ -190,8 +192,6 @@ def run_distributed(
             *stage_args,
         ]
         cmd += [a for o in overrides for a in ("--set", str(o))]
-        if parent_run_id:
-            cmd += ["--parent-run-id", parent_run_id]
         if subprocess.run(cmd).returncode != 0:
             raise AutomoeError(f"{stage}: torchrun with {nproc} workers failed (see the log above)")
         return json.loads(metrics_file.read_text())

@@ -256,7 +256,6 @@ def main(argv: list[str] | None = None) -> None:
 def component_main(
     params: str,
     overrides: list,
-    parent_run_id: str,
     data_path: str,
     model_path: str,
     baseline_path: str,
@@ -270,7 +269,6 @@ def component_main(
         load_config,
         params,
         overrides,
-        parent_run_id,
         out_path,
         lambda cfg, _: run(cfg, inputs, Path(out_path)),
         ARTIFACTS,

@@ -127,7 +127,6 @@ def main(argv: list[str] | None = None) -> None:
 def component_main(
     params: str,
     overrides: list,
-    parent_run_id: str,
     data_path: str,
     supernet_path: str,
     shard: int,
@@ -140,7 +139,6 @@ def component_main(
         load_config,
         params,
         overrides,
-        parent_run_id,
         out_path,
         lambda cfg, _: run(cfg, inputs, Path(out_path)),
         ARTIFACTS,

@@ -1,6 +1,9 @@
 """The parameters of one pipeline run: params.yaml, then the fields a person sets in the
 Kubeflow UI, then `section.key=value` overrides; every stage section is validated before
-any stage starts, so a typo fails the run in seconds, not after training."""
+any stage starts, so a typo fails the run in seconds, not after training. Each stage's
+task then gets its own section only (`sections`): a task's inputs are its cache key, so a
+change to `search.budget` leaves the upstream tasks' keys, and their cached outputs, as
+they were."""
 
 from __future__ import annotations
 
@@ -24,6 +27,16 @@ UI_FIELDS = {
     "retrain_updates": "retrain.train.max_updates",
 }
 INTEGER_FIELDS = {"search_iterations", "search_population", "supernet_updates", "retrain_updates"}
+STAGES = (
+    "prepare_data",
+    "train_supernet",
+    "measure_latency",
+    "train_predictor",
+    "search",
+    "retrain",
+    "evaluate",
+    "register",
+)
 # fixed when the pipeline is compiled (the DAG's shape, pods, images): a run cannot change them
 COMPILE_TIME = (
     "pipeline",
@@ -77,3 +90,9 @@ def resolve(params: str, overrides: list, ui: dict[str, Any]) -> str:
     data = merge(data, parse_overrides(ui_overrides(ui) + [str(o) for o in overrides]))
     validate(data)
     return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+
+def sections(resolved: str) -> dict[str, str]:
+    """One JSON document per stage holding only that stage's section (canonical: sorted keys)."""
+    data = parse_yaml(resolved, "params") or {}
+    return {stage: json.dumps({stage: data.get(stage, {})}, separators=(",", ":"), sort_keys=True) for stage in STAGES}

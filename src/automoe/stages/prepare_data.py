@@ -187,13 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     cli_run(NAME, load_config, args, lambda cfg, _: run(cfg, None, args.out), [MANIFEST])
 
 
-def component_main(params: str, overrides: list, parent_run_id: str, out_path: str, metrics: Any) -> None:
+def component_main(params: str, overrides: list, out_path: str, metrics: Any) -> None:
     component_run(
         NAME,
         load_config,
         params,
         overrides,
-        parent_run_id,
         out_path,
         lambda cfg, _: run(cfg, None, Path(out_path)),
         [MANIFEST],

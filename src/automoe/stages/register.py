@@ -148,7 +148,6 @@ def main(argv: list[str] | None = None) -> None:
 def component_main(
     params: str,
     overrides: list,
-    parent_run_id: str,
     data_path: str,
     model_path: str,
     evaluation_path: str,
@@ -162,7 +161,6 @@ def component_main(
         load_config,
         params,
         overrides,
-        parent_run_id,
         out_path,
         lambda cfg, tracker: run(cfg, inputs, Path(out_path), tracker),
         ARTIFACTS,

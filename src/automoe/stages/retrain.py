@@ -145,7 +145,6 @@ def main(argv: list[str] | None = None) -> None:
 def component_main(
     params: str,
     overrides: list,
-    parent_run_id: str,
     data_path: str,
     arch: str,
     supernet_path: str,
@@ -157,7 +156,7 @@ def component_main(
     if nproc > 1:
         args = ["--data", data_path, "--arch", arch, "--out", out_path]
         args += ["--supernet", supernet_path] if supernet_path else []
-        write_kfp_metrics(metrics, run_distributed(NAME, nproc, params, overrides, args, parent_run_id))
+        write_kfp_metrics(metrics, run_distributed(NAME, nproc, params, overrides, args))
         return
     inputs = RetrainInputs(Path(data_path), arch, Path(supernet_path) if supernet_path else None)
     component_run(
@@ -165,7 +164,6 @@ def component_main(
         load_config,
         params,
         overrides,
-        parent_run_id,
         out_path,
         lambda cfg, t: run(cfg, inputs, Path(out_path), t.log_metrics),
         ARTIFACTS,

@@ -291,7 +291,6 @@ def main(argv: list[str] | None = None) -> None:
 def component_main(
     params: str,
     overrides: list,
-    parent_run_id: str,
     data_path: str,
     supernet_path: str,
     predictor_path: str,
@@ -306,7 +305,6 @@ def component_main(
         load_config,
         params,
         overrides,
-        parent_run_id,
         out_path,
         lambda cfg, _: run(cfg, inputs, out),
         ARTIFACTS,

@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> None:
 def component_main(
     params: str,
     overrides: list,
-    parent_run_id: str,
     latency_path: str,
     out_path: str,
     metrics: Any,
@@ -122,7 +121,6 @@ def component_main(
         load_config,
         params,
         overrides,
-        parent_run_id,
         out_path,
         lambda cfg, _: run(cfg, TrainPredictorInputs(Path(latency_path)), Path(out_path)),
         ARTIFACTS,

@@ -131,20 +131,17 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
-def component_main(
-    params: str, overrides: list, parent_run_id: str, data_path: str, out_path: str, metrics: Any, nproc: int = 0
-) -> None:
+def component_main(params: str, overrides: list, data_path: str, out_path: str, metrics: Any, nproc: int = 0) -> None:
     """KFP component body; nproc > 1 runs the stage under torchrun, one worker per GPU."""
     if nproc > 1:
         args = ["--data", data_path, "--out", out_path]
-        write_kfp_metrics(metrics, run_distributed(NAME, nproc, params, overrides, args, parent_run_id))
+        write_kfp_metrics(metrics, run_distributed(NAME, nproc, params, overrides, args))
         return
     component_run(
         NAME,
         load_config,
         params,
         overrides,
-        parent_run_id,
         out_path,
         lambda cfg, t: run(cfg, TrainSupernetInputs(Path(data_path)), Path(out_path), t.log_metrics),
         ARTIFACTS,
