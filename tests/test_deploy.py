@@ -131,8 +131,10 @@ def test_pipeline_references_are_importable_and_images_come_from_one_place():
     for name in used:
         component = getattr(components, name)
         body = component.component_spec.implementation.container.command[-1]
-        for module in re.findall(r"from (automoe\.[\w.]+) import (\w+)", body):
-            importlib.import_module(f"{module[0]}.{module[1]}" if module[1] != "resolve" else module[0])
+        for module, names in re.findall(r"from (automoe[\w.]*) import ([\w, ]+)", body):
+            loaded = importlib.import_module(module)
+            for attr in (n.strip() for n in names.split(",")):  # a function, or a submodule (stages)
+                assert hasattr(loaded, attr) or importlib.import_module(f"{module}.{attr}"), (name, module, attr)
     # no image name or tag is written anywhere but params.yaml (read by components/images.py)
     for path in [ROOT / "pipeline.py", *sorted((ROOT / "components").glob("*.py"))]:
         assert "ghcr.io" not in path.read_text() and not re.search(r'base_image="', path.read_text()), path
