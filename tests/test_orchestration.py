@@ -283,12 +283,18 @@ def test_pipeline_compiles_to_a_valid_pipeline_spec(tmp_path):
         assert {"name": "KFP_RUN_ID", "fieldPath": "metadata.labels['pipeline/runid']"} in env
 
 
-@pytest.mark.slow
-def test_kfp_local_run_records_a_parent_and_a_child(multi30k, tmp_path):
+def run_local_command(multi30k: Path, tmp_path: Path) -> tuple[str, dict[str, str], list[str]]:
+    """(store URI, environment, command) of a tracked `pipeline.py run-local` at toy size."""
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     env = subprocess_env(AUTOMOE_TRACKING="1", MLFLOW_TRACKING_URI=uri, TMPDIR=str(tmp_path))
     cmd = [sys.executable, "pipeline.py", "run-local", "--pipeline-root", str(tmp_path / "root")]
     cmd += [a for o in as_overrides(tiny_pipeline_params(multi30k)) for a in ("--set", o)]
+    return uri, env, cmd
+
+
+@pytest.mark.slow
+def test_kfp_local_run_records_a_parent_and_a_child(multi30k, tmp_path):
+    uri, env, cmd = run_local_command(multi30k, tmp_path)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     manifests = list((tmp_path / "root").rglob("manifest.json"))
@@ -313,10 +319,7 @@ def spec_platform(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_kfp_local_rerun_with_only_a_new_budget_reuses_the_cached_upstream_tasks(multi30k, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    env = subprocess_env(AUTOMOE_TRACKING="1", MLFLOW_TRACKING_URI=uri, TMPDIR=str(tmp_path))
-    cmd = [sys.executable, "pipeline.py", "run-local", "--pipeline-root", str(tmp_path / "root")]
-    cmd += [a for o in as_overrides(tiny_pipeline_params(multi30k)) for a in ("--set", o)]
+    uri, env, cmd = run_local_command(multi30k, tmp_path)
     for extra in ([], ["--set", "search.budget.value=0.7"]):
         proc = subprocess.run(cmd + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
