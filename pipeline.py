@@ -2,6 +2,7 @@
 
     python pipeline.py compile [--output pipeline.yaml] [--set section.key=value ...]
     python pipeline.py run-local [--no-cache] [--set section.key=value ...]   # kfp.local, this machine
+    python pipeline.py run-local --runner docker [--network NET] [--mount PATH ...] [--set ...]
     python pipeline.py upload --host http://ml-pipeline:8888 [--name automoe] [--version TAG] [--set ...]
 
 The run's parameters are params.yaml (as JSON, the `params` pipeline parameter), the
@@ -34,7 +35,17 @@ ROOT = Path(__file__).resolve().parent
 PARAMS = json.dumps(read_yaml(PARAMS_FILE), separators=(",", ":"), sort_keys=True)
 PIPELINE = load_section(PipelineConfig, "pipeline", PARAMS_FILE)
 MEASURE = load_section(MeasureLatencyConfig, "measure_latency", PARAMS_FILE)
-RUN_LOCAL = {"on": False}  # kfp.local: tasks are processes here and may track into ./mlflow.db
+RUN_LOCAL = {"on": False}  # kfp.local SubprocessRunner: tasks are processes here and may track into ./mlflow.db
+# kfp.local DockerRunner: what a task's container gets from this process's environment
+DOCKER_ENV = (
+    "AUTOMOE_TRACKING",
+    "AUTOMOE_PARENT_RUN_ID",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ENDPOINT_URL",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
 
 
 def _tracking(task):
@@ -185,10 +196,25 @@ def main(argv: list[str] | None = None) -> int:
     comp = sub.add_parser("compile", help="write the pipeline spec YAML")
     comp.add_argument("--output", default="pipeline.yaml")
     comp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    local = sub.add_parser("run-local", help="run every stage here with kfp.local (SubprocessRunner)")
+    local = sub.add_parser("run-local", help="run every stage here with kfp.local")
     local.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     local.add_argument("--pipeline-root", default=".kfp_local")
     local.add_argument("--no-cache", action="store_true", help="run every task (default: reuse cached task outputs)")
+    local.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess: tasks are processes of this environment; docker: each task runs in the project "
+        "image (pipeline.image:image_tag) as its non-root user, read-only root file system",
+    )
+    local.add_argument("--network", default="", help="docker: the Docker network of the task containers")
+    local.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="docker: a host folder the tasks read (a corpus mirror), mounted read-only at the same path",
+    )
     up = sub.add_parser("upload", help="compile and upload to a Kubeflow Pipelines endpoint")
     up.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888")
     up.add_argument("--name", default=PIPELINE.name)
@@ -196,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--output", default="pipeline.yaml")
     up.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
-    if args.command in ("compile", "upload") and args.overrides:
-        return _with_overrides(list(argv if argv is not None else sys.argv[1:]), args.overrides)
+    structure = args.overrides if args.command != "run-local" else _compile_time(args.overrides)
+    if structure:  # compile-time keys change what this module builds: compile it from merged params
+        return _with_overrides(list(argv if argv is not None else sys.argv[1:]), structure)
     if args.command in ("compile", "upload"):
         compiler.Compiler().compile(automoe_pipeline, args.output)
         print(f"wrote {args.output}")
@@ -208,28 +235,90 @@ def main(argv: list[str] | None = None) -> int:
 
     from automoe import tracking
 
+    root = Path(args.pipeline_root).absolute()
+    if args.runner == "docker":
+        _docker_runner(args.network, args.mount, root)  # refuses a setup the containers cannot track from
     if tracking.enabled():  # this execution's parent run: the tasks inherit its id (not an input)
         tracking.check_store()
         os.environ["AUTOMOE_PARENT_RUN_ID"] = tracking.start_parent()
+    if args.runner == "docker":
+        runner = _docker_runner(args.network, args.mount, root)  # now with the parent run's id
+    else:
+        runner = kfp_local.SubprocessRunner(use_venv=False)
+        RUN_LOCAL["on"] = True
     kfp_local.init(
-        runner=kfp_local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(Path(args.pipeline_root).absolute()),
+        runner=runner,
+        pipeline_root=str(root),
         enable_caching=not args.no_cache,  # as on a cluster: a task whose inputs are unchanged is reused
     )
-    RUN_LOCAL["on"] = True
     automoe_pipeline(params=PARAMS, overrides=list(args.overrides))
     return 0
 
 
+def _docker_runner(network: str, mounts: list[str], root: Path):
+    """Each task in the project image, as a cluster pod runs it: the image's non-root user, a
+    read-only root file system with a scratch /tmp, the pipeline root (mounted by kfp.local at
+    its own path) and the `mounts`, read-only, as its only folders. The tracking store is the
+    compiled `pipeline.mlflow_tracking_uri`, else this process's MLFLOW_TRACKING_URI when it is a
+    server; the parent run's id and S3 credentials come from this process's environment."""
+    from kfp import local as kfp_local
+
+    import docker
+    from automoe import tracking
+
+    env = {k: os.environ[k] for k in DOCKER_ENV if os.environ.get(k)}
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not PIPELINE.mlflow_tracking_uri and uri.startswith(("http://", "https://")):
+        env["MLFLOW_TRACKING_URI"] = uri
+    elif not PIPELINE.mlflow_tracking_uri and tracking.enabled():
+        raise SystemExit(
+            "pipeline.py run-local --runner docker: the task containers need a tracking server: set "
+            "MLFLOW_TRACKING_URI=http://<host>:5000 (or --set pipeline.mlflow_tracking_uri=...), or AUTOMOE_TRACKING=0"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o777)  # the image's user (uid 10001) writes task outputs into it
+    binds = []
+    for path in mounts:
+        source = Path(path).absolute()
+        if not source.is_dir():
+            raise SystemExit(f"pipeline.py: --mount {path}: not a folder")
+        binds.append(docker.types.Mount(target=str(source), source=str(source), type="bind", read_only=True))
+    run_args = {
+        "entrypoint": ["/usr/bin/env"],  # the image's entrypoint is `automoe`; the task's command is a shell line
+        "environment": env,
+        "read_only": True,
+        "tmpfs": {"/tmp": ""},
+        "mounts": binds,
+    }
+    if network:
+        run_args["network"] = network
+    return kfp_local.DockerRunner(**run_args)
+
+
+def _compile_time(overrides: list[str]) -> list[str]:
+    from automoe.stages.pipeline_params import compile_time_keys
+
+    fixed = set(compile_time_keys(overrides))
+    return [o for o in overrides if o.partition("=")[0].strip() in fixed]
+
+
 def _with_overrides(argv: list[str], overrides: list[str]) -> int:
-    """Compile (and upload) from params.yaml with `overrides` applied: the structure is read
-    when this module and the components are imported, so a child process does it from a
-    merged, validated copy of params.yaml."""
+    """Compile (upload, run-local) from params.yaml with `overrides` applied: the structure is
+    read when this module and the components are imported, so a child process does it from a
+    merged, validated copy of params.yaml. The other `--set`s of run-local stay run overrides."""
     from automoe.stages.pipeline_params import validate
 
     data = merge(read_yaml(PARAMS_FILE) or {}, parse_overrides(overrides))
     validate(data)
-    rest = [a for i, a in enumerate(argv) if a != "--set" and (i == 0 or argv[i - 1] != "--set")]
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--set" and i + 1 < len(argv) and argv[i + 1] in overrides:
+            skip = True
+            continue
+        rest.append(a)
     with tempfile.TemporaryDirectory() as tmp:
         merged = Path(tmp) / "params.yaml"
         merged.write_text(json.dumps(data))

@@ -111,3 +111,11 @@ def as_overrides(sections: dict[str, dict], prefix: str = "") -> list[str]:
         else:
             out.append(f"{prefix}{key}={value}")
     return out
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    """The project's CPU image built from the working tree, once per session (tests/containers.py)."""
+    from containers import build_image
+
+    return build_image()

