@@ -8,12 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import subprocess_env
 
 from automoe import ct2
 from automoe.errors import AutomoeError
 from automoe.model.decode import beam_search, greedy
-from automoe.model.inference import PackedLinear, available, for_inference
+from automoe.model.inference import Int8Linear, PackedLinear, available, for_inference, int8_available
 from automoe.model.subnet import SubTransformer, extract
 from automoe.model.supernet import SuperTransformer
 from automoe.model.transformer import ModelArgs
@@ -95,6 +96,59 @@ def test_packed_layers_run_at_full_size_only(models):
     layer = next(m for m in packed.modules() if isinstance(m, PackedLinear))
     with pytest.raises(ValueError, match="full size only"):
         layer(torch.zeros(2, layer.in_features), layer.out_features - 1)
+
+
+# -- int8 ------------------------------------------------------------------------------------
+
+needs_int8 = pytest.mark.skipif(not int8_available(torch.nn.Linear(1, 1)), reason="no FBGEMM int8 kernels")
+
+
+@needs_int8
+def test_int8_weights_are_quantized_per_output_channel(models):
+    quantized = for_inference(models[0], "int8")
+    layer = quantized.core.encoder[0].moe.experts[0].fc1  # ReLU fused
+    original = models[0].core.encoder[0].moe.experts[0].fc1
+    assert isinstance(layer, Int8Linear)
+    weight, _ = torch.ops.quantized.linear_unpack(layer.packed)
+    assert weight.shape == original.weight.shape and weight.qscheme() == torch.per_channel_affine
+    assert bool((weight.q_per_channel_zero_points() == 0).all())  # symmetric
+    scales = original.weight.abs().amax(1) / 127
+    torch.testing.assert_close(weight.q_per_channel_scales().float(), scales, rtol=1e-6, atol=0)
+    assert bool(((weight.dequantize() - original.weight).abs() <= scales[:, None] / 2 + 1e-7).all())  # half a step
+    x = torch.randn(5, layer.in_features)
+    # the input is quantized per call: close to the product with the dequantized weights
+    ref = F.relu(F.linear(x, weight.dequantize(), original.bias))
+    torch.testing.assert_close(layer(x), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+
+
+@needs_int8
+def test_int8_model_follows_fp32_within_quantization_error(models):
+    """Dense and MoE (top-1, top-2) models: log-probabilities full and incremental, within
+    what 8-bit weights and inputs allow; the fp32 model itself untouched."""
+    for model in models:
+        quantized = for_inference(model, "int8")
+        assert not any(isinstance(m, Int8Linear) for m in model.modules())
+        src, tgt = sources(1), shift_right(sources(2, s=7), 2, 0)
+        want = model(src, tgt)[0].log_softmax(-1)
+        got = quantized(src, tgt)[0].log_softmax(-1)
+        assert (got - want).abs().mean() < INT8_MEAN_ERR and (got - want).abs().max() < INT8_MAX_ERR
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+        enc, cache = quantized.encode(src), None
+        for t in range(tgt.shape[1]):  # incremental decoding: one token per step, cache included
+            step, cache = quantized.decode(tgt[:, t : t + 1], enc, None, cache)
+            assert (step[:, -1].log_softmax(-1) - want[:, t]).abs().max() < INT8_MAX_ERR
+
+
+INT8_MEAN_ERR, INT8_MAX_ERR = 0.03, 0.2  # measured here: 0.015 and 0.08 at most
+
+
+def test_serving_precision_is_checked(models):
+    with pytest.raises(ValueError, match="precision 'int4'"):
+        for_inference(models[0], "int4")
+    packed = for_inference(models[0])
+    if packed is not models[0]:
+        with pytest.raises(ValueError, match="already in the fp32 serving layout"):
+            for_inference(packed, "int8")
 
 
 # -- CTranslate2 -----------------------------------------------------------------------------
@@ -202,6 +256,22 @@ def test_export_cli_writes_a_folder_that_translates_without_torch(model_folder, 
     )
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 2
+
+
+@needs_int8
+def test_translate_cli_serves_a_folder_in_int8_and_refuses_precision_elsewhere(model_folder):
+    from automoe.serving import DecodeConfig, Translator
+
+    lines = ["A man rides a bike.", "Two dogs play in the snow."]
+    cmd = [sys.executable, "-m", "automoe.cli", "translate", "--model", str(model_folder), "--precision", "int8"]
+    proc = subprocess.run(cmd, input="\n".join(lines) + "\n", capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == Translator.from_folder(model_folder, DecodeConfig(precision="int8")).translate(
+        lines
+    )
+    cmd = [sys.executable, "-m", "automoe.cli", "translate", "--model", "models:/m@champion", "--precision", "int8"]
+    proc = subprocess.run(cmd, input="", capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 2 and "registered with (register.precision)" in proc.stderr
 
 
 def test_export_cli_refuses_a_moe_model_without_output(model_folder, tmp_path):

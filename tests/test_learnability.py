@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import yaml
 
 from automoe.model.decode import beam_search, greedy
+from automoe.model.inference import for_inference
 from automoe.model.subnet import extract
 from automoe.model.supernet import SuperTransformer
 from automoe.model.transformer import ModelArgs
@@ -83,7 +84,8 @@ def test_supernet_learns_to_reverse_and_beam_search_decodes_it(tmp_path):
     net.eval()
     src, _, _, seqs = reverse_batch(np.random.default_rng(123), 50)
     want = [s[::-1] for s in seqs]
-    for model, a in ((net, arch), (extract(net, arch), None)):
+    compact = extract(net, arch)  # heterogeneous MoE: the supernet slice, then its int8 serving layout
+    for model, a in ((net, arch), (compact, None), (for_inference(compact, "int8"), None)):
         beams = [h.tokens for h in beam_search(model, src, a, beam=4, max_len_a=1.0, max_len_b=5)]
         assert np.mean([b == w for b, w in zip(beams, want, strict=True)]) >= 0.9
         assert np.mean([g == w for g, w in zip(greedy(model, src, a), want, strict=True)]) >= 0.9

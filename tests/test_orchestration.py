@@ -398,6 +398,17 @@ def test_ui_fields_override_params_and_are_validated():
         resolve(params, [], dict(ui, budget_kind="watts"))
 
 
+def test_serving_precision_is_one_setting_for_measure_evaluate_and_register():
+    from automoe.stages.pipeline_params import resolve
+
+    params = (ROOT / "params.yaml").read_text()
+    with pytest.raises(ValueError, match="measure_latency.precision=int8, evaluate.decode.precision=fp32"):
+        resolve(params, ["measure_latency.precision=int8"], {})
+    keys = ("measure_latency.precision", "evaluate.decode.precision", "register.precision")
+    data = json.loads(resolve(params, [f"{k}=int8" for k in keys], {}))
+    assert data["measure_latency"]["precision"] == data["register"]["precision"] == "int8"
+
+
 def test_compile_time_settings_come_from_compile_set_and_runs_cannot_change_them(tmp_path, monkeypatch):
     """compile/upload take --set (the chart's upload Job passes the cluster's MLflow URI);
     without a tracking URI every task refuses its pod-local store; a run's overrides cannot

@@ -13,7 +13,7 @@ from servers import free_port, mlflow_server, stop, wait_http
 
 from automoe import registry, tracking
 from automoe.registry import Gate, Version, decide
-from automoe.serving import Translator
+from automoe.serving import DecodeConfig, Translator
 from automoe.stages import evaluate, prepare_data, register, retrain
 from automoe.stages.evaluate import score
 
@@ -380,6 +380,48 @@ def test_racing_registrations_do_not_lose_a_champion(trained, tracked, tmp_path)
     assert client.get_model_version(name, str(racers[2])).tags[registry.PREVIOUS] in {str(first), str(racers[0])}
     verdicts = {n: client.get_model_version(name, str(n)).tags[registry.GATE] for n in racers}
     assert verdicts[racers[1]].startswith("rejected") and verdicts[racers[3]].startswith("rejected")
+
+
+def test_an_int8_registration_serves_int8_and_a_precision_mismatch_registers_nothing(
+    trained, tracked, tmp_path, capsys
+):
+    prep, models = trained
+    name = f"{NAME}-int8"
+    ev, se = fake_results(tmp_path, bleu=20.0, latency=50.0)
+    argv = [
+        "--data",
+        str(prep),
+        "--model",
+        str(models["a"]),
+        "--search",
+        str(se),
+        "--set",
+        f"register.model_name={name}",
+    ]
+    # evaluate ran in fp32: registering it as int8 would publish a latency nobody measured
+    assert (
+        register.main(
+            [*argv, "--evaluation", str(ev), "--out", str(tmp_path / "r0"), "--set", "register.precision=int8"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "register.precision: int8" in err[-1] and "Traceback" not in "".join(err)
+    assert not (tmp_path / "r0").exists() and not tracking.registry_client().search_model_versions(f"name='{name}'")
+
+    metrics = json.loads((ev / "metrics.json").read_text()) | {"searched_precision": "int8"}
+    (ev / "metrics.json").write_text(json.dumps(metrics))
+    assert (
+        register.main(
+            [*argv, "--evaluation", str(ev), "--out", str(tmp_path / "r1"), "--set", "register.precision=int8"]
+        )
+        == 0
+    )
+    mv = tracking.registry_client().get_model_version(name, "1")
+    assert mv.tags["automoe.precision"] == "int8"
+    lines = ["A man is riding a bike.", "Two children play in the park."]
+    int8 = Translator.from_folder(models["a"], DecodeConfig(precision="int8"))
+    assert list(tracking.load_translator(f"models:/{name}@champion").predict(lines)) == int8.translate(lines)
 
 
 def test_register_without_tracking_is_refused(trained, tmp_path, capsys):

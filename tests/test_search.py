@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_SPACE, subprocess_env
 
 from automoe.errors import AutomoeError, ConfigError, DataError
@@ -123,6 +124,23 @@ def test_measure_latency_resumes_after_sigkill_without_duplicates(tiny_supernet,
     assert expected[-1] == space.largest_dense()  # the baseline of relative budgets is measured
     assert {r["arch_id"]: r["arch"] for r in rows} == {i: key(a) for i, a in enumerate(expected)}
     assert all(r["latency_ms"] > 0 for r in rows)
+
+
+def test_measure_latency_measures_the_serving_precision_and_keeps_tables_apart(tiny_supernet, tmp_path, capsys):
+    prep, net = tiny_supernet
+    quick = ["n_archs=1", "repeats=1", "warmup=0", "sources=1", "threads=1"]
+    argv = ["--data", str(prep), "--supernet", str(net), *[a for s in quick for a in ("--set", f"measure_latency.{s}")]]
+    assert (
+        measure_latency.main([*argv, "--out", str(tmp_path / "int8"), "--set", "measure_latency.precision=int8"]) == 0
+    )
+    hw = json.loads((tmp_path / "int8" / "hardware.json").read_text())
+    assert hw["precision"] == "int8" and hw["id"] != m.fingerprint(torch.device("cpu"))["id"]
+    # an fp32 rerun into the int8 table is refused: its rows would mix two serving layouts
+    assert measure_latency.main([*argv, "--out", str(tmp_path / "int8")]) == 2
+    assert "measured on other hardware" in capsys.readouterr().err
+    gpu = ["--set", "measure_latency.precision=int8", "--set", "measure_latency.device=cuda"]
+    assert measure_latency.main([*argv, "--out", str(tmp_path / "gpu"), *gpu]) == 2
+    assert "int8 serving runs on the CPU only" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
 
 
 def synthetic_latency(arch) -> float:

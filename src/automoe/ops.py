@@ -22,8 +22,20 @@ def translate(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--batch-lines", type=int, default=256, help="lines translated together")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "int8"),
+        default=None,
+        help="serving layout of a retrain output folder (default fp32); a registered model keeps its own",
+    )
     args = parser.parse_args(argv)
-    if "://" in args.model or args.model.startswith("models:/"):
+    registered = "://" in args.model or args.model.startswith("models:/")
+    if args.precision and (registered or ct2.is_ct2_folder(args.model)):
+        parser.error(
+            "--precision applies to a retrain output folder: a registered model is served in the "
+            "precision it was registered with (register.precision), a CTranslate2 export in its own"
+        )
+    if registered:
         from automoe import tracking
 
         model = tracking.load_translator(args.model)
@@ -35,7 +47,8 @@ def translate(argv: list[str] | None = None) -> None:
     else:
         from automoe.serving import DecodeConfig, Translator
 
-        run = Translator.from_folder(Path(args.model), DecodeConfig(beam=args.beam)).translate
+        decode = DecodeConfig(beam=args.beam, precision=args.precision or "fp32")
+        run = Translator.from_folder(Path(args.model), decode).translate
     # bytes in, whatever the locale: invalid UTF-8 becomes U+FFFD, every line is translated
     # (one output line per input line) and the repaired line numbers go to stderr
     batch: list[str] = []

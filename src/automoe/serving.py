@@ -20,7 +20,7 @@ from automoe.data.corpus import EOS, SPM_FILE
 from automoe.data.dataset import pad
 from automoe.errors import AutomoeError
 from automoe.model.decode import beam_search
-from automoe.model.inference import for_inference
+from automoe.model.inference import Precision, for_inference
 from automoe.model.subnet import SubTransformer
 from automoe.textio import clean_lines
 
@@ -35,6 +35,7 @@ class DecodeConfig:
     max_len_b: int = 10
     max_tokens: int = 2048  # source tokens per batch (times the beam in the decoder)
     max_source_len: int = 256  # longer inputs are cut (a translation service must not blow up)
+    precision: Precision = "fp32"  # the serving layout: fp32 (oneDNN-packed) or int8 (model/inference.py)
 
 
 class Translator:
@@ -45,7 +46,8 @@ class Translator:
         decode: DecodeConfig | None = None,
         vocab: dict | None = None,
     ):
-        self.model, self.sp, self.decode = for_inference(model), sp, decode or DecodeConfig()  # packed on CPU
+        self.decode = decode or DecodeConfig()
+        self.model, self.sp = for_inference(model, self.decode.precision), sp  # the serving layout on CPU
         self.vocab = dict(vocab or {})  # what the model was trained with (SentencePiece hash, languages)
 
     @classmethod

@@ -318,9 +318,11 @@ def _translator_class():
         """pyfunc: a DataFrame with a `text` column, or a list of strings -> translations."""
 
         def load_context(self, context):
-            from automoe.serving import Translator
+            from automoe.serving import DecodeConfig, Translator
 
-            self.translator = Translator.from_files(context.artifacts["model"], context.artifacts["spm"])
+            precision = (context.model_config or {}).get("precision", "fp32")  # models registered before: fp32
+            decode = DecodeConfig(precision=precision)
+            self.translator = Translator.from_files(context.artifacts["model"], context.artifacts["spm"], decode)
 
         def predict(self, context, model_input, params=None):
             if hasattr(model_input, "columns"):
@@ -333,9 +335,12 @@ def _translator_class():
     return TranslatorModel
 
 
-def log_translator(run: StageRun, model_dir: Path, registered_name: str, tags: Mapping[str, str]):
+def log_translator(
+    run: StageRun, model_dir: Path, registered_name: str, tags: Mapping[str, str], precision: str = "fp32"
+):
     """Log the retrained model as a pyfunc translator (with its code, SentencePiece model,
-    arch, weights, signature, input example) in `run` and register a new version."""
+    arch, weights, signature, input example, and its serving `precision` as model config)
+    in `run` and register a new version."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -358,6 +363,7 @@ def log_translator(run: StageRun, model_dir: Path, registered_name: str, tags: M
             code_paths=[str(code)],
             signature=signature,
             input_example=example,
+            model_config={"precision": precision},  # the serving layout it was measured and evaluated in
             pip_requirements=_requirements(),
         )
     version = mlflow.register_model(info.model_uri, registered_name, tags=dict(tags))

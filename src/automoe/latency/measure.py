@@ -24,7 +24,7 @@ import torch
 from automoe.data.corpus import EOS
 from automoe.data.dataset import ParallelSplit
 from automoe.model.decode import beam_search
-from automoe.model.inference import for_inference
+from automoe.model.inference import Precision, for_inference
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def fingerprint(device: torch.device) -> dict[str, str | int]:
-    """What the latency figures are valid for."""
+def fingerprint(device: torch.device, precision: str = "fp32") -> dict[str, str | int]:
+    """What the latency figures are valid for: the machine and the serving layout measured
+    (`precision` only when not fp32, so tables measured before int8 existed keep their id)."""
     info: dict[str, str | int] = {
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count() or 0,
@@ -68,6 +69,8 @@ def fingerprint(device: torch.device) -> dict[str, str | int]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    if precision != "fp32":
+        info["precision"] = precision
     info["id"] = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
     return info
 
@@ -85,11 +88,17 @@ def source_windows(split: ParallelSplit, length: int, count: int) -> torch.Tenso
 
 @torch.inference_mode()
 def measure(
-    model, sources: torch.Tensor, beam: int = 5, steps: int = 30, warmup: int = 3, repeats: int = 10
+    model,
+    sources: torch.Tensor,
+    beam: int = 5,
+    steps: int = 30,
+    warmup: int = 3,
+    repeats: int = 10,
+    precision: Precision = "fp32",
 ) -> Latency:
-    """Encoder and decoder time of `model` (a compact SubTransformer) for batch-1 sources;
-    run r uses source r % len(sources)."""
-    model = for_inference(model)  # the serving layout (oneDNN-packed weights on CPU)
+    """Encoder and decoder time of `model` (a compact SubTransformer) for batch-1 sources in
+    the serving layout of `precision`; run r uses source r % len(sources)."""
+    model = for_inference(model, precision)  # the serving layout (oneDNN-packed or int8 weights on CPU)
     device = next(model.parameters()).device
     enc_times, dec_times = [], []
     for run in range(warmup + repeats):

@@ -8,14 +8,24 @@ decoding). `for_inference(model)` returns a copy of a compact SubTransformer who
 layers and tied output projection run that way, with the expert's ReLU fused into its
 first layer; outputs equal the original's to fp32 rounding (tests/test_inference.py).
 
+`precision="int8"` quantizes instead: every linear layer and the output projection hold
+int8 weights, one scale per output channel (symmetric, from the channel's largest
+magnitude), and quantize their input per call (dynamic, one scale per tensor); products
+run in FBGEMM's int8 kernels with int32 accumulation and come out as fp32. Embedding
+lookups, layer norms, softmax and the router stay fp32. Outputs follow fp32 to within
+quantization error (tests/test_inference.py bounds it; BENCHMARKS.md gives the BLEU).
+
 Inference only: the copy has no gradients and is not for saving. Where oneDNN is not
-available or the model is not on the CPU, the model comes back as it is.
+available or the model is not on the CPU, the model comes back as it is (fp32); int8
+needs the CPU too and is refused elsewhere.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +62,45 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.activation, [], "")
 
 
+def _quantize(weight: torch.Tensor, bias: torch.Tensor | None):
+    """FBGEMM's packed int8 weight: symmetric, one scale per output channel (row)."""
+    w = weight.detach().float().contiguous()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
+    with warnings.catch_warnings():  # quantized tensors are deprecated as a user API, the kernels are not
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_channel(w, scale, torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+
+
+class Int8Linear(nn.Module):
+    """An ElasticLinear at its full size: int8 weights per output channel, the input
+    quantized per call (dynamic), int32 accumulation, fp32 out; `activation` fused."""
+
+    def __init__(self, linear: ElasticLinear, activation: str = "none"):
+        super().__init__()
+        self.out_features, self.in_features = linear.weight.shape
+        self.packed = _quantize(linear.weight, linear.bias)  # a plain attribute: an opaque layout
+        self.op = (
+            torch.ops.quantized.linear_relu_dynamic if activation == "relu" else torch.ops.quantized.linear_dynamic
+        )
+
+    def forward(self, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
+        if out_features not in (None, self.out_features) or x.shape[-1] != self.in_features:
+            raise ValueError("an int8 linear layer runs at its full size only (compact models)")
+        return self.op(x, self.packed, False)  # reduce_range off: VNNI/AMX accumulate without overflow
+
+
+Precision = Literal["fp32", "int8"]
+LINEAR: dict[str, type[nn.Module]] = {"fp32": PackedLinear, "int8": Int8Linear}
+
+
 class PackedExpert(nn.Module):
     """Expert FFN: ReLU fused into fc1."""
 
-    def __init__(self, expert: Expert):
+    def __init__(self, expert: Expert, precision: Precision = "fp32"):
         super().__init__()
-        self.fc1 = PackedLinear(expert.fc1, activation="relu")
-        self.fc2 = PackedLinear(expert.fc2)
+        self.fc1 = LINEAR[precision](expert.fc1, activation="relu")
+        self.fc2 = LINEAR[precision](expert.fc2)
 
     def forward(self, x: torch.Tensor, hidden: int, dropout: float = 0.0) -> torch.Tensor:
         return self.fc2(self.fc1(x, hidden), x.shape[-1])
@@ -68,13 +110,13 @@ class PackedAttention(nn.Module):
     """Self-attention with q/k/v fused into one packed product; encoder-decoder attention
     with its query and its k/v (fused) packed."""
 
-    def __init__(self, attn: Attention, self_attention: bool):
+    def __init__(self, attn: Attention, self_attention: bool, precision: Precision = "fp32"):
         super().__init__()
-        self.out_proj = PackedLinear(attn.out_proj)
+        self.out_proj = LINEAR[precision](attn.out_proj)
         if self_attention:
-            self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj)
+            self.qkv = _fused(precision, attn.q_proj, attn.k_proj, attn.v_proj)
         else:
-            self.q_proj, self.kv = PackedLinear(attn.q_proj), _fused(attn.k_proj, attn.v_proj)
+            self.q_proj, self.kv = LINEAR[precision](attn.q_proj), _fused(precision, attn.k_proj, attn.v_proj)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.qkv(x).chunk(3, dim=-1)  # (B, T, 3 * qkv) -> 3 x (B, T, qkv)
@@ -87,21 +129,22 @@ class PackedAttention(nn.Module):
     attend = Attention.attend
 
 
-def _fused(*linears: ElasticLinear) -> PackedLinear:
+def _fused(precision: Precision, *linears: ElasticLinear) -> nn.Module:
     fused = ElasticLinear(in_features=linears[0].weight.shape[1], out_features=sum(x.weight.shape[0] for x in linears))
     fused.weight.data = torch.cat([x.weight.detach() for x in linears])
     fused.bias.data = torch.cat([x.bias.detach() for x in linears])
-    return PackedLinear(fused)
+    return LINEAR[precision](fused)  # per-channel scales: fusing changes no int8 weight
 
 
 class PackedEmbedding(nn.Module):
     """The shared table for lookups; a packed copy of its used columns for the logits."""
 
-    def __init__(self, embed: SharedEmbedding, dim: int, positions: int = 1024):
+    def __init__(self, embed: SharedEmbedding, dim: int, positions: int = 1024, precision: Precision = "fp32"):
         super().__init__()
         self.table = embed
         self.dim = dim
-        self.packed = _pack(embed.weight[:, :dim])
+        self.int8 = precision == "int8"
+        self.packed = _quantize(embed.weight[:, :dim], None) if self.int8 else _pack(embed.weight[:, :dim])
         self.positions = sinusoid(torch.arange(positions), dim)  # (P, d): not recomputed every step
 
     def forward(self, tokens: torch.Tensor, dim: int) -> torch.Tensor:
@@ -117,24 +160,42 @@ class PackedEmbedding(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             return F.linear(x, self.table.weight[:, : x.shape[-1]])
+        if self.int8:
+            return torch.ops.quantized.linear_dynamic(x, self.packed, False)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
-def for_inference(model: nn.Module) -> nn.Module:
-    """A packed copy of a compact SubTransformer for CPU decoding (see the module doc)."""
-    if getattr(model, "packed_for_inference", False) or not available(model):
+def for_inference(model: nn.Module, precision: Precision = "fp32") -> nn.Module:
+    """A packed (fp32) or quantized (int8) copy of a compact SubTransformer for CPU decoding
+    (see the module doc). A model already in a serving layout comes back as it is."""
+    if precision not in LINEAR:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(LINEAR)}")
+    done = getattr(model, "packed_for_inference", None)
+    if done:
+        if done != precision:
+            raise ValueError(f"this model is already in the {done} serving layout, not {precision}")
+        return model.eval()
+    if precision == "int8" and not int8_available(model):
+        raise ValueError("precision int8: needs a CPU model and PyTorch's FBGEMM int8 kernels (x86)")
+    if precision == "fp32" and not available(model):
         return model.eval()
     out = copy.deepcopy(model).eval().requires_grad_(False)
     with torch.no_grad():
         for parent in list(out.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, Attention):
-                    setattr(parent, name, PackedAttention(child, self_attention=name == "self_attn"))
+                    setattr(parent, name, PackedAttention(child, name == "self_attn", precision))
                 elif isinstance(child, Expert):
-                    setattr(parent, name, PackedExpert(child))
+                    setattr(parent, name, PackedExpert(child, precision))
                 elif isinstance(child, ElasticLinear):
-                    setattr(parent, name, PackedLinear(child))
+                    setattr(parent, name, LINEAR[precision](child))
                 elif isinstance(child, SharedEmbedding):
-                    setattr(parent, name, PackedEmbedding(child, out.arch.decoder_embed_dim))
-    out.packed_for_inference = True
+                    setattr(parent, name, PackedEmbedding(child, out.arch.decoder_embed_dim, precision=precision))
+    out.packed_for_inference = precision
     return out
+
+
+def int8_available(model: nn.Module) -> bool:
+    engines = torch.backends.quantized.supported_engines
+    cpu = next(model.parameters()).device.type == "cpu"
+    return cpu and any(e in engines for e in ("x86", "fbgemm")) and hasattr(torch.ops.quantized, "linear_dynamic")

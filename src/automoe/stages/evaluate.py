@@ -95,6 +95,7 @@ def evaluate_model(
         "sentences": n,
         "translate_sentences_per_s": n / seconds,
         "dense": arch.is_dense,
+        "precision": cfg.decode.precision,  # the serving layout translated and timed
         "flops_per_token": tokens,
     } | _training(folder)
     return result
@@ -136,7 +137,9 @@ def latencies(models: dict[str, Any], data: PreparedData, cfg: EvaluateConfig) -
     runs: dict[str, list[m.Latency]] = {name: [] for name in models}
     for _ in range(LATENCY_ROUNDS):
         for name, model in models.items():
-            runs[name].append(m.measure(model, sources, 5, 30, cfg.latency_warmup, cfg.latency_repeats))
+            runs[name].append(
+                m.measure(model, sources, 5, 30, cfg.latency_warmup, cfg.latency_repeats, cfg.decode.precision)
+            )
     return {
         name: {
             "latency_ms": float(np.median([r.total_ms for r in rs])),

@@ -3,7 +3,8 @@
 Each arch is extracted from the trained supernet (so MoE routing is the trained
 router's) and timed with the paper's protocol on sources cut from real validation
 sentences. Output folder: `latency.csv` (one row per arch: encoder, decoder and total
-ms, the arch), `hardware.json` (CPU model, cores, threads, torch, device). Rows are
+ms, the arch), `hardware.json` (CPU model, cores, threads, torch, device, and the serving precision when
+int8: measure what will be served). Rows are
 appended as they are measured; rerunning after a kill measures only what is missing;
 a table from other hardware is refused. Under Kubeflow, `shard`/`num_shards` split the
 archs over parallel pods and `automoe merge_latency` joins them.
@@ -45,6 +46,7 @@ class MeasureLatencyConfig:
     sources: int = 8  # distinct validation windows cycled through the runs
     threads: int = 2
     device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "int8"] = "fp32"  # the serving layout measured (as evaluate.decode and register serve)
     num_shards: int = 1  # Kubeflow: parallel pods measuring disjoint archs
     node_selector: dict[str, str] = field(default_factory=dict)  # Kubeflow: pods of the target hardware
     accelerator: str = ""  # Kubeflow: e.g. nvidia.com/gpu for a GPU target
@@ -78,6 +80,8 @@ def archs_to_measure(space: SearchSpace, cfg: MeasureLatencyConfig) -> list[Arch
 def run(cfg: MeasureLatencyConfig, inputs: MeasureLatencyInputs, out_dir: Path) -> dict[str, float]:
     if not 0 <= inputs.shard < cfg.num_shards:
         raise ConfigError(f"measure_latency: shard {inputs.shard} is outside 0..{cfg.num_shards - 1}")
+    if cfg.precision == "int8" and cfg.device != "cpu":
+        raise ConfigError("measure_latency.precision: int8 serving runs on the CPU only (device: cpu)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("measure_latency.device: cuda was asked for but no GPU is visible")
     torch.set_num_threads(cfg.threads)
@@ -85,7 +89,7 @@ def run(cfg: MeasureLatencyConfig, inputs: MeasureLatencyInputs, out_dir: Path) 
     data = PreparedData.open(inputs.data)
     supernet, vocab = SuperTransformer.load(artifact_file(inputs.supernet, "supernet.pt"))
     data.check_vocab(vocab, str(inputs.supernet))
-    table = LatencyTable(out_dir, m.fingerprint(device))
+    table = LatencyTable(out_dir, m.fingerprint(device, cfg.precision))
     save_space(out_dir, supernet.space)
     done = {row["arch_id"] for row in table.rows()}
     sources = m.source_windows(data.split("valid"), cfg.src_len, cfg.sources)
@@ -96,7 +100,7 @@ def run(cfg: MeasureLatencyConfig, inputs: MeasureLatencyInputs, out_dir: Path) 
     ]
     for arch_id, arch in tqdm(todo, desc=NAME, mininterval=5.0):
         model = extract(supernet, arch).to(device)
-        lat = m.measure(model, sources, cfg.beam, cfg.tgt_steps, cfg.warmup, cfg.repeats)
+        lat = m.measure(model, sources, cfg.beam, cfg.tgt_steps, cfg.warmup, cfg.repeats, cfg.precision)
         table.append(arch_id, arch, lat.encoder_ms, lat.decoder_ms)
     rows = table.rows()
     latencies = np.array([r["latency_ms"] for r in rows])

@@ -77,6 +77,14 @@ def validate(data: dict[str, Any]) -> None:
             importlib.import_module(target).load_config(data)
     if "pipeline" in data:
         load_section(PipelineConfig, "pipeline", data)
+    serving = {
+        "measure_latency.precision": (data.get("measure_latency") or {}).get("precision", "fp32"),
+        "evaluate.decode.precision": ((data.get("evaluate") or {}).get("decode") or {}).get("precision", "fp32"),
+        "register.precision": (data.get("register") or {}).get("precision", "fp32"),
+    }
+    if len(set(serving.values())) > 1:  # the search would optimise a latency that is not served
+        shown = ", ".join(f"{k}={v}" for k, v in serving.items())
+        raise ValueError(f"{shown}: the serving precision must be the same in all three")
 
 
 def resolve(params: str, overrides: list, ui: dict[str, Any]) -> str:

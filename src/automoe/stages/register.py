@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from automoe import registry, tracking
 from automoe.config import load_section
 from automoe.data.dataset import PreparedData
-from automoe.errors import AutomoeError, DataError
+from automoe.errors import AutomoeError, ConfigError, DataError
 from automoe.io import atomic_write_json
 from automoe.stages._cli import cli_run, component_run, guarded, stage_parser
 from automoe.stages.retrain import initialisation, training_record
@@ -36,6 +36,7 @@ class RegisterConfig:
     cost_tolerance: float = 0.1  # measured latency may exceed the budget by this fraction
     min_bleu: float = 10.0  # floors: below either nothing becomes champion, whatever the champion was
     min_chrf: float = 35.0
+    precision: Literal["fp32", "int8"] = "fp32"  # the registered model's serving layout (as measured and evaluated)
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
@@ -80,11 +81,20 @@ def gate_cost(ev: dict, budget: dict) -> float:
     return ev["searched_latency_ms"]
 
 
-def version_tags(inputs: RegisterInputs, data: PreparedData, run: tracking.StageRun) -> dict[str, str]:
+def version_tags(
+    inputs: RegisterInputs, data: PreparedData, run: tracking.StageRun, precision: str = "fp32"
+) -> dict[str, str]:
     ev = _read_json(inputs.evaluation / "metrics.json")
     budget = _read_json(inputs.search / "budget.json")
     cost = gate_cost(ev, budget)
+    evaluated = ev.get("searched_precision", "fp32")
+    if evaluated != precision:
+        raise ConfigError(
+            f"register.precision: {precision}, but {inputs.evaluation} evaluated the model in {evaluated}; "
+            "set evaluate.decode.precision and register.precision alike"
+        )
     return {
+        "automoe.precision": precision,
         "automoe.init": initialisation(training_record(inputs.model)),
         registry.BLEU: f"{ev['searched_bleu']:.4f}",
         registry.CHRF: f"{ev['searched_chrf']:.4f}",
@@ -107,8 +117,8 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs, out_dir: Path, run: trackin
     data = PreparedData.open(inputs.data)
     if not (inputs.model / "model.pt").is_file():
         raise DataError(f"{inputs.model}: no model.pt (expected a retrain output folder)")
-    tags = version_tags(inputs, data, run)
-    version = tracking.log_translator(run, inputs.model, cfg.model_name, tags)
+    tags = version_tags(inputs, data, run, cfg.precision)
+    version = tracking.log_translator(run, inputs.model, cfg.model_name, tags, cfg.precision)
     client = tracking.registry_client()
     client.set_registered_model_alias(cfg.model_name, registry.CANDIDATE, str(version))
     decision = tracking.settle_champion(client, cfg.model_name, cfg.gate())
