@@ -1,5 +1,6 @@
 """The CPU serving layout (oneDNN-packed weights) and the CTranslate2 export of dense models."""
 
+import copy
 import json
 import shutil
 import subprocess
@@ -88,6 +89,30 @@ def test_packed_model_equals_the_original(models):
         a, b = beam_search(model, src, beam=4), beam_search(packed, src, beam=4)
         assert [h.tokens for h in a] == [h.tokens for h in b]
         np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_fused_decoder_step_equals_the_module_step(models, precision):
+    """Dense and MoE, post- and pre-LN: logits at every step (past the cache's first
+    regrowth at 16 positions), beam search after reorders, greedy with finished (padded) rows."""
+    if precision == "int8" and not int8_available(models[0]):
+        pytest.skip("no FBGEMM int8 kernels")
+    for model in models:
+        served = for_inference(model, precision)
+        modules = copy.copy(served)  # the same weights, every step through the modules
+        modules.fused_step = None
+        src, tgt = sources(1), shift_right(sources(2, s=20), 2, 0)
+        enc, ca, cb = served.encode(src), None, None
+        for t in range(tgt.shape[1]):
+            la, ca = modules.decode(tgt[:, t : t + 1], enc, None, ca)
+            lb, cb = served.decode(tgt[:, t : t + 1], enc, None, cb)
+            torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+        assert served.fused_step.usable(tgt[:, :1], cb)  # the steps after the first ran fused
+        a, b = beam_search(modules, src, beam=4), beam_search(served, src, beam=4)
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5)
+        assert greedy(modules, src, max_len_b=25) == greedy(served, src, max_len_b=25)
 
 
 @needs_onednn
@@ -256,10 +281,20 @@ def test_export_cli_writes_a_folder_that_translates_without_torch(model_folder, 
     )
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 2
+    # ... in int8 too (CTranslate2 quantizes the export when it loads it)
+    proc = subprocess.run(
+        [sys.executable, "-m", "automoe.cli", "translate", "--model", str(out), "--beam", "1", "--precision", "int8"],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 2
 
 
 @needs_int8
-def test_translate_cli_serves_a_folder_in_int8_and_refuses_precision_elsewhere(model_folder):
+def test_translate_cli_serves_a_folder_in_int8_and_refuses_precision_for_a_registered_model(model_folder):
     from automoe.serving import DecodeConfig, Translator
 
     lines = ["A man rides a bike.", "Two dogs play in the snow."]
@@ -272,6 +307,7 @@ def test_translate_cli_serves_a_folder_in_int8_and_refuses_precision_elsewhere(m
     cmd = [sys.executable, "-m", "automoe.cli", "translate", "--model", "models:/m@champion", "--precision", "int8"]
     proc = subprocess.run(cmd, input="", capture_output=True, text=True, env=subprocess_env())
     assert proc.returncode == 2 and "registered with (register.precision)" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_export_cli_refuses_a_moe_model_without_output(model_folder, tmp_path):

@@ -7,6 +7,8 @@ ran the same products 2-5x faster here (bench/profile_decode.py shows the effect
 decoding). `for_inference(model)` returns a copy of a compact SubTransformer whose linear
 layers and tied output projection run that way, with the expert's ReLU fused into its
 first layer; outputs equal the original's to fp32 rounding (tests/test_inference.py).
+Its incremental decoding steps run fused (model/fused.py): direct kernel calls on 2-D
+activations, no module dispatch.
 
 `precision="int8"` quantizes instead: every linear layer and the output projection hold
 int8 weights, one scale per output channel (symmetric, from the channel's largest
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from automoe.model.attention import KV, Attention, split_heads
+from automoe.model.fused import FusedStep
 from automoe.model.layers import ElasticLinear, SharedEmbedding, sinusoid
 from automoe.model.moe import Expert
 
@@ -192,6 +195,7 @@ def for_inference(model: nn.Module, precision: Precision = "fp32") -> nn.Module:
                 elif isinstance(child, SharedEmbedding):
                     setattr(parent, name, PackedEmbedding(child, out.arch.decoder_embed_dim, precision=precision))
     out.packed_for_inference = precision
+    out.fused_step = FusedStep(out.core, out.arch)  # incremental steps as direct kernel calls (model/fused.py)
     return out
 
 

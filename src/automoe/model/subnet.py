@@ -44,6 +44,10 @@ class SubTransformer(nn.Module):
     def decode(
         self, tgt: torch.Tensor, enc: EncoderOut, arch: ArchConfig | None = None, cache: DecoderCache | None = None
     ):
+        step = getattr(self, "fused_step", None)  # set on a serving-layout copy (model/inference.py)
+        if step is not None and step.usable(tgt, cache):
+            self._own(arch)
+            return step(tgt, enc, cache)
         logits, cache, _ = self.core.decode(tgt, enc, self._own(arch), cache)
         return logits, cache
 
