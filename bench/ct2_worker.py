@@ -2,7 +2,7 @@
 
 Reads one JSON command per stdin line ({"run": n} or {"quit": true}); answers with the
 seconds of each of n timed translate_batch calls. The model folder, source pieces and
-decode settings come on the command line.
+decode settings (and the compute type: default, int8) come on the command line.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import ctranslate2
 
 def main() -> None:
     model, threads, request = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    compute_type = sys.argv[4] if len(sys.argv) > 4 else "default"  # int8: quantized when loaded
     assert "torch" not in sys.modules
-    translator = ctranslate2.Translator(model, device="cpu", inter_threads=1, intra_threads=threads)
+    translator = ctranslate2.Translator(
+        model, device="cpu", inter_threads=1, intra_threads=threads, compute_type=compute_type
+    )
     sources, opts = request["sources"], request["options"]
     lengths = []
     for line in sys.stdin:

@@ -186,6 +186,7 @@ class Ct2Decode:
     max_len_b: int = 10
     max_batch_size: int = 32  # sentences per call: the length limit follows each call's longest source
     max_source_len: int = 256
+    compute_type: str = "default"  # CTranslate2's: default (the model's float32), int8, ...
 
 
 class Ct2Translator:
@@ -201,7 +202,9 @@ class Ct2Translator:
         self.meta = json.loads((folder / META_FILE).read_text())
         self.decode = decode or Ct2Decode()
         self.sp = spm.SentencePieceProcessor(model_file=str(folder / SPM_FILE))
-        self.model = ctranslate2.Translator(str(folder), device="cpu", inter_threads=1, intra_threads=threads)
+        self.model = ctranslate2.Translator(
+            str(folder), device="cpu", inter_threads=1, intra_threads=threads, compute_type=self.decode.compute_type
+        )
 
     def translate_pieces(self, sources: list[list[str]]) -> list[list[str]]:
         """Source pieces (EOS included) -> best hypothesis pieces, in input order."""

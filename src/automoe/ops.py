@@ -26,14 +26,14 @@ def translate(argv: list[str] | None = None) -> None:
         "--precision",
         choices=("fp32", "int8"),
         default=None,
-        help="serving layout of a retrain output folder (default fp32); a registered model keeps its own",
+        help="serving layout of a retrain output folder or a CTranslate2 export (default fp32); "
+        "a registered model keeps the one it was registered with",
     )
     args = parser.parse_args(argv)
     registered = "://" in args.model or args.model.startswith("models:/")
-    if args.precision and (registered or ct2.is_ct2_folder(args.model)):
+    if args.precision and registered:
         parser.error(
-            "--precision applies to a retrain output folder: a registered model is served in the "
-            "precision it was registered with (register.precision), a CTranslate2 export in its own"
+            "--precision: a registered model is served in the precision it was registered with (register.precision)"
         )
     if registered:
         from automoe import tracking
@@ -43,7 +43,8 @@ def translate(argv: list[str] | None = None) -> None:
         def run(lines: list[str]) -> list[str]:
             return list(model.predict(list(lines)))
     elif ct2.is_ct2_folder(args.model):  # a CTranslate2 export (automoe export_ct2)
-        run = ct2.Ct2Translator(args.model, ct2.Ct2Decode(beam=args.beam)).translate
+        compute = {"int8": "int8"}.get(args.precision or "fp32", "default")  # CTranslate2 quantizes when loading
+        run = ct2.Ct2Translator(args.model, ct2.Ct2Decode(beam=args.beam, compute_type=compute)).translate
     else:
         from automoe.serving import DecodeConfig, Translator
 
