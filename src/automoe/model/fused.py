@@ -47,8 +47,11 @@ def bound(layer) -> Linear:
     if hasattr(layer, "op"):  # Int8Linear: int8 weights, the input quantized per call
         op = layer.op
         return lambda x: op(x, packed, False)
-    op, bias, act = torch.ops.mkldnn._linear_pointwise, layer.bias, layer.activation
-    return lambda x: op(x, packed, bias, act, [], "")
+    op, bias, act, weight = torch.ops.mkldnn._linear_pointwise, layer.bias, layer.activation, layer.weight
+    small = layer.small_rows * layer.in_features  # PackedLinear's kernel choice, by rows
+    if act == "relu":
+        return lambda x: F.relu(F.linear(x, weight, bias)) if x.numel() <= small else op(x, packed, bias, act, [], "")
+    return lambda x: F.linear(x, weight, bias) if x.numel() <= small else op(x, packed, bias, act, [], "")
 
 
 def norm(ln) -> Norm:

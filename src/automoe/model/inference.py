@@ -49,19 +49,65 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), None)
 
 
+PROBE_ROWS = (1, 2, 4, 8, 16, 32)
+_SMALL_ROWS: dict[tuple[int, int, bool, int], int] = {}  # (out, in, bias, threads) -> rows
+
+
+def small_rows(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """Up to how many rows PyTorch's default GEMM (MKL) beats the packed oneDNN kernel for
+    this weight shape at the current thread count, measured once per shape on this machine.
+    Incremental decoding multiplies batch x beam rows: on AMD CPUs oneDNN won from one row
+    (section 2 of BENCHMARKS.md), on an Intel Xeon MKL won up to 8-16 rows except for the
+    output projection. Both compute the same product (fp32 rounding apart)."""
+    key = (*weight.shape, bias is not None, torch.get_num_threads())
+    if key not in _SMALL_ROWS:
+        rows = 0
+        for m in PROBE_ROWS:
+            x = torch.randn(m, weight.shape[1])
+            mkl = _seconds(lambda x=x: F.linear(x, weight, bias))
+            onednn = _seconds(lambda x=x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""))
+            if mkl >= onednn:
+                break
+            rows = m
+        _SMALL_ROWS[key] = rows
+    return _SMALL_ROWS[key]
+
+
+def _seconds(fn, calls: int = 20, rounds: int = 3) -> float:
+    """Best of `rounds` of the mean time of `calls` calls, after a warm-up."""
+    import time
+
+    for _ in range(5):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
 class PackedLinear(nn.Module):
-    """An ElasticLinear at its full size, weight packed for oneDNN; `activation` fused."""
+    """An ElasticLinear at its full size on the faster CPU GEMM for the number of rows: the
+    weight packed for oneDNN, or as it is for PyTorch's default GEMM up to `small_rows`
+    rows (measured per shape, see `small_rows`); `activation` fused."""
 
     def __init__(self, linear: ElasticLinear, activation: str = "none"):
         super().__init__()
         self.out_features, self.in_features = linear.weight.shape
-        self.packed = _pack(linear.weight)  # a plain attribute: an opaque layout, not state
+        self.weight = linear.weight.detach().float().contiguous()  # plain attributes: layouts, not state
+        self.packed = _pack(linear.weight)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
         self.activation = activation
+        self.small_rows = small_rows(self.weight, self.packed, self.bias)
 
     def forward(self, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
         if out_features not in (None, self.out_features) or x.shape[-1] != self.in_features:
             raise ValueError("a packed linear layer runs at its full size only (compact models)")
+        if x.numel() <= self.small_rows * self.in_features:
+            y = F.linear(x, self.weight, self.bias)
+            return F.relu(y) if self.activation == "relu" else y
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.activation, [], "")
 
 
@@ -147,7 +193,9 @@ class PackedEmbedding(nn.Module):
         self.table = embed
         self.dim = dim
         self.int8 = precision == "int8"
-        self.packed = _quantize(embed.weight[:, :dim], None) if self.int8 else _pack(embed.weight[:, :dim])
+        self.weight = embed.weight.detach()[:, :dim].contiguous()
+        self.packed = _quantize(self.weight, None) if self.int8 else _pack(self.weight)
+        self.small_rows = 0 if self.int8 else small_rows(self.weight, self.packed, None)
         self.positions = sinusoid(torch.arange(positions), dim)  # (P, d): not recomputed every step
 
     def forward(self, tokens: torch.Tensor, dim: int) -> torch.Tensor:
@@ -165,6 +213,8 @@ class PackedEmbedding(nn.Module):
             return F.linear(x, self.table.weight[:, : x.shape[-1]])
         if self.int8:
             return torch.ops.quantized.linear_dynamic(x, self.packed, False)
+        if x.numel() <= self.small_rows * self.dim:
+            return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
