@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -101,6 +102,23 @@ class Ct2Workers:
         return out
 
 
+def alternate(ours: Callable[[str], object], workers: Ct2Workers, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """`repeats` rounds of: per precision, a pause, ours in both modes, then each
+    CTranslate2 backend after a pause (drift hits all alike). Our seconds per precision and mode."""
+    times: dict[str, dict[str, list[float]]] = {p: {m: [] for m in MODES} for p in PRECISIONS}
+    for _ in range(repeats):
+        for p in PRECISIONS:
+            time.sleep(QUIET_S)
+            for mode in MODES:
+                t0 = time.perf_counter()
+                ours(p)
+                times[p][mode].append(time.perf_counter() - t0)
+            for b in CT2_BACKENDS:
+                time.sleep(QUIET_S)
+                workers.run((p, b))
+    return times
+
+
 def best_of(times: dict[str, list[float]]) -> tuple[float, str]:
     """The lowest median (ms) over the modes, and its mode."""
     return min((statistics.median(v) * 1e3, m) for m, v in times.items())
@@ -173,18 +191,8 @@ def main() -> None:
             for b in CT2_BACKENDS:
                 lengths = workers.run((p, b), timed=False)["lengths"]
                 assert all(length == n for length in lengths), lengths
-        t_ours = {p: {m: [] for m in MODES} for p in PRECISIONS}
         assert "ctranslate2" not in sys.modules  # see export()
-        for _ in range(args.repeats):  # alternate: machine drift hits all alike
-            for p in PRECISIONS:
-                time.sleep(QUIET_S)
-                for mode in MODES:
-                    t0 = time.perf_counter()
-                    run_ours(p)
-                    t_ours[p][mode].append(time.perf_counter() - t0)
-                for b in CT2_BACKENDS:
-                    time.sleep(QUIET_S)
-                    workers.run((p, b))
+        t_ours = alternate(run_ours, workers, args.repeats)
         workers.close()
     figures = workers.figures()
     for p in PRECISIONS:

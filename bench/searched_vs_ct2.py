@@ -20,13 +20,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import sacrebleu
 import torch
 from common import report, setup
-from ct2_latency import CT2_BACKENDS, CT2_COMPUTE, MODES, PRECISIONS, QUIET_S, Ct2Workers, best_of
+from ct2_latency import CT2_BACKENDS, CT2_COMPUTE, PRECISIONS, Ct2Workers, alternate, best_of
 
 from automoe.data.dataset import PreparedData
 from automoe.latency import measure as m
@@ -119,19 +118,9 @@ def main() -> None:
                 ours(p)
             for b in CT2_BACKENDS:
                 workers.run((p, b), timed=False)
-        t_ours = {p: {m: [] for m in MODES} for p in PRECISIONS}
         assert "ctranslate2" not in sys.modules
         with torch.inference_mode():
-            for _ in range(args.repeats):
-                for p in PRECISIONS:
-                    time.sleep(QUIET_S)
-                    for mode in MODES:  # see ct2_latency.QUIET_S
-                        t0 = time.perf_counter()
-                        ours(p)
-                        t_ours[p][mode].append(time.perf_counter() - t0)
-                    for b in CT2_BACKENDS:
-                        time.sleep(QUIET_S)
-                        workers.run((p, b))
+            t_ours = alternate(ours, workers, args.repeats)
         workers.close()
     ct2_ms = workers.figures()
     for p in PRECISIONS:
