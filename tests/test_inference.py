@@ -15,7 +15,7 @@ from conftest import subprocess_env
 from automoe import ct2
 from automoe.errors import AutomoeError
 from automoe.model.decode import beam_search, greedy
-from automoe.model.inference import Int8Linear, PackedLinear, available, for_inference, int8_available
+from automoe.model.inference import _SMALL_ROWS, Int8Linear, PackedLinear, available, for_inference, int8_available
 from automoe.model.subnet import SubTransformer, extract
 from automoe.model.supernet import SuperTransformer
 from automoe.model.transformer import ModelArgs
@@ -165,6 +165,13 @@ def test_int8_model_follows_fp32_within_quantization_error(models):
 
 
 INT8_MEAN_ERR, INT8_MAX_ERR = 0.03, 0.2  # measured here: 0.015 and 0.08 at most
+
+
+def test_building_the_serving_layout_leaves_the_global_rng_alone(models):
+    _SMALL_ROWS.clear()  # the GEMM choice is measured again
+    state = torch.get_rng_state()
+    for_inference(models[2])
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_serving_precision_is_checked(models):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -63,7 +64,7 @@ def small_rows(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
     if key not in _SMALL_ROWS:
         rows = 0
         for m in PROBE_ROWS:
-            x = torch.randn(m, weight.shape[1])
+            x = torch.full((m, weight.shape[1]), 0.5)  # the values do not matter; the global RNG stays untouched
             mkl = _seconds(lambda x=x: F.linear(x, weight, bias))
             onednn = _seconds(lambda x=x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""))
             if mkl >= onednn:
@@ -179,9 +180,10 @@ class PackedAttention(nn.Module):
 
 
 def _fused(precision: Precision, *linears: ElasticLinear) -> nn.Module:
-    fused = ElasticLinear(in_features=linears[0].weight.shape[1], out_features=sum(x.weight.shape[0] for x in linears))
-    fused.weight.data = torch.cat([x.weight.detach() for x in linears])
-    fused.bias.data = torch.cat([x.bias.detach() for x in linears])
+    # the concatenated weights as a plain holder: a new ElasticLinear would draw its init from the global RNG
+    fused = SimpleNamespace(
+        weight=torch.cat([x.weight.detach() for x in linears]), bias=torch.cat([x.bias.detach() for x in linears])
+    )
     return LINEAR[precision](fused)  # per-channel scales: fusing changes no int8 weight
 
 
