@@ -213,9 +213,12 @@ def test_two_node_torchrun_in_containers_matches_one_process(image, multi30k, tm
                   aliases=(f"node{rank}",), env=env, opts=common)
             for rank in range(2)
         ]  # fmt: skip
-        for node in nodes:
-            proc = subprocess.run(["docker", "wait", node], capture_output=True, text=True, timeout=600)
-            assert proc.stdout.strip() == "0", logs(node)
+        try:
+            for node in nodes:
+                proc = subprocess.run(["docker", "wait", node], capture_output=True, text=True, timeout=600)
+                assert proc.stdout.strip() == "0", logs(node)
+        finally:  # an exited container is no longer on the network: network() would not remove it
+            subprocess.run(["docker", "rm", "-f", *nodes], capture_output=True, timeout=120)
     one = np.loadtxt(tmp_path / "one" / "curves.csv", delimiter=",", skiprows=1)
     two = np.loadtxt(data / "two" / "curves.csv", delimiter=",", skiprows=1)
     assert len(one) == len(two) == 6
