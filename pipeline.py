@@ -236,13 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     from automoe import tracking
 
     root = Path(args.pipeline_root).absolute()
-    if args.runner == "docker":
-        _docker_runner(args.network, args.mount, root)  # refuses a setup the containers cannot track from
+    env = _docker_env() if args.runner == "docker" else {}  # refuses a setup the containers cannot track from
     if tracking.enabled():  # this execution's parent run: the tasks inherit its id (not an input)
         tracking.check_store()
-        os.environ["AUTOMOE_PARENT_RUN_ID"] = tracking.start_parent()
+        os.environ["AUTOMOE_PARENT_RUN_ID"] = env["AUTOMOE_PARENT_RUN_ID"] = tracking.start_parent()
     if args.runner == "docker":
-        runner = _docker_runner(args.network, args.mount, root)  # now with the parent run's id
+        runner = _docker_runner(env, args.network, args.mount, root)
     else:
         runner = kfp_local.SubprocessRunner(use_venv=False)
         RUN_LOCAL["on"] = True
@@ -255,15 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _docker_runner(network: str, mounts: list[str], root: Path):
-    """Each task in the project image, as a cluster pod runs it: the image's non-root user, a
-    read-only root file system with a scratch /tmp, the pipeline root (mounted by kfp.local at
-    its own path) and the `mounts`, read-only, as its only folders. The tracking store is the
-    compiled `pipeline.mlflow_tracking_uri`, else this process's MLFLOW_TRACKING_URI when it is a
-    server; the parent run's id and S3 credentials come from this process's environment."""
-    from kfp import local as kfp_local
-
-    import docker
+def _docker_env() -> dict[str, str]:
+    """What the task containers get from this process's environment (S3 credentials, tracking
+    switches). The tracking store is the compiled `pipeline.mlflow_tracking_uri`, else this
+    process's MLFLOW_TRACKING_URI when it is a server; anything else is refused."""
     from automoe import tracking
 
     env = {k: os.environ[k] for k in DOCKER_ENV if os.environ.get(k)}
@@ -275,6 +269,17 @@ def _docker_runner(network: str, mounts: list[str], root: Path):
             "pipeline.py run-local --runner docker: the task containers need a tracking server: set "
             "MLFLOW_TRACKING_URI=http://<host>:5000 (or --set pipeline.mlflow_tracking_uri=...), or AUTOMOE_TRACKING=0"
         )
+    return env
+
+
+def _docker_runner(env: dict[str, str], network: str, mounts: list[str], root: Path):
+    """Each task in the project image with `env`, as a cluster pod runs it: the image's non-root
+    user, a read-only root file system with a scratch /tmp, the pipeline root (mounted by
+    kfp.local at its own path) and the `mounts`, read-only, as its only folders."""
+    from kfp import local as kfp_local
+
+    import docker
+
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o777)  # the image's user (uid 10001) writes task outputs into it
     binds = []

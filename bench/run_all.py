@@ -87,6 +87,10 @@ def main() -> int:
                         f"  BLEU test2016, searched (ours) / dense ({engine}), {p}",
                         f"{r[f'bleu_searched_ours_{p}']:.2f} / {dense:.2f}", "(info)",
                     ))  # fmt: skip
+            else:
+                rows.append(
+                    ("make run's searched model (ours) / its dense reference on CTranslate2", "failed", "(info)")
+                )
     latency = Path(args.latency)
     if (latency / "latency.csv").is_file():
         for name, layers in (("MLP 3x400", 3), ("linear", 0)):
