@@ -23,6 +23,8 @@ def _isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    # the machine's kernel plan (model/kernels.py) per test, never the user's ~/.cache
+    monkeypatch.setenv("AUTOMOE_KERNEL_CACHE", str(tmp_path / "kernels-cache.json"))
 
 
 @pytest.fixture(scope="session")

@@ -45,8 +45,8 @@ def bound(layer) -> Linear:
     """A serving-layout linear layer (PackedLinear or Int8Linear) as one kernel call."""
     packed = layer.packed
     if hasattr(layer, "op"):  # Int8Linear: int8 weights, the input quantized per call
-        op = layer.op
-        return lambda x: op(x, packed, False)
+        op, reduce_range = layer.op, layer.reduce_range
+        return lambda x: op(x, packed, reduce_range)
     op, bias, act, weight = torch.ops.mkldnn._linear_pointwise, layer.bias, layer.activation, layer.weight
     small = layer.small_rows * layer.in_features  # PackedLinear's kernel choice, by rows
     if act == "relu":

@@ -16,6 +16,10 @@ magnitude), and quantize their input per call (dynamic, one scale per tensor); p
 run in FBGEMM's int8 kernels with int32 accumulation and come out as fp32. Embedding
 lookups, layer norms, softmax and the router stay fp32. Outputs follow fp32 to within
 quantization error (tests/test_inference.py bounds it; BENCHMARKS.md gives the BLEU).
+The input's range depends on the CPU (`int8_reduce_range`): FBGEMM's kernel for CPUs
+without AVX-512 VNNI or AMX adds pairs of u8 x s8 products in saturating 16-bit lanes, so
+there the input is quantized to 7 bits (as PyTorch's own dynamic quantization does on x86),
+and to the full 8 bits only where VNNI/AMX accumulate in 32 bits.
 
 Inference only: the copy has no gradients and is not for saving. Where oneDNN is not
 available or the model is not on the CPU, the model comes back as it is (fp32); int8
@@ -25,8 +29,10 @@ needs the CPU too and is refused elsewhere.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Literal
 
@@ -34,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from automoe.model import kernels
 from automoe.model.attention import KV, Attention, split_heads
 from automoe.model.fused import FusedStep
 from automoe.model.layers import ElasticLinear, SharedEmbedding, sinusoid
@@ -51,17 +58,17 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 PROBE_ROWS = (1, 2, 4, 8, 16, 32)
-_SMALL_ROWS: dict[tuple[int, int, bool, int], int] = {}  # (out, in, bias, threads) -> rows
 
 
 def small_rows(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> int:
     """Up to how many rows PyTorch's default GEMM (MKL) beats the packed oneDNN kernel for
-    this weight shape at the current thread count, measured once per shape on this machine.
+    this weight shape at the current thread count: measured once per machine and kept in
+    its kernel plan (model/kernels.py), so every process times the same engine.
     Incremental decoding multiplies batch x beam rows: on AMD CPUs oneDNN won from one row
     (section 2 of BENCHMARKS.md), on an Intel Xeon MKL won up to 8-16 rows except for the
     output projection. Both compute the same product (fp32 rounding apart)."""
-    key = (*weight.shape, bias is not None, torch.get_num_threads())
-    if key not in _SMALL_ROWS:
+
+    def probe() -> int:
         rows = 0
         for m in PROBE_ROWS:
             x = torch.full((m, weight.shape[1]), 0.5)  # the values do not matter; the global RNG stays untouched
@@ -70,8 +77,9 @@ def small_rows(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
             if mkl >= onednn:
                 break
             rows = m
-        _SMALL_ROWS[key] = rows
-    return _SMALL_ROWS[key]
+        return rows
+
+    return kernels.choice(kernels.key(*weight.shape, bias is not None, torch.get_num_threads()), probe)
 
 
 def _seconds(fn, calls: int = 20, rounds: int = 3) -> float:
@@ -112,6 +120,37 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.activation, [], "")
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (empty where /proc/cpuinfo is not readable)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+INT8_WIDE_ACCUMULATE = ("avx512_vnni", "amx_int8")  # vpdpbusd / AMX tiles: int32 sums of u8 x s8 products
+
+
+def int8_reduce_range(flags: frozenset[str] | None = None) -> bool:
+    """Whether int8 products on this CPU need the input in 7 bits (0..127). FBGEMM's int8
+    GEMM without AVX-512 VNNI or AMX (AVX2, and AVX-512 without VNNI) uses vpmaddubsw, which
+    adds two u8 x s8 products into a saturating int16: 255 x 127 x 2 overflows it, 127 x 127
+    x 2 does not. Read from the CPU's flags; where they cannot be read, the safe 7 bits."""
+    flags = cpu_flags() if flags is None else flags
+    return not any(f in flags for f in INT8_WIDE_ACCUMULATE)
+
+
+def int8_kernel(reduce_range: bool | None = None) -> str:
+    """The int8 product this process runs, as recorded in fingerprints and model tags."""
+    reduce_range = int8_reduce_range() if reduce_range is None else reduce_range
+    return "u7xs8-int16pairs" if reduce_range else "u8xs8-vnni"
+
+
 def _quantize(weight: torch.Tensor, bias: torch.Tensor | None):
     """FBGEMM's packed int8 weight: symmetric, one scale per output channel (row)."""
     w = weight.detach().float().contiguous()
@@ -126,31 +165,46 @@ class Int8Linear(nn.Module):
     """An ElasticLinear at its full size: int8 weights per output channel, the input
     quantized per call (dynamic), int32 accumulation, fp32 out; `activation` fused."""
 
-    def __init__(self, linear: ElasticLinear, activation: str = "none"):
+    def __init__(self, linear: ElasticLinear, activation: str = "none", reduce_range: bool = True):
         super().__init__()
         self.out_features, self.in_features = linear.weight.shape
         self.packed = _quantize(linear.weight, linear.bias)  # a plain attribute: an opaque layout
         self.op = (
             torch.ops.quantized.linear_relu_dynamic if activation == "relu" else torch.ops.quantized.linear_dynamic
         )
+        self.reduce_range = reduce_range  # the input in 7 bits where the CPU's kernel sums in int16 (above)
 
     def forward(self, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
         if out_features not in (None, self.out_features) or x.shape[-1] != self.in_features:
             raise ValueError("an int8 linear layer runs at its full size only (compact models)")
-        return self.op(x, self.packed, False)  # reduce_range off: VNNI/AMX accumulate without overflow
+        return self.op(x, self.packed, self.reduce_range)
 
 
 Precision = Literal["fp32", "int8"]
-LINEAR: dict[str, type[nn.Module]] = {"fp32": PackedLinear, "int8": Int8Linear}
+PRECISIONS = ("fp32", "int8")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a model's linear layers are served: fp32 packed for oneDNN, or int8 with the input
+    in 7 bits (`reduce_range`) or 8 (see `int8_reduce_range`)."""
+
+    precision: Precision = "fp32"
+    reduce_range: bool = True
+
+    def linear(self, linear: ElasticLinear, activation: str = "none") -> nn.Module:
+        if self.precision == "int8":
+            return Int8Linear(linear, activation, self.reduce_range)
+        return PackedLinear(linear, activation)
 
 
 class PackedExpert(nn.Module):
     """Expert FFN: ReLU fused into fc1."""
 
-    def __init__(self, expert: Expert, precision: Precision = "fp32"):
+    def __init__(self, expert: Expert, layout: Layout):
         super().__init__()
-        self.fc1 = LINEAR[precision](expert.fc1, activation="relu")
-        self.fc2 = LINEAR[precision](expert.fc2)
+        self.fc1 = layout.linear(expert.fc1, activation="relu")
+        self.fc2 = layout.linear(expert.fc2)
 
     def forward(self, x: torch.Tensor, hidden: int, dropout: float = 0.0) -> torch.Tensor:
         return self.fc2(self.fc1(x, hidden), x.shape[-1])
@@ -160,13 +214,13 @@ class PackedAttention(nn.Module):
     """Self-attention with q/k/v fused into one packed product; encoder-decoder attention
     with its query and its k/v (fused) packed."""
 
-    def __init__(self, attn: Attention, self_attention: bool, precision: Precision = "fp32"):
+    def __init__(self, attn: Attention, self_attention: bool, layout: Layout):
         super().__init__()
-        self.out_proj = LINEAR[precision](attn.out_proj)
+        self.out_proj = layout.linear(attn.out_proj)
         if self_attention:
-            self.qkv = _fused(precision, attn.q_proj, attn.k_proj, attn.v_proj)
+            self.qkv = _fused(layout, attn.q_proj, attn.k_proj, attn.v_proj)
         else:
-            self.q_proj, self.kv = LINEAR[precision](attn.q_proj), _fused(precision, attn.k_proj, attn.v_proj)
+            self.q_proj, self.kv = layout.linear(attn.q_proj), _fused(layout, attn.k_proj, attn.v_proj)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.qkv(x).chunk(3, dim=-1)  # (B, T, 3 * qkv) -> 3 x (B, T, qkv)
@@ -179,22 +233,23 @@ class PackedAttention(nn.Module):
     attend = Attention.attend
 
 
-def _fused(precision: Precision, *linears: ElasticLinear) -> nn.Module:
+def _fused(layout: Layout, *linears: ElasticLinear) -> nn.Module:
     # the concatenated weights as a plain holder: a new ElasticLinear would draw its init from the global RNG
     fused = SimpleNamespace(
         weight=torch.cat([x.weight.detach() for x in linears]), bias=torch.cat([x.bias.detach() for x in linears])
     )
-    return LINEAR[precision](fused)  # per-channel scales: fusing changes no int8 weight
+    return layout.linear(fused)  # per-channel scales: fusing changes no int8 weight
 
 
 class PackedEmbedding(nn.Module):
     """The shared table for lookups; a packed copy of its used columns for the logits."""
 
-    def __init__(self, embed: SharedEmbedding, dim: int, positions: int = 1024, precision: Precision = "fp32"):
+    def __init__(self, embed: SharedEmbedding, dim: int, layout: Layout, positions: int = 1024):
         super().__init__()
         self.table = embed
         self.dim = dim
-        self.int8 = precision == "int8"
+        self.int8 = layout.precision == "int8"
+        self.reduce_range = layout.reduce_range
         self.weight = embed.weight.detach()[:, :dim].contiguous()
         self.packed = _quantize(self.weight, None) if self.int8 else _pack(self.weight)
         self.small_rows = 0 if self.int8 else small_rows(self.weight, self.packed, None)
@@ -214,17 +269,18 @@ class PackedEmbedding(nn.Module):
         if x.shape[-1] != self.dim:
             return F.linear(x, self.table.weight[:, : x.shape[-1]])
         if self.int8:
-            return torch.ops.quantized.linear_dynamic(x, self.packed, False)
+            return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
         if x.numel() <= self.small_rows * self.dim:
             return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
-def for_inference(model: nn.Module, precision: Precision = "fp32") -> nn.Module:
+def for_inference(model: nn.Module, precision: Precision = "fp32", reduce_range: bool | None = None) -> nn.Module:
     """A packed (fp32) or quantized (int8) copy of a compact SubTransformer for CPU decoding
-    (see the module doc). A model already in a serving layout comes back as it is."""
-    if precision not in LINEAR:
-        raise ValueError(f"precision {precision!r}: expected one of {', '.join(LINEAR)}")
+    (see the module doc). A model already in a serving layout comes back as it is.
+    `reduce_range` (int8): None = what this CPU needs (`int8_reduce_range`); tests force either."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     done = getattr(model, "packed_for_inference", None)
     if done:
         if done != precision:
@@ -234,19 +290,21 @@ def for_inference(model: nn.Module, precision: Precision = "fp32") -> nn.Module:
         raise ValueError("precision int8: needs a CPU model and PyTorch's FBGEMM int8 kernels (x86)")
     if precision == "fp32" and not available(model):
         return model.eval()
+    layout = Layout(precision, int8_reduce_range() if reduce_range is None else reduce_range)
     out = copy.deepcopy(model).eval().requires_grad_(False)
     with torch.no_grad():
         for parent in list(out.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, Attention):
-                    setattr(parent, name, PackedAttention(child, name == "self_attn", precision))
+                    setattr(parent, name, PackedAttention(child, name == "self_attn", layout))
                 elif isinstance(child, Expert):
-                    setattr(parent, name, PackedExpert(child, precision))
+                    setattr(parent, name, PackedExpert(child, layout))
                 elif isinstance(child, ElasticLinear):
-                    setattr(parent, name, LINEAR[precision](child))
+                    setattr(parent, name, layout.linear(child))
                 elif isinstance(child, SharedEmbedding):
-                    setattr(parent, name, PackedEmbedding(child, out.arch.decoder_embed_dim, precision=precision))
+                    setattr(parent, name, PackedEmbedding(child, out.arch.decoder_embed_dim, layout))
     out.packed_for_inference = precision
+    out.serving_layout = layout
     out.fused_step = FusedStep(out.core, out.arch)  # incremental steps as direct kernel calls (model/fused.py)
     return out
 
