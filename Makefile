@@ -38,9 +38,8 @@ run: install
 	@echo
 	@echo "report:           results/evaluate/report.md"
 	@echo "metrics:          results/evaluate/metrics.json, reports/ (dvc metrics show)"
-	@echo "registered model: $$(python -c 'import json; r = json.load(open("results/register/registration.json")); print(r["uri"], "-> version", r["version"], "(champion: v%s)" % r["champion"])')"
 	@echo "MLflow UI:        .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
-	@echo "translate:        echo 'A dog runs.' | .venv/bin/automoe translate --model models:/automoe-en-de@champion"
+	@automoe outcome --registration results/register/registration.json
 
 lint: install
 	ruff check .

@@ -176,7 +176,11 @@ def automoe_pipeline(
         dense.set_display_name("retrain (dense baseline)")
         evaluation = _task(
             c.evaluate(
-                prepared=prepared, model=searched.outputs["model"], baseline=dense.outputs["model"], **own("evaluate")
+                prepared=prepared,
+                model=searched.outputs["model"],
+                baseline=dense.outputs["model"],
+                latency=latency,
+                **own("evaluate"),
             ),
             "evaluate",
         )

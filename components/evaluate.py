@@ -11,6 +11,7 @@ def evaluate(
     prepared: Input[Dataset],
     model: Input[Model],
     baseline: Input[Model],
+    latency: Input[Dataset],
     evaluation: Output[Dataset],
     metrics: Output[Metrics],
     report: Output[Markdown],
@@ -26,4 +27,5 @@ def evaluate(
         evaluation.path,
         metrics,
         report.path,
+        latency.path,
     )

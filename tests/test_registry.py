@@ -74,6 +74,46 @@ def test_a_relative_budget_is_checked_on_the_measured_ratio_to_dense():
     assert gate_cost(ev, {"kind": "gflops", "value": 0.3, "fraction_of_dense": 0.5}) == 0.2
 
 
+def test_the_gate_decides_on_the_measured_ratio_within_its_noise():
+    """Budget 0.5x dense (50 ms of 100), 5% tolerance: limit 52.5 ms = 0.525x. A model whose
+    rounds reach the limit passes; one over it even at the low end of its rounds is refused,
+    with the figures in ms and ratios and the limit applied."""
+    from automoe.registry import describe_cost
+
+    gate = Gate(cost_tolerance=0.05)
+    within = v(1, 30.0, cost=54.0, budget=50.0, cost_low=52.0, cost_high=56.0, reference=100.0, unit="ms")
+    best, verdicts = decide(None, [within], gate)
+    assert best.number == 1 and verdicts == {1: "promoted"}
+    over = v(1, 30.0, cost=57.8, budget=50.0, cost_low=56.1, cost_high=59.0, reference=100.0, unit="ms")
+    best, verdicts = decide(None, [over], gate)
+    assert best is None
+    assert verdicts[1] == (
+        "rejected: over the budget: cost 57.8 ms = 0.578x dense (rounds 0.561-0.590x), "
+        "limit 52.5 ms = 0.525x dense (budget 50 ms = 0.500x dense + 5%)"
+    )
+    assert describe_cost(v(1, 30.0, cost=0.2, budget=0.3, unit="GFLOPs"), gate) == (
+        "cost 0.2 GFLOPs, limit 0.315 GFLOPs (budget 0.3 GFLOPs + 5%)"
+    )
+
+
+def test_gate_costs_carry_the_rounds_range_in_the_budgets_unit():
+    from automoe.stages.register import gate_costs
+
+    ev = {
+        "searched_latency_ms": 60.0,
+        "dense_latency_ms": 120.0,
+        "searched_latency_ratio": 0.55,
+        "searched_latency_ratio_low": 0.52,
+        "searched_latency_ratio_high": 0.6,
+        "searched_gflops": 0.2,
+        "dense_gflops": 0.5,
+    }
+    costs = gate_costs(ev, {"kind": "latency_ms", "value": 50.0, "fraction_of_dense": 0.5})
+    assert costs.pop("unit") == "ms"
+    assert costs == pytest.approx({"cost": 55.0, "low": 52.0, "high": 60.0, "reference": 100.0})
+    assert gate_costs(ev, {"kind": "gflops", "value": 0.3})["reference"] == 0.5
+
+
 # -- evaluate -----------------------------------------------------------------------------------
 
 
@@ -141,7 +181,12 @@ def test_evaluate_reports_both_models(evaluation):
         ):
             assert f"{side}_{k}" in metrics
         assert len((evaluation / f"hyp.{side}.txt").read_text().splitlines()) == 40
-    assert metrics["speedup"] == pytest.approx(metrics["dense_latency_ms"] / metrics["searched_latency_ms"])
+    # the ratio is taken within each alternating round; its median and range over the rounds
+    assert metrics["speedup"] == pytest.approx(1 / metrics["searched_latency_ratio"])
+    assert metrics["searched_latency_ratio_low"] <= metrics["searched_latency_ratio"]
+    assert metrics["searched_latency_ratio"] <= metrics["searched_latency_ratio_high"]
+    assert metrics["searched_latency_rounds"] == metrics["dense_latency_rounds"] == 5
+    assert json.loads((evaluation / "kernels.json").read_text())["machine"]["cpu_model"]
     assert metrics["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
     report = (evaluation / "report.md").read_text()
     assert "| BLEU |" in report and "Speedup vs dense" in report

@@ -1,5 +1,6 @@
 """Latency measurement, the predictor and the evolutionary search."""
 
+import csv
 import json
 import os
 import signal
@@ -426,6 +427,17 @@ def test_predicted_latency_search_chain(tiny_supernet, tmp_path, capsys):
     ), capsys.readouterr().err
     result = json.loads((out / "metrics.json").read_text())
     assert result["best_cost"] <= result["budget"]
+    # the winner was confirmed on measurement with the table's kernel plan, which travelled
+    # from measure_latency through the predictor's folder
+    assert json.loads((lat / "kernels.json").read_text())["small_rows"]
+    assert (pred / "kernels.json").read_bytes() == (lat / "kernels.json").read_bytes()
+    confirmed = list(csv.DictReader((out / "confirmed.csv").open()))
+    assert 1 <= len(confirmed) <= 5 and [r["chosen"] for r in confirmed].count("True") == 1
+    chosen = next(r for r in confirmed if r["chosen"] == "True")
+    fitting = [r for r in confirmed if r["fits"] == "True"]
+    assert chosen is (fitting[0] if fitting else min(confirmed, key=lambda r: float(r["ratio"])))
+    assert result["best_fitness"] == pytest.approx(float(chosen["fitness"]), abs=1e-6)
+    assert result["best_measured_ratio"] == pytest.approx(float(chosen["ratio"]), rel=1e-5)
 
     # a predictor made for another search space is refused
     from automoe.latency.predictor import LatencyPredictor
@@ -513,6 +525,35 @@ def count_gflops(arch, supernet_path) -> float:
 
     net, _ = SuperTransformer.load(supernet_path)
     return count(arch, net.args.vocab_size, net.space.qkv_dim).gflops
+
+
+def test_the_winner_is_the_fittest_arch_whose_measured_latency_meets_the_budget(tiny_supernet, monkeypatch):
+    """The predictor put the fittest arch within the budget, but it measures over it: the
+    next fittest that measures within it wins; when none does, the fastest."""
+    from automoe.data.dataset import PreparedData
+    from automoe.latency.measure import Latency
+    from automoe.model.supernet import SuperTransformer
+    from automoe.search.evolution import Candidate
+    from automoe.stages.search import Budget, SearchConfig, confirm_on_measurement
+
+    prep, net_path = tiny_supernet
+    net, _ = SuperTransformer.load(net_path)
+    data = PreparedData.open(prep)
+    rng = np.random.default_rng(5)
+    archs = list({a.to_yaml(): a for a in (net.space.sample(rng) for _ in range(12))}.values())[:4]
+    dense = net.space.largest_dense()
+    # measured: dense 100 ms; archs 0..3 at 0.62, 0.48, 0.45, 0.40 of it
+    measured = {dense.to_yaml(): 100.0} | {a.to_yaml(): f for a, f in zip(archs, (62.0, 48.0, 45.0, 40.0), strict=True)}
+    monkeypatch.setattr(search.m, "measure", lambda model, *a, **k: Latency(0.0, measured[model.arch.to_yaml()]))
+    evaluated = [Candidate(a, fitness=1.0 + i, cost=49.0) for i, a in enumerate(archs)]  # all predicted within 50
+    evaluated.append(Candidate(archs[0], fitness=0.5, cost=55.0))  # fitter, but predicted over the budget
+    cfg = SearchConfig(confirm=3, confirm_rounds=2, budget=Budget(value=0.5))
+    best, rows = confirm_on_measurement(cfg, net, data, evaluated, budget=50.0)
+    assert best.arch == archs[1] and [r["fits"] for r in rows] == [False, True, True]  # 4th: not among 3
+    assert [r["ratio"] for r in rows] == pytest.approx([0.62, 0.48, 0.45]) and rows[1]["chosen"]
+    cfg = SearchConfig(confirm=3, confirm_rounds=2, budget=Budget(value=0.4))
+    best, rows = confirm_on_measurement(cfg, net, data, evaluated, budget=50.0)
+    assert best.arch == archs[2] and not any(r["fits"] for r in rows)  # none fits: the fastest
 
 
 def test_relative_budget_uses_the_measured_dense_latency():

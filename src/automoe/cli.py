@@ -20,6 +20,7 @@ COMMANDS = {
     "translate": "automoe.ops:translate",
     "promote": "automoe.ops:promote",
     "rollback": "automoe.ops:rollback",
+    "outcome": "automoe.ops:outcome",
 }
 
 

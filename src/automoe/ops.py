@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from automoe import ct2
+from automoe.errors import AutomoeError
 from automoe.stages._cli import guarded
 from automoe.textio import as_text
 
@@ -30,6 +31,9 @@ def translate(argv: list[str] | None = None) -> None:
         "a registered model keeps the one it was registered with",
     )
     args = parser.parse_args(argv)
+    for flag, value in (("--beam", args.beam), ("--batch-lines", args.batch_lines)):
+        if value < 1:
+            raise AutomoeError(f"translate {flag}: must be at least 1, got {value}")
     registered = "://" in args.model or args.model.startswith("models:/")
     if args.precision and registered:
         parser.error(
@@ -97,3 +101,31 @@ def rollback(argv: list[str] | None = None) -> None:
 
     version = tracking.rollback(args.name)
     print(f"{args.name}: champion is now v{version}")
+
+
+@guarded
+def outcome(argv: list[str] | None = None) -> None:
+    """outcome: what a pipeline run registered, and the model to translate with."""
+    import json
+
+    parser = argparse.ArgumentParser(prog="automoe outcome", description=outcome.__doc__)
+    parser.add_argument("--registration", default="results/register/registration.json", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        r = json.loads(args.registration.read_text())
+    except (OSError, ValueError) as exc:
+        raise AutomoeError(f"{args.registration}: no registration to report ({exc.__class__.__name__})") from None
+    name, version, champion = r["model_name"], r["version"], r.get("champion")
+    print(f"registered model: {name} v{version}: {r['verdict']}")
+    if r.get("gate"):
+        print(f"promotion gate:   {r['gate']}")
+    if r.get("promoted") or champion is not None:
+        which = "this run's model" if r.get("promoted") else f"v{champion}, an earlier run's model"
+        uri = f"models:/{name}@champion"
+        print(f"champion:         {uri} ({which})")
+    else:
+        uri = f"models:/{name}/{version}"
+        print(f"champion:         none: the gate refused v{version}; it is still registered as {uri}")
+    print(f"translate:        echo 'A dog runs.' | .venv/bin/automoe translate --model {uri}")
+    if not r.get("promoted"):
+        print(f"this run's model: echo 'A dog runs.' | .venv/bin/automoe translate --model models:/{name}/{version}")

@@ -396,6 +396,10 @@ def registry_versions(client, name: str):
             decided=r.GATE in t,
             revoked=t.get(r.REVOKED) == "true",
             chrf=float(t.get(r.CHRF, "nan")),
+            cost_low=float(t.get(r.COST_LOW, "nan")),
+            cost_high=float(t.get(r.COST_HIGH, "nan")),
+            reference=float(t.get(r.REFERENCE, "nan")),
+            unit=t.get(r.UNIT, ""),
         )
 
     versions = [as_version(mv) for mv in client.search_model_versions(f"name='{name}'")]
@@ -464,8 +468,8 @@ def promote(name: str, version: int) -> None:
     from automoe import registry as r
 
     client = _client()
+    check_registry_uri(client, f"models:/{name}/{version}")  # a one-line error naming what exists
     current = champion_version(client, name)
-    client.get_model_version(name, str(version))  # raises if it does not exist
     client.set_model_version_tag(name, str(version), r.PREVIOUS, str(current) if current else "")
     client.set_model_version_tag(name, str(version), r.GATE, "promoted by hand")
     if r.REVOKED in client.get_model_version(name, str(version)).tags:
@@ -495,8 +499,37 @@ def rollback(name: str) -> int:
 
 
 def load_translator(uri: str):
-    """A registered or logged pyfunc translator (models:/NAME@ALIAS, runs:/...)."""
+    """A registered or logged pyfunc translator (models:/NAME@ALIAS, models:/NAME/VERSION,
+    runs:/...). A registry URI that names nothing is a one-line error saying what exists."""
     import mlflow.pyfunc
 
-    _client()
+    client = _client()
+    if uri.startswith("models:/"):
+        check_registry_uri(client, uri)
     return mlflow.pyfunc.load_model(uri)
+
+
+def check_registry_uri(client, uri: str) -> None:
+    """Raise AutomoeError naming what the registry has when `uri` (models:/NAME@ALIAS or
+    models:/NAME/VERSION) points at no model version."""
+    from mlflow.exceptions import MlflowException
+
+    ref = uri[len("models:/") :]
+    name, alias, version = ref, None, None
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+    elif "/" in ref:
+        name, version = ref.split("/", 1)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise AutomoeError(f"{uri}: no registered model {name!r} (registered: {', '.join(known) or 'none'})") from None
+    numbers = sorted(int(mv.version) for mv in client.search_model_versions(f"name='{name}'"))
+    have = f"versions {', '.join(map(str, numbers)) or 'none'}"
+    aliases = ", ".join(f"@{a} -> v{v}" for a, v in sorted(model.aliases.items())) or "no aliases"
+    if alias is not None and alias not in model.aliases:
+        hint = f"; use models:/{name}/{numbers[-1]} or make one champion: automoe promote --name {name} --version N"
+        raise AutomoeError(f"{uri}: {name} has no alias @{alias} ({aliases}; {have}){hint if numbers else ''}")
+    if version is not None and (not version.isdigit() or int(version) not in numbers):
+        raise AutomoeError(f"{uri}: {name} has no version {version} ({have}; {aliases})")

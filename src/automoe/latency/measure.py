@@ -71,6 +71,10 @@ def fingerprint(device: torch.device, precision: str = "fp32") -> dict[str, str 
         info["gpu"] = torch.cuda.get_device_name(device)
     if precision != "fp32":
         info["precision"] = precision
+    if precision == "int8":  # 7- or 8-bit inputs: what this CPU's int8 kernel can sum (model/inference.py)
+        from automoe.model.inference import int8_kernel
+
+        info["int8_kernel"] = int8_kernel()
     info["id"] = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
     return info
 

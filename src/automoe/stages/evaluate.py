@@ -5,8 +5,11 @@ Each model translates the test split with batched beam search (beam 4, length pe
 references (BLEU and chrF, with signatures); its latency is measured with the
 measure_latency protocol; GFLOPs, parameters (total, active, without embeddings) and a
 per-token active-FLOPs histogram (the adaptive-computation view) are computed.
-Output folder: `metrics.json` (DVC metrics), `hyp.<name>.txt`, `report.md`,
-`flops_per_token.png`.
+Latency is timed in `latency_rounds` alternating rounds (searched, dense, searched, ...)
+with the kernel plan the latency table was timed with (`--latency`, model/kernels.py):
+the ratio searched/dense of each round, its median and its range over the rounds are
+what the promotion gate decides on. Output folder: `metrics.json` (DVC metrics),
+`hyp.<name>.txt`, `report.md`, `flops_per_token.png`, `kernels.json` (the plan timed).
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from typing import Any
 import numpy as np
 import sacrebleu
 import torch
+from tqdm import tqdm
 
 from automoe.config import load_section
 from automoe.data.dataset import PreparedData
+from automoe.errors import DataError
 from automoe.io import atomic_write_json, atomic_write_text, staged_dir
 from automoe.latency import measure as m
+from automoe.model import kernels
 from automoe.model.counting import count, per_token_flops
 from automoe.plots import figure
 from automoe.serving import DecodeConfig, Translator
@@ -42,12 +48,13 @@ class EvaluateConfig:
     max_sentences: int = 0  # 0 = the whole split
     latency_repeats: int = 10
     latency_warmup: int = 3
+    latency_rounds: int = 5  # alternating rounds; the searched/dense ratio is reported with its range over them
     flops_sentences: int = 100  # test sentences whose routing gives the per-token FLOPs histogram
     threads: int = 2
 
     def __post_init__(self) -> None:
-        if self.max_sentences < 0 or self.latency_repeats < 1 or self.threads < 1:
-            raise ValueError("max_sentences must be >= 0; latency_repeats and threads >= 1")
+        if self.max_sentences < 0 or self.latency_repeats < 1 or self.threads < 1 or self.latency_rounds < 1:
+            raise ValueError("max_sentences must be >= 0; latency_repeats, latency_rounds and threads >= 1")
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class EvaluateInputs:
     data: Path
     model: Path  # retrain output folder (searched)
     baseline: Path | None = None  # retrain output folder (dense baseline)
+    latency: Path | None = None  # measure_latency output folder (or its kernels.json): time with its kernel plan
 
 
 def score(hyps: list[str], refs: list[str]) -> dict[str, Any]:
@@ -126,33 +134,46 @@ def _routed_token_flops(model, split, n: int) -> list[float]:
     return out
 
 
-LATENCY_ROUNDS = 3
-
-
 def latencies(models: dict[str, Any], data: PreparedData, cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
     """The latency protocol for every model, in alternating rounds (A, B, A, B, ...), each
     figure the median over the rounds: a machine whose speed drifts (a shared host) moves
-    all models alike, so their ratio, which the gate and the speedup use, stays fair."""
+    all models alike, so their ratio, taken within each round, stays fair. With two models
+    the searched model also gets `latency_ratio` (median of the per-round ratios) and its
+    range over the rounds (`latency_ratio_low` / `_high`)."""
     sources = m.source_windows(data.split("valid"), 30, 8)
     runs: dict[str, list[m.Latency]] = {name: [] for name in models}
-    for _ in range(LATENCY_ROUNDS):
+    for _ in tqdm(range(cfg.latency_rounds), desc=f"{NAME}: latency rounds", mininterval=5.0):
         for name, model in models.items():
             runs[name].append(
                 m.measure(model, sources, 5, 30, cfg.latency_warmup, cfg.latency_repeats, cfg.decode.precision)
             )
-    return {
+    out = {
         name: {
             "latency_ms": float(np.median([r.total_ms for r in rs])),
             "encoder_ms": float(np.median([r.encoder_ms for r in rs])),
             "decoder_ms": float(np.median([r.decoder_ms for r in rs])),
+            "latency_rounds": float(len(rs)),
         }
         for name, rs in runs.items()
     }
+    if "dense" in runs:
+        ratios = np.array([s.total_ms / d.total_ms for s, d in zip(runs["searched"], runs["dense"], strict=True)])
+        out["searched"] |= {
+            "latency_ratio": float(np.median(ratios)),
+            "latency_ratio_low": float(ratios.min()),
+            "latency_ratio_high": float(ratios.max()),
+        }
+    return out
 
 
 def run(cfg: EvaluateConfig, inputs: EvaluateInputs, out_dir: Path) -> dict[str, float]:
     torch.set_num_threads(cfg.threads)
     data = PreparedData.open(inputs.data)
+    if inputs.latency is not None:
+        plan = inputs.latency / kernels.PLAN_FILE if inputs.latency.is_dir() else inputs.latency
+        if not plan.is_file():
+            raise DataError(f"{inputs.latency}: no {kernels.PLAN_FILE} (expected a measure_latency output folder)")
+        kernels.use(plan)
     models = {"searched": inputs.model} | ({"dense": inputs.baseline} if inputs.baseline else {})
     with staged_dir(out_dir) as tmp:
         translators = {name: Translator.from_folder(folder, cfg.decode) for name, folder in models.items()}
@@ -164,6 +185,7 @@ def run(cfg: EvaluateConfig, inputs: EvaluateInputs, out_dir: Path) -> dict[str,
         _histogram(tmp / "flops_per_token.png", {k: v.pop("flops_per_token") for k, v in results.items()})
         metrics = _flat(results)
         atomic_write_json(tmp / "metrics.json", metrics)
+        kernels.save(tmp / kernels.PLAN_FILE)
         atomic_write_text(tmp / "report.md", report(results, data))
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
@@ -178,7 +200,7 @@ def _flat(results: dict[str, dict]) -> dict[str, Any]:
         }
     if "dense" in results:
         s, d = results["searched"], results["dense"]
-        out["speedup"] = d["latency_ms"] / s["latency_ms"]
+        out["speedup"] = 1.0 / s["latency_ratio"]  # the per-round ratios' median (see `latencies`)
         out["gflops_reduction"] = d["gflops"] / s["gflops"]
         out["bleu_delta"] = s["bleu"] - d["bleu"]
     out["bleu_signature"] = results["searched"]["bleu_signature"]
@@ -191,7 +213,7 @@ def report(results: dict[str, dict], data: PreparedData) -> str:
     rows = [
         ("BLEU", "bleu", "{:.2f}"),
         ("chrF", "chrf", "{:.2f}"),
-        ("latency (ms, batch 1)", "latency_ms", "{:.1f}"),
+        ("latency (ms, batch 1; median of rounds)", "latency_ms", "{:.1f}"),
         ("  encoder (ms)", "encoder_ms", "{:.1f}"),
         ("  decoder (ms)", "decoder_ms", "{:.1f}"),
         ("GFLOPs (30+30 tokens)", "gflops", "{:.3f}"),
@@ -217,8 +239,11 @@ def report(results: dict[str, dict], data: PreparedData) -> str:
             lines += ["", "**Warning: the two models were not trained the same way (see the last rows).**"]
         lines += [
             "",
-            f"**Speedup vs dense: {d['latency_ms'] / s['latency_ms']:.2f}x** latency, "
+            f"**Speedup vs dense: {1 / s['latency_ratio']:.2f}x** latency, "
             f"{d['gflops'] / s['gflops']:.2f}x fewer GFLOPs, BLEU {s['bleu'] - d['bleu']:+.2f}.",
+            "",
+            f"Latency ratio searched/dense: {s['latency_ratio']:.3f} (median of {s['latency_rounds']:.0f} alternating "
+            f"rounds; range {s['latency_ratio_low']:.3f}-{s['latency_ratio_high']:.3f}).",
         ]
     lines += [
         "",
@@ -251,8 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--model", required=True, type=Path, help="retrain output folder of the searched model")
     parser.add_argument("--baseline", type=Path, help="retrain output folder of the dense baseline")
+    parser.add_argument(
+        "--latency", type=Path, help="measure_latency output folder: time with the kernel plan its table was timed with"
+    )
     args = parser.parse_args(argv)
-    inputs = EvaluateInputs(args.data, args.model, args.baseline)
+    inputs = EvaluateInputs(args.data, args.model, args.baseline, args.latency)
     cli_run(NAME, load_config, args, lambda cfg, _: run(cfg, inputs, args.out), ARTIFACTS)
 
 
@@ -265,8 +293,14 @@ def component_main(
     out_path: str,
     metrics: Any,
     report_path: str = "",
+    latency_path: str = "",
 ) -> None:
-    inputs = EvaluateInputs(Path(data_path), Path(model_path), Path(baseline_path) if baseline_path else None)
+    inputs = EvaluateInputs(
+        Path(data_path),
+        Path(model_path),
+        Path(baseline_path) if baseline_path else None,
+        Path(latency_path) if latency_path else None,
+    )
     component_run(
         NAME,
         load_config,

@@ -4,7 +4,8 @@ Each arch is extracted from the trained supernet (so MoE routing is the trained
 router's) and timed with the paper's protocol on sources cut from real validation
 sentences. Output folder: `latency.csv` (one row per arch: encoder, decoder and total
 ms, the arch), `hardware.json` (CPU model, cores, threads, torch, device, and the serving precision when
-int8: measure what will be served). Rows are
+int8, with the CPU's int8 kernel: measure what will be served), `kernels.json` (the GEMM
+choices every arch was timed with, model/kernels.py: later stages time the same engine). Rows are
 appended as they are measured; rerunning after a kill measures only what is missing;
 a table from other hardware is refused. Under Kubeflow, `shard`/`num_shards` split the
 archs over parallel pods and `automoe merge_latency` joins them.
@@ -25,13 +26,14 @@ from automoe.data.dataset import PreparedData
 from automoe.errors import ConfigError
 from automoe.latency import measure as m
 from automoe.latency.table import LatencyTable, save_space
+from automoe.model import kernels
 from automoe.model.subnet import extract
 from automoe.model.supernet import SuperTransformer
 from automoe.space import ArchConfig, SearchSpace
 from automoe.stages._cli import artifact_file, cli_run, component_run, guarded, stage_parser
 
 NAME = "measure_latency"
-ARTIFACTS = ["latency.csv", "hardware.json"]  # logged to MLflow
+ARTIFACTS = ["latency.csv", "hardware.json", kernels.PLAN_FILE]  # logged to MLflow
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ def run(cfg: MeasureLatencyConfig, inputs: MeasureLatencyInputs, out_dir: Path) 
     data.check_vocab(vocab, str(inputs.supernet))
     table = LatencyTable(out_dir, m.fingerprint(device, cfg.precision))
     save_space(out_dir, supernet.space)
+    kernels.use(out_dir / kernels.PLAN_FILE)  # a resumed run keeps the engine its first rows were timed with
     done = {row["arch_id"] for row in table.rows()}
     sources = m.source_windows(data.split("valid"), cfg.src_len, cfg.sources)
     todo = [
@@ -101,7 +104,9 @@ def run(cfg: MeasureLatencyConfig, inputs: MeasureLatencyInputs, out_dir: Path) 
     for arch_id, arch in tqdm(todo, desc=NAME, mininterval=5.0):
         model = extract(supernet, arch).to(device)
         lat = m.measure(model, sources, cfg.beam, cfg.tgt_steps, cfg.warmup, cfg.repeats, cfg.precision)
+        kernels.save(out_dir / kernels.PLAN_FILE)  # before the row: a row is never timed with an unrecorded choice
         table.append(arch_id, arch, lat.encoder_ms, lat.decoder_ms)
+    kernels.save(out_dir / kernels.PLAN_FILE)
     rows = table.rows()
     latencies = np.array([r["latency_ms"] for r in rows])
     return {
@@ -157,6 +162,9 @@ def merge_main(shard_paths: list[str], out_path: str) -> None:
     folders = [Path(p) for p in shard_paths]
     n = merge(folders, Path(out_path))
     save_space(Path(out_path), load_space_of(folders[0]))
+    for folder in folders:  # the shards' kernel choices, together (same hardware: merge checked it)
+        kernels.use(folder / kernels.PLAN_FILE)
+    kernels.save(Path(out_path) / kernels.PLAN_FILE)
     print(f"merge_latency: {n} archs from {len(folders)} shards")
 
 

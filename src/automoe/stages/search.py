@@ -6,6 +6,13 @@ Output folder: `best_arch.yaml`, `population.csv` (final population), `pareto.cs
 (loss vs cost over every evaluated arch), `history.csv` (per iteration), `random.csv`,
 `pareto.png`, `convergence.png`, `metrics.json`, and `state.json` (resume point: a
 killed search reruns only the unfinished iterations and ends with the same result).
+
+With a predicted-latency budget the winner is confirmed on measurement (`confirm`): the
+fittest archs within the predicted budget are timed with the measure_latency protocol in
+alternating rounds beside the dense reference (the same engine: the table's kernel plan),
+and the fittest one whose measured latency meets the budget wins (`confirmed.csv`). A
+predictor's error (a few percent) then cannot carry the winner over the budget the
+promotion gate checks on measurement.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from automoe.errors import ConfigError
 from automoe.io import atomic_write_json, atomic_write_text
 from automoe.latency import measure as m
 from automoe.latency.predictor import LatencyPredictor
+from automoe.model import kernels
 from automoe.model.counting import count
 from automoe.model.subnet import extract
 from automoe.model.supernet import SuperTransformer
@@ -65,6 +73,8 @@ class SearchConfig:
     seed: int = 1
     threads: int = 2
     space: str = ""  # "" = the supernet's space; else a preset or YAML path inside it (ablations)
+    confirm: int = 5  # predicted-latency budgets: time the N fittest archs within it, keep the best that fits (0: off)
+    confirm_rounds: int = 3  # alternating rounds (dense reference, then each arch) for that measurement
 
     def evolution(self) -> EvolutionConfig:
         return EvolutionConfig(
@@ -75,6 +85,8 @@ class SearchConfig:
         self.evolution()  # validates the evolution settings
         if self.valid_sentences < 1:
             raise ValueError("valid_sentences must be >= 1")
+        if self.confirm < 0 or self.confirm_rounds < 1:
+            raise ValueError("confirm must be >= 0 and confirm_rounds >= 1")
 
 
 @dataclass(frozen=True)
@@ -176,6 +188,10 @@ def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, flo
             out_dir / "state.json",
             progress=lambda it: bar.update(it - bar.n),
         )
+    confirmed: list[dict] = []
+    if cfg.confirm and cfg.budget.kind == "latency_ms" and cfg.budget.latency_source == "predicted":
+        precision = _use_kernel_plan(inputs)
+        result.best, confirmed = confirm_on_measurement(cfg, supernet, data, result.evaluated, budget, precision)
     metrics = {
         "best_fitness": result.best.fitness,
         "best_cost": result.best.cost,
@@ -185,12 +201,81 @@ def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, flo
         "evaluations": float(len(result.evaluated)),
     }
     baseline = None
+    if confirmed:
+        chosen = next(c for c in confirmed if c["chosen"])
+        metrics |= {"best_measured_ms": chosen["measured_ms"], "best_measured_ratio": chosen["ratio"]}
+        metrics["confirmed_archs"] = float(len(confirmed))
+        atomic_write_text(out_dir / "confirmed.csv", _dict_rows(confirmed))
     if cfg.random_baseline:
         baseline = random_search(space, len(result.evaluated), fitness, cost, budget, cfg.seed)
         metrics["random_best_fitness"] = baseline.best.fitness
         metrics["random_best_cost"] = baseline.best.cost
     write_outputs(out_dir, cfg, result, baseline, metrics)
     return metrics
+
+
+def _use_kernel_plan(inputs: SearchInputs) -> str:
+    """Time with the engine the latency table was timed with (its plan travels in the
+    predictor's folder); returns the serving precision the table measured."""
+    assert inputs.predictor is not None  # a predicted budget: checked by cost_function
+    folder = inputs.predictor if inputs.predictor.is_dir() else inputs.predictor.parent
+    kernels.use(folder / kernels.PLAN_FILE)
+    return LatencyPredictor.load(artifact_file(inputs.predictor, "predictor.pt")).hardware.get("precision", "fp32")
+
+
+def confirm_on_measurement(
+    cfg: SearchConfig,
+    supernet: SuperTransformer,
+    data: PreparedData,
+    evaluated: list[Candidate],
+    budget: float,
+    precision: str = "fp32",
+) -> tuple[Candidate, list[dict]]:
+    """The fittest of the `cfg.confirm` fittest archs within the predicted budget whose
+    measured latency meets it (relative budgets: the measured ratio to the dense reference,
+    per round, median over `confirm_rounds` alternating rounds; absolute: the median ms);
+    when none does, the one that measured fastest. Returns it and a row per timed arch."""
+    picks: list[Candidate] = []
+    for c in sorted(evaluated, key=lambda c: c.fitness):
+        if c.cost <= budget and key(c.arch) not in {key(p.arch) for p in picks}:
+            picks.append(c)
+        if len(picks) == cfg.confirm:
+            break
+    sources = m.source_windows(data.split("valid"), 30, 8)
+    models = [extract(supernet, supernet.space.largest_dense())] + [extract(supernet, c.arch) for c in picks]
+    ms = np.zeros((cfg.confirm_rounds, len(models)))
+    for r in tqdm(range(cfg.confirm_rounds), desc=f"{NAME}: confirming {len(picks)} archs", mininterval=5.0):
+        for i, model in enumerate(models):
+            ms[r, i] = m.measure(model, sources, warmup=2, repeats=6, precision=precision).total_ms
+    ratios = np.median(ms[:, 1:] / ms[:, :1], axis=0)  # (archs,): per-round ratios, median over rounds
+    measured = np.median(ms[:, 1:], axis=0)
+    relative = cfg.budget.relative_to_dense
+    fits = ratios <= cfg.budget.value if relative else measured <= budget
+    chosen = int(np.argmax(fits)) if fits.any() else int(np.argmin(ratios))
+    if not fits.any():
+        print(
+            f"{NAME}: none of the {len(picks)} fittest archs within the predicted budget measured within it; "
+            f"keeping the fastest ({ratios[chosen]:.3f}x the dense reference)"
+        )
+    rows = [
+        {
+            "fitness": c.fitness,
+            "predicted_ms": c.cost,
+            "measured_ms": float(measured[i]),
+            "ratio": float(ratios[i]),
+            "dense_ms": float(np.median(ms[:, 0])),
+            "fits": bool(fits[i]),
+            "chosen": i == chosen,
+        }
+        for i, c in enumerate(picks)
+    ]
+    return picks[chosen], rows
+
+
+def _dict_rows(rows: list[dict]) -> str:
+    names = list(rows[0])
+    fmt = lambda v: str(v) if isinstance(v, bool) else f"{v:.6g}"  # noqa: E731
+    return "\n".join([",".join(names)] + [",".join(fmt(r[n]) for n in names) for r in rows]) + "\n"
 
 
 def write_outputs(out_dir: Path, cfg: SearchConfig, result, baseline, metrics: dict[str, float]) -> None:

@@ -4,12 +4,13 @@ Splits the rows (seeded) into train / valid / test, standardises features and ta
 trains with Adam on MSE keeping the best validation epoch, and reports RMSE (ms), MAPE,
 R² and Kendall's tau on the held-out test rows. Output folder: `predictor.pt` (weights,
 feature names, normalisation, search-space hash, hardware), `predictions.csv` (DVC
-plot), `predicted_vs_measured.png`, `metrics.json`.
+plot), `predicted_vs_measured.png`, `metrics.json`, and the table's `kernels.json`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from automoe.errors import DataError
 from automoe.io import atomic_write_json, atomic_write_text, staged_dir
 from automoe.latency.predictor import FitConfig, fit, scores
 from automoe.latency.table import arch_key, load_space_of, read_table
+from automoe.model import kernels
 from automoe.plots import figure
 from automoe.space import ArchConfig, arch_features
 from automoe.stages._cli import cli_run, component_run, guarded, html_images, stage_parser
@@ -71,6 +73,9 @@ def run(cfg: TrainPredictorConfig, inputs: TrainPredictorInputs, out_dir: Path) 
     metrics["rows"] = float(len(rows))
     with staged_dir(out_dir) as tmp:
         predictor.save(tmp / "predictor.pt", metrics)
+        plan = inputs.latency / kernels.PLAN_FILE
+        if plan.is_file():  # the engine the table was timed with travels on to the search's confirmation
+            shutil.copyfile(plan, tmp / kernels.PLAN_FILE)
         part = np.empty(len(rows), dtype=object)
         part[train_idx], part[valid_idx], part[test_idx] = "train", "valid", "test"
         lines = ["arch_id,split,measured_ms,predicted_ms"] + [
