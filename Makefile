@@ -15,13 +15,23 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: run test lint install lock bench compile run-local clean
 
+# torch: the CPU build unless asked. A torch 2.13.0 wheel that pip finds without an index
+# (its configured find-links) is used as it is; else PyTorch's CPU index. For the CUDA
+# build: make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 (or any index
+# that serves torch 2.13.0; PyPI's default build is the CUDA one).
+TORCH_VERSION := 2.13.0
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+ifeq ($(origin TORCH_INDEX_URL),file)
+TORCH_LOCAL_FIRST := $(BIN)/pip install -q --no-deps --no-index torch==$(TORCH_VERSION) 2>/dev/null ||
+endif
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock requirements-dev.lock pyproject.toml
 	@mkdir -p $(TMPDIR)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	# torch first: the CPU build pinned here, never a CUDA build pulled in by a range
-	$(BIN)/pip install -q torch==2.13.0
+	# torch first, from the chosen index (its dependencies are in requirements.lock)
+	$(TORCH_LOCAL_FIRST) $(BIN)/pip install -q --no-deps --index-url $(TORCH_INDEX_URL) torch==$(TORCH_VERSION)
 	# exactly the locked set (no resolver surprises), then a consistency check
 	$(BIN)/pip install -q --no-deps -r requirements.lock -r requirements-dev.lock
 	$(BIN)/pip install -q --no-deps -e .
@@ -37,7 +47,7 @@ run: install
 	start=$$(date +%s); dvc repro && echo $$(( $$(date +%s) - start )) > results/make_run_seconds.txt
 	@echo
 	@echo "report:           results/evaluate/report.md"
-	@echo "metrics:          results/evaluate/metrics.json, reports/ (dvc metrics show)"
+	@echo "metrics:          reports/evaluate.json and every stage's reports/*.json (dvc metrics show)"
 	@echo "MLflow UI:        .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 	@automoe outcome --registration results/register/registration.json
 

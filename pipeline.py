@@ -350,5 +350,17 @@ def upload(host: str, name: str, version: str, package: str) -> int:
     return 0
 
 
+def guarded_main(argv: list[str] | None = None) -> int:
+    """main, with a user's mistake (a mistyped section or key, a wrong type) as one line
+    `error: ...` and exit status 2, as on the stage CLIs."""
+    from automoe.errors import AutomoeError
+
+    try:
+        return main(argv)
+    except AutomoeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded_main())

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,10 +53,25 @@ def test_rejects_with_the_key_named(data, message):
 
 
 def test_overrides_parse_yaml_scalars_and_nest():
-    got = parse_overrides(["prepare_data.vocab_size=4000", "prepare_data.dedupe=true", "a.b.c=x y"])
-    assert got == {"prepare_data": {"vocab_size": 4000, "dedupe": True}, "a": {"b": {"c": "x y"}}}
+    got = parse_overrides(["prepare_data.vocab_size=4000", "prepare_data.dedupe=true", "search.b.c=x y"])
+    assert got == {"prepare_data": {"vocab_size": 4000, "dedupe": True}, "search": {"b": {"c": "x y"}}}
     with pytest.raises(ConfigError, match="expected section.key=value"):
         parse_overrides(["vocab_size"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        parse_overrides(["search=3"])
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("evalute.max_sentences=50", "unknown section 'evalute' (did you mean evaluate?)"),
+        ("serch.iterations=2", "unknown section 'serch' (did you mean search?)"),
+        ("nonsense.key=1", "unknown section 'nonsense' (sections: prepare_data, train_supernet"),
+    ],
+)
+def test_an_unknown_section_is_refused_by_name(item, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_overrides([item])
 
 
 def test_overrides_are_validated_like_the_file(tmp_path):

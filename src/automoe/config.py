@@ -10,6 +10,7 @@ are checked the same way.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -51,14 +52,35 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}:{line} invalid YAML ({getattr(exc, 'problem', exc)})") from None
 
 
+# params.yaml's sections: the stages, in pipeline order, and how the pipeline is compiled
+SECTIONS = (
+    "prepare_data",
+    "train_supernet",
+    "measure_latency",
+    "train_predictor",
+    "search",
+    "retrain",
+    "evaluate",
+    "register",
+    "pipeline",
+)
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """`["section.key=value", ...]` -> nested dict; values are parsed as YAML scalars."""
+    """`["section.key=value", ...]` -> nested dict; values are parsed as YAML scalars. A
+    section that params.yaml does not have is refused, named, with the closest one."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         parts = key.strip().split(".")
+        if len(parts) < 2:
+            raise ConfigError(f"--set {item!r}: expected section.key=value (a whole section cannot be set)")
+        if parts[0] not in SECTIONS:
+            close = difflib.get_close_matches(parts[0], SECTIONS, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"sections: {', '.join(SECTIONS)}"
+            raise ConfigError(f"--set {item!r}: unknown section {parts[0]!r} ({hint})")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:

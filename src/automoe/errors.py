@@ -5,7 +5,7 @@ class AutomoeError(Exception):
     """A user-facing error; the CLI prints `error: <message>` and exits with status 2."""
 
 
-class ConfigError(AutomoeError):
+class ConfigError(AutomoeError, ValueError):
     """A params file, override, space or arch file that does not validate."""
 
 

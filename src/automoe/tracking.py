@@ -318,9 +318,12 @@ def _translator_class():
         """pyfunc: a DataFrame with a `text` column, or a list of strings -> translations."""
 
         def load_context(self, context):
+            from automoe.model import kernels
             from automoe.serving import DecodeConfig, Translator
 
             precision = (context.model_config or {}).get("precision", "fp32")  # models registered before: fp32
+            if "kernels" in context.artifacts:  # the engine it was timed with, where this is the same machine kind
+                kernels.use(context.artifacts["kernels"])
             decode = DecodeConfig(precision=precision)
             self.translator = Translator.from_files(context.artifacts["model"], context.artifacts["spm"], decode)
 
@@ -336,11 +339,16 @@ def _translator_class():
 
 
 def log_translator(
-    run: StageRun, model_dir: Path, registered_name: str, tags: Mapping[str, str], precision: str = "fp32"
+    run: StageRun,
+    model_dir: Path,
+    registered_name: str,
+    tags: Mapping[str, str],
+    precision: str = "fp32",
+    kernel_plan: Path | None = None,
 ):
     """Log the retrained model as a pyfunc translator (with its code, SentencePiece model,
-    arch, weights, signature, input example, and its serving `precision` as model config)
-    in `run` and register a new version."""
+    arch, weights, signature, input example, its serving `precision` as model config and the
+    kernel plan it was timed with, when given) in `run` and register a new version."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -352,6 +360,8 @@ def log_translator(
         "spm": str(model_dir / "spm.model"),
         "arch": str(model_dir / "arch.yaml"),
     }
+    if kernel_plan is not None and kernel_plan.is_file():
+        artifacts["kernels"] = str(kernel_plan)
     # an unnamed string column: accepts a list of strings and a DataFrame with a `text` column
     example = list(INPUT_EXAMPLE)
     signature = infer_signature(example, ["Ein Mann.", "Zwei Hunde."])
@@ -493,6 +503,8 @@ def rollback(name: str) -> int:
     if not previous:
         raise AutomoeError(f"{name}: champion v{current} has no previous champion to roll back to")
     client.set_model_version_tag(name, str(current), r.REVOKED, "true")
+    if r.REVOKED in client.get_model_version(name, previous).tags:  # champion again: its state as it was
+        client.delete_model_version_tag(name, previous, r.REVOKED)
     client.set_registered_model_alias(name, r.CHAMPION, previous)
     _append_history(client, name, int(previous), "rollback")
     return int(previous)

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from automoe.config import merge, parse_overrides, parse_yaml
+from automoe.errors import ConfigError
 
 # UI field -> params key
 UI_FIELDS = {
@@ -84,7 +85,7 @@ def validate(data: dict[str, Any]) -> None:
     }
     if len(set(serving.values())) > 1:  # the search would optimise a latency that is not served
         shown = ", ".join(f"{k}={v}" for k, v in serving.items())
-        raise ValueError(f"{shown}: the serving precision must be the same in all three")
+        raise ConfigError(f"{shown}: the serving precision must be the same in all three")
 
 
 def resolve(params: str, overrides: list, ui: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ from automoe.config import load_section
 from automoe.data.dataset import PreparedData
 from automoe.errors import AutomoeError, ConfigError, DataError
 from automoe.io import atomic_write_json
+from automoe.model import kernels
 from automoe.stages._cli import cli_run, component_run, guarded, stage_parser
 from automoe.stages.retrain import initialisation, training_record
 
@@ -135,7 +136,8 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs, out_dir: Path, run: trackin
     if not (inputs.model / "model.pt").is_file():
         raise DataError(f"{inputs.model}: no model.pt (expected a retrain output folder)")
     tags = version_tags(inputs, data, run, cfg.precision)
-    version = tracking.log_translator(run, inputs.model, cfg.model_name, tags, cfg.precision)
+    plan = inputs.evaluation / kernels.PLAN_FILE  # the engine evaluate timed: served the same way
+    version = tracking.log_translator(run, inputs.model, cfg.model_name, tags, cfg.precision, plan)
     client = tracking.registry_client()
     client.set_registered_model_alias(cfg.model_name, registry.CANDIDATE, str(version))
     decision = tracking.settle_champion(client, cfg.model_name, cfg.gate())
