@@ -16,7 +16,7 @@ from automoe.stages import prepare_data
 
 # one MLflow child run per stage execution (retrain runs twice: searched and dense)
 ALL_STAGE_RUNS = ["prepare_data", "train_supernet", "measure_latency", "train_predictor", "search"]
-ALL_STAGE_RUNS += ["retrain", "retrain", "evaluate", "register"]
+ALL_STAGE_RUNS += ["retrain/searched", "retrain/dense", "evaluate", "register"]
 
 
 def mlflow_runs(uri: str):
@@ -31,6 +31,7 @@ def mlflow_runs(uri: str):
 def test_stage_runs_are_children_of_one_workspace_parent(small_corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTOMOE_TRACKING", "1")
+    monkeypatch.setenv("DVC_STAGE", "prepare_data")  # as DVC runs a stage command
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     args = ["--out", "prepared", *[a for o in paths_overrides(small_corpus) for a in ("--set", o)]]
@@ -49,6 +50,37 @@ def test_stage_runs_are_children_of_one_workspace_parent(small_corpus, tmp_path,
         assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["manifest.json"]
     assert {c.data.params["vocab_size"] for c in children} == {"400", "350"}
     assert json.loads((tmp_path / tracking.PARENT_FILE).read_text())["run_id"] == parents[0].info.run_id
+
+
+def test_the_workspace_parent_ends_with_its_execution_and_ad_hoc_runs_join_none(
+    small_corpus, tmp_path, monkeypatch, capsys
+):
+    """A stage DVC runs opens the execution's parent; a failed stage ends it FAILED and the next
+    execution opens a new one; the end of an execution (register) ends it FINISHED with its
+    figures. A stage run by hand outside DVC is a top-level run: it joins no parent."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOMOE_TRACKING", "1")
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    args = ["--out", "prepared", *[a for o in paths_overrides(small_corpus) for a in ("--set", o)]]
+    monkeypatch.setenv("DVC_STAGE", "prepare_data")
+    assert prepare_data.main(args) == 0
+    first = json.loads((tmp_path / tracking.PARENT_FILE).read_text())["run_id"]
+    assert prepare_data.main(["--out", "p2", "--set", "prepare_data.mirror=/nonexistent"]) == 2  # fails
+    assert not (tmp_path / tracking.PARENT_FILE).exists()
+    assert prepare_data.main(args) == 0  # the next execution
+    second = json.loads((tmp_path / tracking.PARENT_FILE).read_text())["run_id"]
+    assert second != first
+    assert tracking.end_workspace_parent("FINISHED", {"searched_bleu": 25.0}, {"model_name": "m"}) == second
+    monkeypatch.delenv("DVC_STAGE")
+    assert prepare_data.main(args) == 0  # by hand, after the execution
+    client, runs = mlflow_runs(uri)
+    by_id = {r.info.run_id: r for r in runs}
+    assert by_id[first].info.status == "FAILED" and by_id[second].info.status == "FINISHED"
+    assert by_id[second].data.metrics == {"searched_bleu": 25.0} and by_id[second].data.params == {"model_name": "m"}
+    alone = [r for r in runs if r.info.run_name == "prepare_data" and "mlflow.parentRunId" not in r.data.tags]
+    assert len(alone) == 1 and alone[0].info.status == "FINISHED"
+    assert not (tmp_path / tracking.PARENT_FILE).exists()
 
 
 def test_default_store_is_in_the_dvc_project_when_dvc_runs_stages_in_a_copy(small_corpus, tmp_path, monkeypatch):
@@ -157,7 +189,11 @@ def test_dvc_repro_in_a_copy_of_the_repo(multi30k, tmp_path):
     _, runs = mlflow_runs(uri)
     children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId"))
     assert children == sorted(ALL_STAGE_RUNS)
-    assert len({r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags.get("mlflow.parentRunId")}) == 1
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    assert len(parents) == 1
+    parent = next(r for r in runs if r.info.run_id in parents)  # ended with the execution, its figures on it
+    assert parent.info.status == "FINISHED" and {"searched_bleu", "speedup", "promoted"} <= set(parent.data.metrics)
+    assert parent.data.params["model_name"] == "automoe-en-de"
     assert (repo / "models/supernet/supernet.pt").is_file() and (repo / "models/retrain/dense/model.pt").is_file()
     registration = json.loads((repo / "results/register/registration.json").read_text())
     assert registration["version"] == 1 and registration["promoted"] and registration["champion"] == 1

@@ -242,6 +242,9 @@ def fake_results(tmp_path: Path, bleu: float, latency: float, budget: float = 10
                 "searched_chrf": 40.0,
                 "searched_latency_ms": latency,
                 "searched_gflops": 0.1,
+                "searched_sentences": 50.0,
+                "searched_split": "test",
+                "searched_split_sentences": 1000.0,
                 "bleu_signature": "sig",
             }
         )
@@ -273,7 +276,7 @@ def champion() -> int | None:
     return tracking.champion_version(tracking.registry_client(), NAME)
 
 
-def test_register_gate_rollback_and_serving(trained, tracked, tmp_path, capsys):
+def test_register_gate_rollback_and_serving(trained, tracked, tmp_path, capsys, monkeypatch):
     prep, models = trained
     ev, se = fake_results(tmp_path, bleu=20.0, latency=50.0)
     assert do_register(prep, models["a"], ev, se, tmp_path / "r1") == 0, capsys.readouterr().err
@@ -283,6 +286,9 @@ def test_register_gate_rollback_and_serving(trained, tracked, tmp_path, capsys):
     assert mv.tags[registry.BLEU] == "20.0000" and mv.tags["automoe.data_sha256"]
     assert mv.tags["automoe.git_commit"] and mv.tags["automoe.pipeline_run_id"]
     assert mv.tags["automoe.init"] == "scratch"  # how the model was initialised travels with it
+    # what its scores came from: 50 of the test split's 1,000 sentences, in fp32
+    assert (mv.tags["automoe.eval_split"], mv.tags["automoe.eval_sentences"]) == ("test", "50")
+    assert (mv.tags["automoe.eval_split_sentences"], mv.tags["automoe.precision"]) == ("1000", "fp32")
 
     # pyfunc round trip: load by alias, translate -> the compact model's own translations
     lines = ["A man is riding a bike.", "Two children play in the park.", ""]
@@ -350,6 +356,24 @@ def test_register_gate_rollback_and_serving(trained, tracked, tmp_path, capsys):
         assert answer["predictions"] == Translator.from_folder(models["b"]).translate(["A man is riding a bike."])
     finally:
         stop(serve)
+
+    # a `dvc exp run` registers apart: the shared model's candidate and champion stay where they are
+    monkeypatch.setenv("DVC_EXP_NAME", "try-budget")
+    exp_ev, exp_se = fake_results(tmp_path, bleu=30.0, latency=40.0)
+    assert do_register(prep, models["b"], exp_ev, exp_se, tmp_path / "r5") == 0
+    registration = json.loads((tmp_path / "r5" / "registration.json").read_text())
+    assert registration["model_name"] == f"{NAME}-experiments" and registration["version"] == 1
+    assert champion() == 4 and client.get_model_version_by_alias(NAME, "candidate").version == "4"
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 4
+    experiment = client.get_model_version(f"{NAME}-experiments", "1")
+    assert experiment.tags["automoe.dvc_experiment"] == "try-budget"
+    skip_ev, skip_se = fake_results(tmp_path, bleu=31.0, latency=40.0)
+    out = tmp_path / "r6"
+    assert register.main(["--data", str(prep), "--model", str(models["b"]), "--evaluation", str(skip_ev),
+                          "--search", str(skip_se), "--out", str(out), "--set", f"register.model_name={NAME}",
+                          "--set", "register.experiments=skip"]) == 0  # fmt: skip
+    assert json.loads((out / "registration.json").read_text())["registered"] is False
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 4
 
     # a person rolls back: v4 is revoked, v1 is champion again; a new registration does not revive v4
     from automoe import ops

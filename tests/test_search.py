@@ -16,10 +16,10 @@ from conftest import TINY_SPACE, subprocess_env
 from automoe.errors import AutomoeError, ConfigError, DataError
 from automoe.latency import measure as m
 from automoe.latency.predictor import FitConfig, fit, scores
-from automoe.latency.table import LatencyTable
+from automoe.latency.table import LatencyTable, read_table
 from automoe.search.evolution import EvolutionConfig, evolve, key, random_search
 from automoe.search.pareto import pareto_front
-from automoe.space import FEATURE_NAMES, arch_features, load_space
+from automoe.space import FEATURE_NAMES, ArchConfig, arch_features, load_space
 from automoe.stages import measure_latency, prepare_data, search, train_supernet
 
 SMALL = load_space("small")
@@ -142,6 +142,35 @@ def test_measure_latency_measures_the_serving_precision_and_keeps_tables_apart(t
     gpu = ["--set", "measure_latency.precision=int8", "--set", "measure_latency.device=cuda"]
     assert measure_latency.main([*argv, "--out", str(tmp_path / "gpu"), *gpu]) == 2
     assert "int8 serving runs on the CPU only" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
+
+
+def test_measure_latency_scales_every_chunk_to_one_reference(tiny_supernet, tmp_path, monkeypatch):
+    """A machine whose speed drifts between chunks (here 1x, 1.5x, 2x, ...) moves no row
+    against another: each chunk is timed beside the dense reference and scaled to its first
+    timing; a resumed run scales to the same reference (reference.json)."""
+    from automoe.latency.measure import Latency
+
+    calls = []
+
+    def drifting(models, *args, **kwargs):
+        calls.append(len(models))
+        drift = 1.0 + 0.5 * (len(calls) - 1)
+        return [Latency(1.0 * drift, synthetic_latency(x.arch) * drift) for x in models]
+
+    monkeypatch.setattr(measure_latency.m, "measure_many", drifting)
+    prep, net = tiny_supernet
+    out = tmp_path / "lat"
+    sets = ["n_archs=9", "chunk=4", "threads=1"]
+    argv = ["--data", str(prep), "--supernet", str(net), "--out", str(out)]
+    assert measure_latency.main([*argv, *[a for s in sets for a in ("--set", f"measure_latency.{s}")]]) == 0
+    assert calls == [5, 5, 5]  # 12 archs in chunks of 4, each beside the reference
+    rows, _ = read_table(out)
+    archs = [ArchConfig.from_dict(json.loads(r["arch"])) for r in rows]
+    truth = np.array([1.0 + synthetic_latency(a) for a in archs])
+    np.testing.assert_allclose([r["latency_ms"] for r in rows], truth, rtol=1e-4)  # as the first chunk timed
+    reference = json.loads((out / "reference.json").read_text())["latency_ms"]
+    space = load_space(TINY_SPACE)
+    assert reference == pytest.approx(1.0 + synthetic_latency(space.largest_dense()), rel=1e-6)
 
 
 def synthetic_latency(arch) -> float:
@@ -544,7 +573,9 @@ def test_the_winner_is_the_fittest_arch_whose_measured_latency_meets_the_budget(
     dense = net.space.largest_dense()
     # measured: dense 100 ms; archs 0..3 at 0.62, 0.48, 0.45, 0.40 of it
     measured = {dense.to_yaml(): 100.0} | {a.to_yaml(): f for a, f in zip(archs, (62.0, 48.0, 45.0, 40.0), strict=True)}
-    monkeypatch.setattr(search.m, "measure", lambda model, *a, **k: Latency(0.0, measured[model.arch.to_yaml()]))
+    monkeypatch.setattr(
+        search.m, "measure_many", lambda models, *a, **k: [Latency(0.0, measured[x.arch.to_yaml()]) for x in models]
+    )
     evaluated = [Candidate(a, fitness=1.0 + i, cost=49.0) for i, a in enumerate(archs)]  # all predicted within 50
     evaluated.append(Candidate(archs[0], fitness=0.5, cost=55.0))  # fitter, but predicted over the budget
     cfg = SearchConfig(confirm=3, confirm_rounds=2, budget=Budget(value=0.5))

@@ -115,6 +115,9 @@ def outcome(argv: list[str] | None = None) -> None:
         r = json.loads(args.registration.read_text())
     except (OSError, ValueError) as exc:
         raise AutomoeError(f"{args.registration}: no registration to report ({exc.__class__.__name__})") from None
+    if not r.get("registered", True):
+        print(f"registered model: none ({r.get('why', 'not registered')})")
+        return
     name, version, champion = r["model_name"], r["version"], r.get("champion")
     print(f"registered model: {name} v{version}: {r['verdict']}")
     if r.get("gate"):

@@ -5,8 +5,11 @@ from its environment, never from a task input (a KFP task's inputs are its cache
 a per-execution id there would make every task miss the cache): `AUTOMOE_PARENT_RUN_ID`
 (kfp.local: `pipeline.py run-local` opens the parent and exports it), else `KFP_RUN_ID`
 (a cluster pod's `pipeline/runid` label: the parent is the run the pipeline's
-open-tracking task tagged with it), else, under DVC, `.automoe/parent_run.json` in the
-workspace (`make run` starts a fresh one per execution). The embedded default store is a
+open-tracking task tagged with it), else, under DVC (`dvc repro`, `dvc exp run`),
+`.automoe/parent_run.json` in the workspace: the first stage of an execution opens it, and
+it ends with the execution, FINISHED with the headline figures when `register` finishes,
+FAILED when a stage fails; its file goes with it, so the next execution opens its own. A
+stage run by hand outside DVC is a top-level run of its own (it joins no old parent). The embedded default store is a
 local sqlite file, `mlflow.db`, with artifacts in `mlartifacts/`, in the DVC project's
 root (`DVC_ROOT`, which DVC sets to the project even when `dvc exp run` runs stages in a
 temporary copy) or else the working directory; `MLFLOW_TRACKING_URI` overrides it.
@@ -15,7 +18,6 @@ temporary copy) or else the working directory; `MLFLOW_TRACKING_URI` overrides i
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
@@ -152,10 +154,7 @@ def git_commit() -> str:
 
 def context_tags() -> dict[str, str]:
     """Where this execution comes from: code, data lock, orchestrator, image."""
-    tags = {"automoe.git_commit": git_commit()}
-    lock = Path("dvc.lock")
-    if lock.is_file():
-        tags["automoe.dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
+    tags = {"automoe.git_commit": git_commit()}  # (dvc.lock changes as stages finish: the commit names the state)
     for env, tag in (("KFP_RUN_ID", "automoe.kfp_run_id"), ("AUTOMOE_IMAGE", "automoe.image")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
@@ -201,7 +200,40 @@ def find_parent() -> str | None:
         return os.environ["AUTOMOE_PARENT_RUN_ID"]
     if os.environ.get("KFP_RUN_ID"):
         return kfp_parent(os.environ["KFP_RUN_ID"])
-    return workspace_parent()
+    return workspace_parent() if under_dvc() else None
+
+
+def under_dvc() -> bool:
+    """A stage that DVC runs (it sets DVC_STAGE for every stage command, DVC_ROOT too)."""
+    return bool(os.environ.get("DVC_STAGE") or os.environ.get("DVC_ROOT"))
+
+
+def end_workspace_parent(
+    status: str, metrics: Mapping[str, float] | None = None, params: Mapping[str, Any] | None = None
+) -> str | None:
+    """End the DVC workspace's parent run (FINISHED or FAILED) with `metrics` and `params`,
+    and forget it: the next execution opens its own. Returns its id (None: there was none)."""
+    from mlflow.entities import Metric, Param
+
+    path = workspace() / PARENT_FILE
+    try:
+        saved = json.loads(path.read_text())
+        run_id = saved["run_id"] if saved["tracking_uri"] == tracking_uri() else None
+    except (OSError, ValueError, KeyError):
+        return None
+    if run_id is None:
+        return None
+    client = _client()
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in sorted((metrics or {}).items())],
+        params=[Param(k, str(v)[:6000]) for k, v in sorted(_flatten(params or {}).items())],
+    )
+    client.set_terminated(run_id, status)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return run_id
 
 
 def end_kfp_parent(kfp_run_id: str, succeeded: bool) -> None:
@@ -277,8 +309,9 @@ class StageRun:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, parent_run_id: str | None = None) -> Iterator[StageRun]:
-    """Open the child run of `stage` under the execution's parent; FAILED on error."""
+def stage_run(stage: str, parent_run_id: str | None = None, run_name: str = "") -> Iterator[StageRun]:
+    """Open the child run of `stage` (named `run_name`, default the stage) under the
+    execution's parent; FAILED on error."""
     if not enabled():
         yield StageRun(None)
         return
@@ -286,13 +319,16 @@ def stage_run(stage: str, parent_run_id: str | None = None) -> Iterator[StageRun
     client = _client()
     parent = parent_run_id or find_parent()
     tags = {**context_tags(), "automoe.stage": stage} | ({"mlflow.parentRunId": parent} if parent else {})
-    run = client.create_run(_experiment_id(client), run_name=stage, tags=tags)
+    run = client.create_run(_experiment_id(client), run_name=run_name or stage, tags=tags)
     status = "FAILED"
     try:
         yield StageRun(run.info.run_id, client, parent)
         status = "FINISHED"
     finally:
         client.set_terminated(run.info.run_id, status)
+        if status == "FAILED" and parent and parent_run_id is None and under_dvc():
+            with contextlib.suppress(Exception):  # the execution ends here: so does its parent run
+                end_workspace_parent("FAILED")
 
 
 def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

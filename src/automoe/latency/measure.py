@@ -7,6 +7,12 @@ step): the hypotheses diverge from the first step as in real decoding, so MoE de
 layers route them to different experts, and the search's own per-step work (log-softmax,
 top candidates, cache reorder) is timed with the model. Warm-up runs, then repeated runs;
 each figure is the mean of the runs between the 10th and 90th percentile.
+
+`measure_many` times several models in alternation, run by run (A, B, C, A, B, C, ...):
+a machine whose speed drifts for seconds at a time (a shared cloud host: +-15% phases
+seen on a 2-core AMD EPYC) then slows all of them alike, so their ratios hold where
+back-to-back figures would not. measure_latency times each chunk of archs beside the
+dense reference this way; the search's confirmation and evaluate do the same.
 """
 
 from __future__ import annotations
@@ -90,7 +96,6 @@ def source_windows(split: ParallelSplit, length: int, count: int) -> torch.Tenso
     return torch.from_numpy(np.concatenate([windows, np.full((count, 1), EOS)], axis=1))
 
 
-@torch.inference_mode()
 def measure(
     model,
     sources: torch.Tensor,
@@ -102,21 +107,37 @@ def measure(
 ) -> Latency:
     """Encoder and decoder time of `model` (a compact SubTransformer) for batch-1 sources in
     the serving layout of `precision`; run r uses source r % len(sources)."""
-    model = for_inference(model, precision)  # the serving layout (oneDNN-packed or int8 weights on CPU)
-    device = next(model.parameters()).device
-    enc_times, dec_times = [], []
+    return measure_many([model], sources, beam, steps, warmup, repeats, precision)[0]
+
+
+@torch.inference_mode()
+def measure_many(
+    models: list,
+    sources: torch.Tensor,
+    beam: int = 5,
+    steps: int = 30,
+    warmup: int = 3,
+    repeats: int = 10,
+    precision: Precision = "fp32",
+) -> list[Latency]:
+    """`measure` for several models in alternation, run by run (see the module doc): run r
+    of every model uses source r % len(sources)."""
+    served = [for_inference(model, precision) for model in models]  # the serving layout (packed or int8)
+    times = [([], []) for _ in served]
     for run in range(warmup + repeats):
-        src = sources[run % len(sources)].unsqueeze(0).to(device)  # (1, S)
-        t0 = _now(device)
-        enc = model.encode(src)
-        t1 = _now(device)
-        # exactly `steps` decoder steps: EOS is banned before the last one and forced at it
-        beam_search(model, src, beam=beam, max_len_a=0.0, max_len_b=steps - 1, min_len=steps - 1, encoded=enc)
-        t2 = _now(device)
-        if run >= warmup:
-            enc_times.append((t1 - t0) * 1e3)
-            dec_times.append((t2 - t1) * 1e3)
-    return Latency(trimmed_mean(enc_times), trimmed_mean(dec_times))
+        for model, (enc_times, dec_times) in zip(served, times, strict=True):
+            device = next(model.parameters()).device
+            src = sources[run % len(sources)].unsqueeze(0).to(device)  # (1, S)
+            t0 = _now(device)
+            enc = model.encode(src)
+            t1 = _now(device)
+            # exactly `steps` decoder steps: EOS is banned before the last one and forced at it
+            beam_search(model, src, beam=beam, max_len_a=0.0, max_len_b=steps - 1, min_len=steps - 1, encoded=enc)
+            t2 = _now(device)
+            if run >= warmup:
+                enc_times.append((t1 - t0) * 1e3)
+                dec_times.append((t2 - t1) * 1e3)
+    return [Latency(trimmed_mean(e), trimmed_mean(d)) for e, d in times]
 
 
 def _now(device: torch.device) -> float:

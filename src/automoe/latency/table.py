@@ -96,8 +96,9 @@ def _describe(hw: dict) -> str:
     return f"{hw.get('cpu_model')}, {hw.get('threads')} threads, torch {hw.get('torch')}, {hw.get('device')}"
 
 
-def merge(folders: list[Path], out: Path) -> int:
-    """Union of shard tables measured on the same hardware; returns the row count."""
+def merge(folders: list[Path], out: Path, scales: list[float] | None = None) -> int:
+    """Union of shard tables measured on the same hardware, shard k's figures times
+    `scales[k]` (default 1); returns the row count."""
     tables = [read_table(f) for f in folders]
     if not tables:
         raise DataError("merge: no latency tables given")
@@ -105,7 +106,13 @@ def merge(folders: list[Path], out: Path) -> int:
     for folder, (_, hw) in zip(folders, tables, strict=True):
         if hw["id"] != hardware["id"]:
             raise DataError(f"{folder}: measured on other hardware ({_describe(hw)}) than {folders[0]}")
-    rows = sorted({r["arch_id"]: r for rows, _ in tables for r in rows}.values(), key=lambda r: r["arch_id"])
+    scales = scales or [1.0] * len(tables)
+    scaled = [
+        r | {"encoder_ms": r["encoder_ms"] * k, "decoder_ms": r["decoder_ms"] * k}
+        for (rows, _), k in zip(tables, scales, strict=True)
+        for r in rows
+    ]
+    rows = sorted({r["arch_id"]: r for r in scaled}.values(), key=lambda r: r["arch_id"])
     merged = LatencyTable(out, hardware)
     merged.path.write_text(",".join(COLUMNS) + "\n")
     for r in rows:

@@ -57,10 +57,11 @@ def execute(
     artifacts: Callable[[], list[Path]] = list,
     parent_run_id: str | None = None,
     metrics_file: Path | None = None,
+    run_name: str = "",
 ) -> dict[str, float]:
     """Run `body(run)` inside the stage's tracking run (the body may log curves to it);
     then log params, final metrics and artifacts. Only the main worker tracks and writes."""
-    with tracking.stage_run(stage, parent_run_id) as run:
+    with tracking.stage_run(stage, parent_run_id, run_name) as run:
         run.log_params(to_dict(cfg))
         metrics = dict(body(run))
         run.log_metrics(metrics)
@@ -81,6 +82,7 @@ def cli_run(
     args: argparse.Namespace,
     body: Callable[[Any, tracking.StageRun], Mapping[str, float]],
     artifacts: list[str],
+    run_name: str = "",
 ) -> None:
     """What every stage's `main` does after parsing: config, tracked run, metrics file."""
     cfg = load_config(params_source(args.params), args.overrides)
@@ -91,6 +93,7 @@ def cli_run(
         artifacts=lambda: [args.out / a for a in artifacts],
         parent_run_id=args.parent_run_id,
         metrics_file=args.metrics,
+        run_name=run_name,
     )
 
 
@@ -103,6 +106,7 @@ def component_run(
     body: Callable[[Any, tracking.StageRun], Mapping[str, float]],
     artifacts: list[str],
     metrics: Any,
+    run_name: str = "",
 ) -> dict[str, float]:
     """What every KFP component body does: the same tracked run under the pipeline's parent
     run (which tracking finds from the task's environment, never from a task input: inputs
@@ -116,6 +120,7 @@ def component_run(
         cfg,
         lambda tracker: body(cfg, tracker),
         artifacts=lambda: [out / a for a in artifacts],
+        run_name=run_name,
     )
     write_kfp_metrics(metrics, result)
     return result

@@ -101,6 +101,8 @@ def evaluate_model(
         "params_total_no_embed": counts.params_total_no_embed,
         "params_active_no_embed": counts.params_active_no_embed,
         "sentences": n,
+        "split": cfg.split,
+        "split_sentences": len(split),
         "translate_sentences_per_s": n / seconds,
         "dense": arch.is_dense,
         "precision": cfg.decode.precision,  # the serving layout translated and timed
@@ -135,18 +137,20 @@ def _routed_token_flops(model, split, n: int) -> list[float]:
 
 
 def latencies(models: dict[str, Any], data: PreparedData, cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
-    """The latency protocol for every model, in alternating rounds (A, B, A, B, ...), each
-    figure the median over the rounds: a machine whose speed drifts (a shared host) moves
-    all models alike, so their ratio, taken within each round, stays fair. With two models
+    """The latency protocol for every model, in rounds, the models in alternation run by run
+    within each (A, B, A, B, ...; latency.measure.measure_many), each figure the median over
+    the rounds: a machine whose speed drifts (a shared host) moves all models alike, so their
+    ratio, taken within each round, stays fair. With two models
     the searched model also gets `latency_ratio` (median of the per-round ratios) and its
     range over the rounds (`latency_ratio_low` / `_high`)."""
     sources = m.source_windows(data.split("valid"), 30, 8)
     runs: dict[str, list[m.Latency]] = {name: [] for name in models}
     for _ in tqdm(range(cfg.latency_rounds), desc=f"{NAME}: latency rounds", mininterval=5.0):
-        for name, model in models.items():
-            runs[name].append(
-                m.measure(model, sources, 5, 30, cfg.latency_warmup, cfg.latency_repeats, cfg.decode.precision)
-            )
+        lats = m.measure_many(  # the models in alternation, run by run
+            list(models.values()), sources, 5, 30, cfg.latency_warmup, cfg.latency_repeats, cfg.decode.precision
+        )
+        for name, lat in zip(models, lats, strict=True):
+            runs[name].append(lat)
     out = {
         name: {
             "latency_ms": float(np.median([r.total_ms for r in rs])),

@@ -5,7 +5,11 @@ router's) and timed with the paper's protocol on sources cut from real validatio
 sentences. Output folder: `latency.csv` (one row per arch: encoder, decoder and total
 ms, the arch), `hardware.json` (CPU model, cores, threads, torch, device, and the serving precision when
 int8, with the CPU's int8 kernel: measure what will be served), `kernels.json` (the GEMM
-choices every arch was timed with, model/kernels.py: later stages time the same engine). Rows are
+choices every arch was timed with, model/kernels.py: later stages time the same engine),
+`reference.json` (the dense reference's latency the rows are scaled to). Archs are timed
+in chunks of `chunk`, each chunk in alternation run by run beside the largest dense arch
+(the budget's reference), and every row is scaled by reference / the chunk's reference:
+a machine whose speed drifts between chunks moves no row against another. Rows are
 appended as they are measured; rerunning after a kill measures only what is missing;
 a table from other hardware is refused. Under Kubeflow, `shard`/`num_shards` split the
 archs over parallel pods and `automoe merge_latency` joins them.
@@ -13,6 +17,7 @@ archs over parallel pods and `automoe merge_latency` joins them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +29,7 @@ from tqdm import tqdm
 from automoe.config import load_section
 from automoe.data.dataset import PreparedData
 from automoe.errors import ConfigError
+from automoe.io import atomic_write_json
 from automoe.latency import measure as m
 from automoe.latency.table import LatencyTable, save_space
 from automoe.model import kernels
@@ -46,6 +52,7 @@ class MeasureLatencyConfig:
     warmup: int = 3
     repeats: int = 10
     sources: int = 8  # distinct validation windows cycled through the runs
+    chunk: int = 8  # archs timed together, in alternation with the dense reference
     threads: int = 2
     device: Literal["cpu", "cuda"] = "cpu"
     precision: Literal["fp32", "int8"] = "fp32"  # the serving layout measured (as evaluate.decode and register serve)
@@ -54,7 +61,7 @@ class MeasureLatencyConfig:
     accelerator: str = ""  # Kubeflow: e.g. nvidia.com/gpu for a GPU target
 
     def __post_init__(self) -> None:
-        for name in ("n_archs", "beam", "src_len", "tgt_steps", "repeats", "sources", "threads", "num_shards"):
+        for name in ("n_archs", "beam", "src_len", "tgt_steps", "repeats", "sources", "threads", "num_shards", "chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -101,11 +108,17 @@ def run(cfg: MeasureLatencyConfig, inputs: MeasureLatencyInputs, out_dir: Path) 
         for i, a in enumerate(archs_to_measure(supernet.space, cfg))
         if i % cfg.num_shards == inputs.shard and i not in done
     ]
-    for arch_id, arch in tqdm(todo, desc=NAME, mininterval=5.0):
-        model = extract(supernet, arch).to(device)
-        lat = m.measure(model, sources, cfg.beam, cfg.tgt_steps, cfg.warmup, cfg.repeats, cfg.precision)
-        kernels.save(out_dir / kernels.PLAN_FILE)  # before the row: a row is never timed with an unrecorded choice
-        table.append(arch_id, arch, lat.encoder_ms, lat.decoder_ms)
+    reference = extract(supernet, supernet.space.largest_dense()).to(device)
+    with tqdm(total=len(todo), desc=NAME, mininterval=5.0) as bar:
+        for start in range(0, len(todo), cfg.chunk):
+            chunk = todo[start : start + cfg.chunk]
+            models = [reference] + [extract(supernet, arch).to(device) for _, arch in chunk]
+            lats = m.measure_many(models, sources, cfg.beam, cfg.tgt_steps, cfg.warmup, cfg.repeats, cfg.precision)
+            kernels.save(out_dir / kernels.PLAN_FILE)  # before the rows: no row timed with an unrecorded choice
+            scale = reference_ms(out_dir, lats[0]) / lats[0].total_ms
+            for (arch_id, arch), lat in zip(chunk, lats[1:], strict=True):
+                table.append(arch_id, arch, lat.encoder_ms * scale, lat.decoder_ms * scale)
+            bar.update(len(chunk))
     kernels.save(out_dir / kernels.PLAN_FILE)
     rows = table.rows()
     latencies = np.array([r["latency_ms"] for r in rows])
@@ -115,6 +128,18 @@ def run(cfg: MeasureLatencyConfig, inputs: MeasureLatencyInputs, out_dir: Path) 
         "latency_ms_median": float(np.median(latencies)),
         "latency_ms_max": float(latencies.max()),
     }
+
+
+REFERENCE = "reference.json"
+
+
+def reference_ms(out_dir: Path, measured: m.Latency) -> float:
+    """The reference latency every row is scaled to: the first chunk's, kept in
+    `reference.json` (a resumed run scales to the same figure)."""
+    path = out_dir / REFERENCE
+    if not path.is_file():
+        atomic_write_json(path, {"arch": "largest_dense", "latency_ms": measured.total_ms})
+    return float(json.loads(path.read_text())["latency_ms"])
 
 
 def load_config(params: Any, overrides: Any = None) -> MeasureLatencyConfig:
@@ -160,7 +185,14 @@ def merge_main(shard_paths: list[str], out_path: str) -> None:
     from automoe.latency.table import load_space_of, merge
 
     folders = [Path(p) for p in shard_paths]
-    n = merge(folders, Path(out_path))
+    # each shard scaled its rows to its own timing of the reference: rescale to the first's
+    refs = [
+        json.loads((f / REFERENCE).read_text())["latency_ms"] if (f / REFERENCE).is_file() else None for f in folders
+    ]
+    scales = [refs[0] / r if refs[0] and r else 1.0 for r in refs]
+    n = merge(folders, Path(out_path), scales)
+    if refs[0]:
+        atomic_write_json(Path(out_path) / REFERENCE, {"arch": "largest_dense", "latency_ms": refs[0]})
     save_space(Path(out_path), load_space_of(folders[0]))
     for folder in folders:  # the shards' kernel choices, together (same hardware: merge checked it)
         kernels.use(folder / kernels.PLAN_FILE)

@@ -13,6 +13,7 @@ the model was initialised (`automoe.init`: scratch or supernet). Output folder: 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +39,9 @@ class RegisterConfig:
     min_bleu: float = 10.0  # floors: below either nothing becomes champion, whatever the champion was
     min_chrf: float = 35.0
     precision: Literal["fp32", "int8"] = "fp32"  # the registered model's serving layout (as measured and evaluated)
+    # under `dvc exp run`: separate = into "<model_name>-experiments" (the shared model's aliases
+    # stay where they are), shared = into model_name like any run, skip = register nothing
+    experiments: Literal["separate", "shared", "skip"] = "separate"
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
@@ -126,6 +130,10 @@ def version_tags(
         "automoe.pipeline_run_id": run.parent_run_id or "",
         "automoe.stage_run_id": run.run_id or "",
         "automoe.bleu_signature": ev.get("bleu_signature", ""),
+        # what the scores came from: a BLEU on 50 sentences is not a BLEU on the test set
+        "automoe.eval_split": str(ev.get("searched_split", "test")),
+        "automoe.eval_sentences": f"{ev.get('searched_sentences', float('nan')):.0f}",
+        "automoe.eval_split_sentences": f"{ev.get('searched_split_sentences', float('nan')):.0f}",
     }
 
 
@@ -136,29 +144,49 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs, out_dir: Path, run: trackin
     if not (inputs.model / "model.pt").is_file():
         raise DataError(f"{inputs.model}: no model.pt (expected a retrain output folder)")
     tags = version_tags(inputs, data, run, cfg.precision)
+    experiment = os.environ.get("DVC_EXP_NAME") or os.environ.get("DVC_EXP_BASELINE_REV")
+    name = cfg.model_name
+    if experiment:  # a `dvc exp run`: the shared registry's candidate and champion are not its to move
+        tags["automoe.dvc_experiment"] = experiment
+        if cfg.experiments == "skip":
+            out_dir.mkdir(parents=True, exist_ok=True)
+            result = {"model_name": name, "registered": False, "why": "register.experiments: skip (dvc exp run)"}
+            atomic_write_json(out_dir / "registration.json", result)
+            print(f"register: a dvc experiment ({experiment}): nothing registered (register.experiments: skip)")
+            return {"promoted": 0.0}
+        if cfg.experiments == "separate":
+            name = f"{cfg.model_name}-experiments"
     plan = inputs.evaluation / kernels.PLAN_FILE  # the engine evaluate timed: served the same way
-    version = tracking.log_translator(run, inputs.model, cfg.model_name, tags, cfg.precision, plan)
+    version = tracking.log_translator(run, inputs.model, name, tags, cfg.precision, plan)
     client = tracking.registry_client()
-    client.set_registered_model_alias(cfg.model_name, registry.CANDIDATE, str(version))
-    decision = tracking.settle_champion(client, cfg.model_name, cfg.gate())
+    client.set_registered_model_alias(name, registry.CANDIDATE, str(version))
+    decision = tracking.settle_champion(client, name, cfg.gate())
     promoted = decision["champion"] == version
     result = {
-        "model_name": cfg.model_name,
+        "model_name": name,
+        "registered": True,
         "version": version,
         "champion": decision["champion"],
         "promoted": promoted,
         "verdict": decision["verdicts"].get(version, "undecided"),
-        "uri": f"models:/{cfg.model_name}@champion",
+        "uri": f"models:/{name}@champion",
         "tracking_uri": tracking.tracking_uri(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "registration.json", result)
-    mine = next(v for v in tracking.registry_versions(client, cfg.model_name)[1] if v.number == version)
+    mine = next(v for v in tracking.registry_versions(client, name)[1] if v.number == version)
     result["gate"] = registry.describe_cost(mine, cfg.gate())
     atomic_write_json(out_dir / "registration.json", result)
     champion = f"v{decision['champion']}" if decision["champion"] is not None else "none"
-    print(f"register: {cfg.model_name} v{version}: {result['verdict']}; champion: {champion}")
+    print(f"register: {name} v{version}: {result['verdict']}; champion: {champion}")
     print(f"register: gate: {result['gate']}")
+    if tracking.under_dvc():  # the last stage: the execution's parent run ends with its headline figures
+        ev = _read_json(inputs.evaluation / "metrics.json")
+        keys = ("searched_bleu", "dense_bleu", "searched_chrf", "dense_chrf", "speedup", "searched_latency_ratio")
+        headline = {k: ev[k] for k in keys if isinstance(ev.get(k), (int, float))}
+        headline |= {"registered_version": float(version), "promoted": float(promoted)}
+        what = {"model_name": name, "budget": tags["automoe.budget"], "gate": result["verdict"]}
+        tracking.end_workspace_parent("FINISHED", headline, what | {"git_commit": tags["automoe.git_commit"]})
     return {"version": float(version), "promoted": float(promoted)}
 
 

@@ -10,6 +10,7 @@ weights are the best checkpoint's (lowest validation NLL) or the average of the 
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,10 @@ class RetrainInputs:
 def resolve_arch(spec: str, space: SearchSpace) -> ArchConfig:
     if spec in NAMED_ARCHS:
         return getattr(space, spec)()
+    if not Path(spec).exists():
+        close = difflib.get_close_matches(spec, NAMED_ARCHS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"--arch {spec}: no such file, nor a named arch ({hint}named: {', '.join(NAMED_ARCHS)})")
     return ArchConfig.from_yaml(artifact_file(spec, "best_arch.yaml")).validate(space)
 
 
@@ -139,7 +144,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--supernet", type=Path, help="supernet.pt (for retrain.init_from_supernet)")
     args = parser.parse_args(argv)
     inputs = RetrainInputs(args.data, args.arch, args.supernet)
-    cli_run(NAME, load_config, args, lambda cfg, t: run(cfg, inputs, args.out, t.log_metrics), ARTIFACTS)
+    cli_run(
+        NAME,
+        load_config,
+        args,
+        lambda cfg, t: run(cfg, inputs, args.out, t.log_metrics),
+        ARTIFACTS,
+        run_name=run_name(args.arch),
+    )
+
+
+def run_name(arch: str) -> str:
+    """The MLflow run's name: which model this retrain is (the pipeline retrains two)."""
+    return "retrain/dense" if arch == "largest_dense" else f"retrain/{arch if arch in NAMED_ARCHS else 'searched'}"
 
 
 def component_main(
@@ -168,4 +185,5 @@ def component_main(
         lambda cfg, t: run(cfg, inputs, Path(out_path), t.log_metrics),
         ARTIFACTS,
         metrics,
+        run_name=run_name(arch),
     )

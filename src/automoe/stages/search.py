@@ -245,8 +245,8 @@ def confirm_on_measurement(
     models = [extract(supernet, supernet.space.largest_dense())] + [extract(supernet, c.arch) for c in picks]
     ms = np.zeros((cfg.confirm_rounds, len(models)))
     for r in tqdm(range(cfg.confirm_rounds), desc=f"{NAME}: confirming {len(picks)} archs", mininterval=5.0):
-        for i, model in enumerate(models):
-            ms[r, i] = m.measure(model, sources, warmup=2, repeats=6, precision=precision).total_ms
+        lats = m.measure_many(models, sources, warmup=2, repeats=6, precision=precision)  # in alternation
+        ms[r] = [lat.total_ms for lat in lats]
     ratios = np.median(ms[:, 1:] / ms[:, :1], axis=0)  # (archs,): per-round ratios, median over rounds
     measured = np.median(ms[:, 1:], axis=0)
     relative = cfg.budget.relative_to_dense
