@@ -50,6 +50,7 @@ run: install
 	@echo "metrics:          reports/evaluate.json and every stage's reports/*.json (dvc metrics show)"
 	@echo "MLflow UI:        .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 	@automoe outcome --registration results/register/registration.json
+	@echo "make run: done in $$(cat results/make_run_seconds.txt) s"
 
 lint: install
 	ruff check .
