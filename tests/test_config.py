@@ -78,7 +78,9 @@ def test_overrides_are_validated_like_the_file(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("prepare_data:\n  vocab_size: 1000\n")
     assert load_config(params, ["prepare_data.vocab_size=2000"]).vocab_size == 2000
-    assert load_config(params, ["other_stage.x=1"]).vocab_size == 1000
+    assert load_config(params, ["search.iterations=1"]).vocab_size == 1000  # another stage's: ignored here
+    with pytest.raises(ConfigError, match="unknown section 'other_stage'"):  # no stage's: refused everywhere
+        load_config(params, ["other_stage.x=1"])
     with pytest.raises(ConfigError, match="prepare_data.vocab_sise: unknown key"):
         load_config(params, ["prepare_data.vocab_sise=10"])
     with pytest.raises(ConfigError, match="prepare_data: vocab_size must be at least 8"):
