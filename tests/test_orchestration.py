@@ -367,7 +367,7 @@ def test_kfp_local_rerun_with_only_a_new_budget_reuses_the_cached_upstream_tasks
     )
     assert first == sorted(ALL_STAGE_RUNS)
     # data, supernet, latency table, predictor and the dense baseline came from the cache
-    assert second == ["evaluate", "register", "retrain", "search"]
+    assert second == ["evaluate", "register", "retrain/searched", "search"]
     searched = [r for r in runs if r.info.run_name == "search"]
     assert sorted(r.data.params["budget.value"] for r in searched) == ["0.7", "0.8"]
 

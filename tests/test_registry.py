@@ -284,7 +284,7 @@ def test_register_gate_rollback_and_serving(trained, tracked, tmp_path, capsys, 
     client = tracking.registry_client()
     mv = client.get_model_version(NAME, "1")
     assert mv.tags[registry.BLEU] == "20.0000" and mv.tags["automoe.data_sha256"]
-    assert mv.tags["automoe.git_commit"] and mv.tags["automoe.pipeline_run_id"]
+    assert mv.tags["automoe.git_commit"] and "automoe.pipeline_run_id" in mv.tags  # "": registered by hand
     assert mv.tags["automoe.init"] == "scratch"  # how the model was initialised travels with it
     # what its scores came from: 50 of the test split's 1,000 sentences, in fp32
     assert (mv.tags["automoe.eval_split"], mv.tags["automoe.eval_sentences"]) == ("test", "50")

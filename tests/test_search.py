@@ -329,6 +329,7 @@ def test_search_stage_on_a_tiny_supernet(tiny_supernet, tmp_path, capsys):
         "search.budget.kind=gflops",
         "search.budget.value=0.6",
         "search.valid_sentences=30",
+        "search.random_baseline=true",
     ]
     assert (
         search.main(

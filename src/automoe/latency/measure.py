@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from automoe.cpu import cpu_model, int8_kernel
 from automoe.data.corpus import EOS
 from automoe.data.dataset import ParallelSplit
 from automoe.model.decode import beam_search
@@ -52,17 +52,6 @@ def trimmed_mean(values: list[float] | np.ndarray, low: float = 10.0, high: floa
     return float(v[lo:hi].mean() if hi > lo else v.mean())
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def fingerprint(device: torch.device, precision: str = "fp32") -> dict[str, str | int]:
     """What the latency figures are valid for: the machine and the serving layout measured
     (`precision` only when not fp32, so tables measured before int8 existed keep their id)."""
@@ -78,8 +67,6 @@ def fingerprint(device: torch.device, precision: str = "fp32") -> dict[str, str 
     if precision != "fp32":
         info["precision"] = precision
     if precision == "int8":  # 7- or 8-bit inputs: what this CPU's int8 kernel can sum (model/inference.py)
-        from automoe.model.inference import int8_kernel
-
         info["int8_kernel"] = int8_kernel()
     info["id"] = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
     return info

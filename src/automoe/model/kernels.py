@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from automoe.cpu import cpu_model, int8_kernel
+
 PLAN_FILE = "kernels.json"
 _CHOICES: dict[str, int] = {}  # "out x in x bias x threads" -> rows up to which the default GEMM runs
 _STATE = {"machine_cache_read": False}
@@ -37,9 +39,6 @@ _STATE = {"machine_cache_read": False}
 
 def machine() -> dict[str, str | int]:
     """What a kernel choice is valid for (threads are part of each choice's key)."""
-    from automoe.latency.measure import cpu_model
-    from automoe.model.inference import int8_kernel
-
     return {
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count() or 0,
@@ -64,7 +63,10 @@ def cache_path() -> Path | None:
         return None
     if env:
         return Path(env)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except (RuntimeError, KeyError):  # no home (a container's user without one): the process keeps the plan
+        return None
     return base / "automoe" / f"kernels-{machine_id()}.json"
 
 

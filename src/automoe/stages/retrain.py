@@ -62,7 +62,7 @@ def resolve_arch(spec: str, space: SearchSpace) -> ArchConfig:
     if not Path(spec).exists():
         close = difflib.get_close_matches(spec, NAMED_ARCHS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(f"--arch {spec}: no such file, nor a named arch ({hint}named: {', '.join(NAMED_ARCHS)})")
+        raise ConfigError(f"--arch {spec}: file not found, nor a named arch ({hint}named: {', '.join(NAMED_ARCHS)})")
     return ArchConfig.from_yaml(artifact_file(spec, "best_arch.yaml")).validate(space)
 
 

@@ -274,7 +274,7 @@ def confirm_on_measurement(
 
 def _dict_rows(rows: list[dict]) -> str:
     names = list(rows[0])
-    fmt = lambda v: str(v) if isinstance(v, bool) else f"{v:.6g}"  # noqa: E731
+    fmt = lambda v: str(v) if isinstance(v, bool) else f"{v:.10g}"  # noqa: E731
     return "\n".join([",".join(names)] + [",".join(fmt(r[n]) for n in names) for r in rows]) + "\n"
 
 
