@@ -52,8 +52,8 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}:{line} invalid YAML ({getattr(exc, 'problem', exc)})") from None
 
 
-# params.yaml's sections: the stages, in pipeline order, and how the pipeline is compiled
-SECTIONS = (
+# the stages, in pipeline order; params.yaml's sections: theirs and how the pipeline is compiled
+STAGES = (
     "prepare_data",
     "train_supernet",
     "measure_latency",
@@ -62,8 +62,8 @@ SECTIONS = (
     "retrain",
     "evaluate",
     "register",
-    "pipeline",
 )
+SECTIONS = (*STAGES, "pipeline")
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import importlib
 import json
 from typing import Any
 
-from automoe.config import merge, parse_overrides, parse_yaml
+from automoe.config import STAGES, merge, parse_overrides, parse_yaml
 from automoe.errors import ConfigError
 
 # UI field -> params key
@@ -28,16 +28,6 @@ UI_FIELDS = {
     "retrain_updates": "retrain.train.max_updates",
 }
 INTEGER_FIELDS = {"search_iterations", "search_population", "supernet_updates", "retrain_updates"}
-STAGES = (
-    "prepare_data",
-    "train_supernet",
-    "measure_latency",
-    "train_predictor",
-    "search",
-    "retrain",
-    "evaluate",
-    "register",
-)
 # fixed when the pipeline is compiled (the DAG's shape, pods, images): a run cannot change them
 COMPILE_TIME = (
     "pipeline",
