@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import subprocess_env
 
 from automoe import ct2
+from automoe.cpu import int8_kernel, int8_reduce_range
 from automoe.errors import AutomoeError
 from automoe.model import kernels
 from automoe.model.decode import beam_search, greedy
@@ -23,8 +24,6 @@ from automoe.model.inference import (
     available,
     for_inference,
     int8_available,
-    int8_kernel,
-    int8_reduce_range,
 )
 from automoe.model.subnet import SubTransformer, extract
 from automoe.model.supernet import SuperTransformer

@@ -173,6 +173,30 @@ def test_measure_latency_scales_every_chunk_to_one_reference(tiny_supernet, tmp_
     assert reference == pytest.approx(1.0 + synthetic_latency(space.largest_dense()), rel=1e-6)
 
 
+def test_merging_shards_rescales_them_to_the_first_shards_reference(tmp_path):
+    """Each shard scaled its rows to its own timing of the dense reference (100 and 125 ms
+    here, the second pod on a slower moment): merged, every row is on the first's scale."""
+    from automoe.latency.table import save_space
+    from automoe.model.kernels import PLAN_FILE
+
+    space = load_space(TINY_SPACE)
+    hw = m.fingerprint(torch.device("cpu"))
+    archs = [space.largest(), space.smallest(), space.largest_dense()]
+    for shard, (ref, rows) in enumerate([(100.0, [(0, 10.0), (2, 100.0)]), (125.0, [(1, 5.0)])]):
+        folder = tmp_path / f"shard{shard}"
+        table = LatencyTable(folder, hw)
+        for arch_id, ms in rows:
+            table.append(arch_id, archs[arch_id], 1.0, ms - 1.0)
+        (folder / "reference.json").write_text(json.dumps({"arch": "largest_dense", "latency_ms": ref}))
+        save_space(folder, space)
+    measure_latency.merge_main([str(tmp_path / "shard0"), str(tmp_path / "shard1")], str(tmp_path / "merged"))
+    rows, _ = read_table(tmp_path / "merged")
+    assert [r["arch_id"] for r in rows] == [0, 1, 2]
+    assert [r["latency_ms"] for r in rows] == pytest.approx([10.0, 5.0 * 100 / 125, 100.0])
+    assert json.loads((tmp_path / "merged" / "reference.json").read_text())["latency_ms"] == 100.0
+    assert (tmp_path / "merged" / PLAN_FILE).is_file()
+
+
 def synthetic_latency(arch) -> float:
     """A known, nonlinear latency model: decoder depth x width dominates, as on a CPU."""
     active = np.mean([min(arch.top_k, len(e)) * np.mean(e) for e in arch.decoder_ffn])

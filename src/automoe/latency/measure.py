@@ -83,18 +83,9 @@ def source_windows(split: ParallelSplit, length: int, count: int) -> torch.Tenso
     return torch.from_numpy(np.concatenate([windows, np.full((count, 1), EOS)], axis=1))
 
 
-def measure(
-    model,
-    sources: torch.Tensor,
-    beam: int = 5,
-    steps: int = 30,
-    warmup: int = 3,
-    repeats: int = 10,
-    precision: Precision = "fp32",
-) -> Latency:
-    """Encoder and decoder time of `model` (a compact SubTransformer) for batch-1 sources in
-    the serving layout of `precision`; run r uses source r % len(sources)."""
-    return measure_many([model], sources, beam, steps, warmup, repeats, precision)[0]
+def measure(model, sources: torch.Tensor, *args, **kwargs) -> Latency:
+    """Encoder and decoder time of `model` (a compact SubTransformer): `measure_many` of one."""
+    return measure_many([model], sources, *args, **kwargs)[0]
 
 
 @torch.inference_mode()
@@ -107,13 +98,14 @@ def measure_many(
     repeats: int = 10,
     precision: Precision = "fp32",
 ) -> list[Latency]:
-    """`measure` for several models in alternation, run by run (see the module doc): run r
-    of every model uses source r % len(sources)."""
+    """Encoder and decoder time of each of `models` (compact SubTransformers) for batch-1
+    sources in the serving layout of `precision`, the models in alternation run by run (see
+    the module doc); run r of every model uses source r % len(sources)."""
     served = [for_inference(model, precision) for model in models]  # the serving layout (packed or int8)
+    devices = [next(model.parameters()).device for model in served]
     times = [([], []) for _ in served]
     for run in range(warmup + repeats):
-        for model, (enc_times, dec_times) in zip(served, times, strict=True):
-            device = next(model.parameters()).device
+        for model, device, (enc_times, dec_times) in zip(served, devices, times, strict=True):
             src = sources[run % len(sources)].unsqueeze(0).to(device)  # (1, S)
             t0 = _now(device)
             enc = model.encode(src)

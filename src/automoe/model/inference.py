@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from automoe.cpu import int8_kernel, int8_reduce_range  # noqa: F401 - this module's int8 API
+from automoe.cpu import int8_reduce_range
 from automoe.model import kernels
 from automoe.model.attention import KV, Attention, split_heads
 from automoe.model.fused import FusedStep

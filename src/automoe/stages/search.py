@@ -205,7 +205,7 @@ def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, flo
         chosen = next(c for c in confirmed if c["chosen"])
         metrics |= {"best_measured_ms": chosen["measured_ms"], "best_measured_ratio": chosen["ratio"]}
         metrics["confirmed_archs"] = float(len(confirmed))
-        atomic_write_text(out_dir / "confirmed.csv", _dict_rows(confirmed))
+        atomic_write_text(out_dir / "confirmed.csv", _rows(confirmed))
     if cfg.random_baseline:
         baseline = random_search(space, len(result.evaluated), fitness, cost, budget, cfg.seed)
         metrics["random_best_fitness"] = baseline.best.fitness
@@ -236,8 +236,10 @@ def confirm_on_measurement(
     per round, median over `confirm_rounds` alternating rounds; absolute: the median ms);
     when none does, the one that measured fastest. Returns it and a row per timed arch."""
     picks: list[Candidate] = []
+    seen: set[str] = set()
     for c in sorted(evaluated, key=lambda c: c.fitness):
-        if c.cost <= budget and key(c.arch) not in {key(p.arch) for p in picks}:
+        if c.cost <= budget and key(c.arch) not in seen:
+            seen.add(key(c.arch))
             picks.append(c)
         if len(picks) == cfg.confirm:
             break
@@ -270,12 +272,6 @@ def confirm_on_measurement(
         for i, c in enumerate(picks)
     ]
     return picks[chosen], rows
-
-
-def _dict_rows(rows: list[dict]) -> str:
-    names = list(rows[0])
-    fmt = lambda v: str(v) if isinstance(v, bool) else f"{v:.10g}"  # noqa: E731
-    return "\n".join([",".join(names)] + [",".join(fmt(r[n]) for n in names) for r in rows]) + "\n"
 
 
 def write_outputs(out_dir: Path, cfg: SearchConfig, result, baseline, metrics: dict[str, float]) -> None:
@@ -314,9 +310,10 @@ def _csv(cands: list[Candidate]) -> str:
     return buf.getvalue()
 
 
-def _rows(rows: list[dict[str, float]]) -> str:
+def _rows(rows: list[dict[str, float | bool]]) -> str:
     names = list(rows[0])
-    return "\n".join([",".join(names)] + [",".join(f"{r[n]:.6g}" for n in names) for r in rows]) + "\n"
+    fmt = lambda v: str(v) if isinstance(v, bool) else f"{v:.10g}"  # noqa: E731
+    return "\n".join([",".join(names)] + [",".join(fmt(r[n]) for n in names) for r in rows]) + "\n"
 
 
 def _plots(out_dir: Path, result, baseline, front, budget: float, unit: str) -> None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from automoe.config import to_dict
+from automoe.cpu import cpu_flags
 from automoe.data.dataset import ParallelSplit, PreparedData, TokenBatchSampler
 from automoe.errors import AutomoeError
 from automoe.io import atomic_write_text
@@ -112,11 +113,7 @@ class TrainResult:
 
 def _cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 instructions (emulated bf16 is slower than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    return any(flag in cpu_flags() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
