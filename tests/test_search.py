@@ -583,7 +583,8 @@ def count_gflops(arch, supernet_path) -> float:
 
 def test_the_winner_is_the_fittest_arch_whose_measured_latency_meets_the_budget(tiny_supernet, monkeypatch):
     """The predictor put the fittest arch within the budget, but it measures over it: the
-    next fittest that measures within it wins; when none does, the fastest."""
+    next fittest that measures within it wins; when none does, the fastest, unless a next wave
+    under a predicted limit lowered by the measured bias finds one."""
     from automoe.data.dataset import PreparedData
     from automoe.latency.measure import Latency
     from automoe.model.supernet import SuperTransformer
@@ -594,14 +595,15 @@ def test_the_winner_is_the_fittest_arch_whose_measured_latency_meets_the_budget(
     net, _ = SuperTransformer.load(net_path)
     data = PreparedData.open(prep)
     rng = np.random.default_rng(5)
-    archs = list({a.to_yaml(): a for a in (net.space.sample(rng) for _ in range(12))}.values())[:4]
+    archs = list({a.to_yaml(): a for a in (net.space.sample(rng) for _ in range(12))}.values())[:5]
     dense = net.space.largest_dense()
-    # measured: dense 100 ms; archs 0..3 at 0.62, 0.48, 0.45, 0.40 of it
-    measured = {dense.to_yaml(): 100.0} | {a.to_yaml(): f for a, f in zip(archs, (62.0, 48.0, 45.0, 40.0), strict=True)}
+    # measured: dense 100 ms; archs 0..4 at 0.62, 0.48, 0.45, 0.40, 0.39 of it
+    times = (62.0, 48.0, 45.0, 40.0, 39.0)
+    measured = {dense.to_yaml(): 100.0} | {a.to_yaml(): f for a, f in zip(archs, times, strict=True)}
     monkeypatch.setattr(
         search.m, "measure_many", lambda models, *a, **k: [Latency(0.0, measured[x.arch.to_yaml()]) for x in models]
     )
-    evaluated = [Candidate(a, fitness=1.0 + i, cost=49.0) for i, a in enumerate(archs)]  # all predicted within 50
+    evaluated = [Candidate(a, fitness=1.0 + i, cost=49.0) for i, a in enumerate(archs[:4])]  # all predicted within 50
     evaluated.append(Candidate(archs[0], fitness=0.5, cost=55.0))  # fitter, but predicted over the budget
     cfg = SearchConfig(confirm=3, confirm_rounds=2, budget=Budget(value=0.5))
     best, rows = confirm_on_measurement(cfg, net, data, evaluated, budget=50.0)
@@ -610,6 +612,16 @@ def test_the_winner_is_the_fittest_arch_whose_measured_latency_meets_the_budget(
     cfg = SearchConfig(confirm=3, confirm_rounds=2, budget=Budget(value=0.4))
     best, rows = confirm_on_measurement(cfg, net, data, evaluated, budget=50.0)
     assert best.arch == archs[2] and not any(r["fits"] for r in rows)  # none fits: the fastest
+    # the predictor is biased there (measured / predicted ~1.2): a second wave takes the
+    # fittest archs under a limit lowered by that bias, and one of them fits
+    evaluated.append(Candidate(archs[4], fitness=4.5, cost=38.0))
+    best, rows = confirm_on_measurement(cfg, net, data, evaluated, budget=50.0)
+    assert best.arch == archs[4] and [r["wave"] for r in rows] == [1, 1, 1, 2]
+    assert rows[3]["limit_ms"] == pytest.approx(50.0 / np.median(np.array([62.0, 48.0, 45.0]) * 1.25 / 49.0))
+    assert [r["chosen"] for r in rows] == [False, False, False, True]
+    cfg = SearchConfig(confirm=3, confirm_rounds=2, confirm_waves=1, budget=Budget(value=0.4))
+    best, rows = confirm_on_measurement(cfg, net, data, evaluated, budget=50.0)
+    assert best.arch == archs[2] and len(rows) == 3  # one wave only
 
 
 def test_relative_budget_uses_the_measured_dense_latency():

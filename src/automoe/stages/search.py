@@ -10,9 +10,10 @@ killed search reruns only the unfinished iterations and ends with the same resul
 With a predicted-latency budget the winner is confirmed on measurement (`confirm`): the
 fittest archs within the predicted budget are timed with the measure_latency protocol in
 alternating rounds beside the dense reference (the same engine: the table's kernel plan),
-and the fittest one whose measured latency meets the budget wins (`confirmed.csv`). A
-predictor's error (a few percent) then cannot carry the winner over the budget the
-promotion gate checks on measurement.
+and the fittest one whose measured latency meets the budget wins (`confirmed.csv`). When
+none does, further waves time the fittest under a predicted limit lowered by the bias just
+measured. A predictor's error (the search seeks out the archs it underestimates) then
+cannot carry the winner over the budget the promotion gate checks on measurement.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class SearchConfig:
     space: str = ""  # "" = the supernet's space; else a preset or YAML path inside it (ablations)
     confirm: int = 5  # predicted-latency budgets: time the N fittest archs within it, keep the best that fits (0: off)
     confirm_rounds: int = 3  # alternating rounds (dense reference, then each arch) for that measurement
+    confirm_waves: int = 3  # none of a wave fits: the next N under a predicted limit lowered by the measured bias
 
     def evolution(self) -> EvolutionConfig:
         return EvolutionConfig(
@@ -85,8 +87,8 @@ class SearchConfig:
         self.evolution()  # validates the evolution settings
         if self.valid_sentences < 1:
             raise ValueError("valid_sentences must be >= 1")
-        if self.confirm < 0 or self.confirm_rounds < 1:
-            raise ValueError("confirm must be >= 0 and confirm_rounds >= 1")
+        if self.confirm < 0 or self.confirm_rounds < 1 or self.confirm_waves < 1:
+            raise ValueError("confirm must be >= 0, confirm_rounds and confirm_waves >= 1")
 
 
 @dataclass(frozen=True)
@@ -231,47 +233,73 @@ def confirm_on_measurement(
     budget: float,
     precision: str = "fp32",
 ) -> tuple[Candidate, list[dict]]:
-    """The fittest of the `cfg.confirm` fittest archs within the predicted budget whose
-    measured latency meets it (relative budgets: the measured ratio to the dense reference,
-    per round, median over `confirm_rounds` alternating rounds; absolute: the median ms);
-    when none does, the one that measured fastest. Returns it and a row per timed arch."""
-    picks: list[Candidate] = []
-    seen: set[str] = set()
-    for c in sorted(evaluated, key=lambda c: c.fitness):
-        if c.cost <= budget and key(c.arch) not in seen:
-            seen.add(key(c.arch))
-            picks.append(c)
-        if len(picks) == cfg.confirm:
-            break
+    """The fittest evaluated arch whose measured latency meets the budget (relative budgets:
+    the measured ratio to the dense reference, per round, median over `confirm_rounds`
+    alternating rounds; absolute: the median ms), timed in waves of `cfg.confirm` archs.
+    Wave 1 takes the fittest within the predicted budget. When none of a wave fits, the
+    predictor is biased there (a search seeks out the archs it underestimates), so the next
+    wave takes the fittest not yet timed under a predicted limit lowered by that bias (the
+    wave's median measured / predicted cost), at most `cfg.confirm_waves` waves. When none
+    fits, the fastest timed. Returns it and a row per timed arch."""
     sources = m.source_windows(data.split("valid"), 30, 8)
-    models = [extract(supernet, supernet.space.largest_dense())] + [extract(supernet, c.arch) for c in picks]
-    ms = np.zeros((cfg.confirm_rounds, len(models)))
-    for r in tqdm(range(cfg.confirm_rounds), desc=f"{NAME}: confirming {len(picks)} archs", mininterval=5.0):
-        lats = m.measure_many(models, sources, warmup=2, repeats=6, precision=precision)  # in alternation
-        ms[r] = [lat.total_ms for lat in lats]
-    ratios = np.median(ms[:, 1:] / ms[:, :1], axis=0)  # (archs,): per-round ratios, median over rounds
-    measured = np.median(ms[:, 1:], axis=0)
-    relative = cfg.budget.relative_to_dense
-    fits = ratios <= cfg.budget.value if relative else measured <= budget
-    chosen = int(np.argmax(fits)) if fits.any() else int(np.argmin(ratios))
-    if not fits.any():
+    dense = extract(supernet, supernet.space.largest_dense())
+    timed: set[str] = set()
+    rows: list[dict] = []
+    picked: list[Candidate] = []
+    limit = budget
+    for wave in range(1, cfg.confirm_waves + 1):
+        picks: list[Candidate] = []
+        for c in sorted(evaluated, key=lambda c: c.fitness):
+            if len(picks) == cfg.confirm:
+                break
+            if c.cost <= limit and key(c.arch) not in timed:
+                timed.add(key(c.arch))
+                picks.append(c)
+        if not picks:
+            break
+        models = [dense] + [extract(supernet, c.arch) for c in picks]
+        ms = np.zeros((cfg.confirm_rounds, len(models)))
+        for r in tqdm(range(cfg.confirm_rounds), desc=f"{NAME}: confirming {len(picks)} archs", mininterval=5.0):
+            lats = m.measure_many(models, sources, warmup=2, repeats=6, precision=precision)  # in alternation
+            ms[r] = [lat.total_ms for lat in lats]
+        ratios = np.median(ms[:, 1:] / ms[:, :1], axis=0)  # (archs,): per-round ratios, median over rounds
+        measured = np.median(ms[:, 1:], axis=0)
+        relative = cfg.budget.relative_to_dense
+        # measured cost in the budget's units: the dense reference's cost x the ratio, or the ms
+        as_cost = ratios * (budget / cfg.budget.value) if relative else measured
+        fits = as_cost <= budget
+        picked += picks
+        rows += [
+            {
+                "wave": wave,
+                "fitness": c.fitness,
+                "predicted_ms": c.cost,
+                "limit_ms": limit,
+                "measured_ms": float(measured[i]),
+                "ratio": float(ratios[i]),
+                "dense_ms": float(np.median(ms[:, 0])),
+                "fits": bool(fits[i]),
+                "chosen": False,
+            }
+            for i, c in enumerate(picks)
+        ]
+        if fits.any():
+            break
+        bias = float(np.median(as_cost / np.array([c.cost for c in picks])))
+        limit = min(limit * 0.97, limit / bias)
         print(
-            f"{NAME}: none of the {len(picks)} fittest archs within the predicted budget measured within it; "
-            f"keeping the fastest ({ratios[chosen]:.3f}x the dense reference)"
+            f"{NAME}: wave {wave}: none of {len(picks)} archs measured within the budget (measured / predicted "
+            f"{bias:.2f}); next wave under a predicted {limit:.4g}"
         )
-    rows = [
-        {
-            "fitness": c.fitness,
-            "predicted_ms": c.cost,
-            "measured_ms": float(measured[i]),
-            "ratio": float(ratios[i]),
-            "dense_ms": float(np.median(ms[:, 0])),
-            "fits": bool(fits[i]),
-            "chosen": i == chosen,
-        }
-        for i, c in enumerate(picks)
-    ]
-    return picks[chosen], rows
+    fitting = [i for i, r in enumerate(rows) if r["fits"]]
+    chosen = min(fitting, key=lambda i: rows[i]["fitness"]) if fitting else int(np.argmin([r["ratio"] for r in rows]))
+    rows[chosen]["chosen"] = True
+    if not fitting:
+        print(
+            f"{NAME}: none of the {len(rows)} archs timed measured within the budget; "
+            f"keeping the fastest ({rows[chosen]['ratio']:.3f}x the dense reference)"
+        )
+    return picked[chosen], rows
 
 
 def write_outputs(out_dir: Path, cfg: SearchConfig, result, baseline, metrics: dict[str, float]) -> None:
