@@ -13,7 +13,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export TMPDIR := $(CURDIR)/tmp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test lint install lock bench compile run-local clean
+.PHONY: run test lint install lock bench compile run-local compare clean
 
 # torch: the CPU build unless asked. A torch 2.13.0 wheel that pip finds without an index
 # (its configured find-links) is used as it is; else PyTorch's CPU index. For the CUDA
@@ -51,6 +51,12 @@ run: install
 	@echo "MLflow UI:        .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 	@automoe outcome --registration results/register/registration.json
 	@echo "make run: done in $$(cat results/make_run_seconds.txt) s"
+
+# `dvc exp show` with the columns that matter (its full table is ~280 columns wide): the
+# headline metrics of reports/evaluate.json and the params a run is usually varied by
+EXP_COLUMNS := ^(Experiment|Created|State|searched_bleu|dense_bleu|searched_chrf|searched_latency_ratio|speedup|search\.budget\.value|search\.budget\.kind|search\.iterations|measure_latency\.n_archs|train_supernet\.train\.max_updates|retrain\.train\.max_updates|evaluate\.max_sentences)$$
+compare: install
+	dvc exp show --no-pager --md --drop '.*' --keep '$(EXP_COLUMNS)'
 
 lint: install
 	ruff check .

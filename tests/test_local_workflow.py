@@ -100,6 +100,22 @@ def test_promoting_a_version_that_does_not_exist_is_one_line(registry):
     one_line_error(proc, "models:/m/9: m has no version 9")
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["rollback", "--name", "m"], ["promote", "--name", "m", "--version", "1"], ["translate", "--model", "models:/m/1"]],
+)
+def test_registry_commands_away_from_the_store_make_no_empty_one(command, tmp_path):
+    """Run from a folder without mlflow.db (and no MLFLOW_TRACKING_URI), a registry command
+    says there is no registry there, instead of creating an empty store and reporting "no
+    champion"."""
+    env = subprocess_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DVC_ROOT", None)
+    proc = run(sys.executable, "-m", "automoe.cli", *command, cwd=tmp_path, env=env)
+    one_line_error(proc, "mlflow.db: no such file, so no registry here", "MLFLOW_TRACKING_URI")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_rollback_restores_the_previous_champion_as_it_was(registry, monkeypatch):
     """promote v1, promote v2, rollback: v1 is champion again and no longer marked revoked."""
     from automoe import registry as r
@@ -114,3 +130,32 @@ def test_rollback_restores_the_previous_champion_as_it_was(registry, monkeypatch
     assert tracking.champion_version(client, "m") == 1
     assert r.REVOKED not in client.get_model_version("m", "1").tags
     assert client.get_model_version("m", "2").tags[r.REVOKED] == "true"
+
+
+def test_make_compare_names_columns_that_exist():
+    """`make compare` (dvc exp show with a short column set) names only metrics that
+    evaluate writes to reports/evaluate.json and keys that params.yaml has: a renamed metric
+    or param would silently vanish from the table."""
+    import json
+    import re
+
+    import yaml
+
+    line = next(x for x in (ROOT / "Makefile").read_text().splitlines() if x.startswith("EXP_COLUMNS :="))
+    names = [n.replace("\\.", ".") for n in line.split(":=", 1)[1].strip().strip("^$()").split("|")]
+    metrics = json.loads((ROOT / "reports" / "evaluate.json").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def has(tree, dotted):
+        for part in dotted.split("."):
+            if not isinstance(tree, dict) or part not in tree:
+                return False
+            tree = tree[part]
+        return True
+
+    for name in names:
+        if name in ("Experiment", "Created", "State"):
+            continue
+        assert name in metrics or has(params, name), f"make compare: no metric or param {name}"
+    assert any(n in metrics for n in names) and any("." in n for n in names)
+    assert re.fullmatch(line.split(":=", 1)[1].strip().replace("$$", "$"), "searched_bleu")

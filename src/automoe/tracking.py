@@ -66,6 +66,20 @@ def _client():
     return MlflowClient(tracking_uri=uri)
 
 
+def _existing_store_client():
+    """The client of a store that already exists, for commands that only read or move the
+    registry (translate, promote, rollback): a sqlite file that is not there is a one-line
+    error instead of a new empty store (run from another folder, it would report "no
+    champion" from a registry that was never made)."""
+    db = _sqlite_path(tracking_uri())
+    if db is not None and not db.is_file():
+        raise AutomoeError(
+            f"MLflow store {_redact(tracking_uri())}: no such file, so no registry here; run from the "
+            "project folder (where make run made mlflow.db) or set MLFLOW_TRACKING_URI to the registry's store"
+        )
+    return _client()
+
+
 def _sqlite_path(uri: str) -> Path | None:
     """The database file of a sqlite:/// store (None for other stores)."""
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
@@ -513,7 +527,7 @@ def promote(name: str, version: int) -> None:
     """A person's promotion: `version` becomes champion whatever the gate says."""
     from automoe import registry as r
 
-    client = _client()
+    client = _existing_store_client()
     check_registry_uri(client, f"models:/{name}/{version}")  # a one-line error naming what exists
     current = champion_version(client, name)
     client.set_model_version_tag(name, str(version), r.PREVIOUS, str(current) if current else "")
@@ -531,7 +545,7 @@ def rollback(name: str) -> int:
     from automoe import registry as r
     from automoe.errors import AutomoeError
 
-    client = _client()
+    client = _existing_store_client()
     current = champion_version(client, name)
     if current is None:
         raise AutomoeError(f"{name}: has no champion to roll back")
@@ -551,7 +565,7 @@ def load_translator(uri: str):
     runs:/...). A registry URI that names nothing is a one-line error saying what exists."""
     import mlflow.pyfunc
 
-    client = _client()
+    client = _existing_store_client()
     if uri.startswith("models:/"):
         check_registry_uri(client, uri)
     return mlflow.pyfunc.load_model(uri)
