@@ -102,7 +102,11 @@ def test_promoting_a_version_that_does_not_exist_is_one_line(registry):
 
 @pytest.mark.parametrize(
     "command",
-    [["rollback", "--name", "m"], ["promote", "--name", "m", "--version", "1"], ["translate", "--model", "models:/m/1"]],
+    [
+        ["rollback", "--name", "m"],
+        ["promote", "--name", "m", "--version", "1"],
+        ["translate", "--model", "models:/m/1"],
+    ],
 )
 def test_registry_commands_away_from_the_store_make_no_empty_one(command, tmp_path):
     """Run from a folder without mlflow.db (and no MLFLOW_TRACKING_URI), a registry command
