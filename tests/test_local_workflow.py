@@ -163,3 +163,55 @@ def test_make_compare_names_columns_that_exist():
         assert name in metrics or has(params, name), f"make compare: no metric or param {name}"
     assert any(n in metrics for n in names) and any("." in n for n in names)
     assert re.fullmatch(line.split(":=", 1)[1].strip().replace("$$", "$"), "searched_bleu")
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every `automoe ...` command in the README's shell blocks, continuation lines joined,
+    comments and what is piped in dropped (placeholders such as MODEL_FOLDER kept)."""
+    import re
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            found = re.search(r"(?:^|\|\s*)automoe\s+(\S.*)$", line.strip())
+            if found:
+                words = shlex.split(found.group(1), comments=True)
+                commands.append([w for w in words if w != "..."])
+    return commands
+
+
+def test_every_readme_command_parses_with_the_flags_and_keys_it_names(monkeypatch):
+    """Each `automoe` command of the README, as written, is accepted by the real CLI: the
+    subcommand exists, its flags parse (required ones given), and every `--set` names a
+    section and key that params.yaml's dataclasses accept. The commands stop right after
+    parsing (their inputs are make run's outputs)."""
+    import argparse
+    import importlib
+
+    from automoe import cli
+
+    class Parsed(Exception):
+        pass
+
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(self, args=None, namespace=None):
+        raise Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+    commands = _readme_commands()
+    assert len(commands) >= 15 and {c[0] for c in commands} >= {"prepare_data", "search", "translate", "rollback"}
+    for words in commands:
+        assert words[0] in cli.COMMANDS, f"README: automoe {words[0]}: no such command"
+        try:
+            cli.main(words)
+        except Parsed as parsed:
+            overrides = getattr(parsed.args[0], "overrides", None) or []
+        except SystemExit as exc:
+            pytest.fail(f"README: automoe {' '.join(words)}: the CLI refuses it (exit {exc.code})")
+        else:
+            pytest.fail(f"README: automoe {' '.join(words)}: did not parse its arguments")
+        module = importlib.import_module(cli.COMMANDS[words[0]].partition(":")[0])
+        if overrides and hasattr(module, "load_config"):
+            module.load_config(ROOT / "params.yaml", overrides)  # raises on an unknown section or key
