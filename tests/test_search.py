@@ -622,6 +622,18 @@ def test_the_winner_is_the_fittest_arch_whose_measured_latency_meets_the_budget(
     cfg = SearchConfig(confirm=3, confirm_rounds=2, confirm_waves=1, budget=Budget(value=0.4))
     best, rows = confirm_on_measurement(cfg, net, data, evaluated, budget=50.0)
     assert best.arch == archs[2] and len(rows) == 3  # one wave only
+    # the second wave is biased as well: the third goes under the budget over that wave's
+    # bias (50 / (45 x 1.25 / 40)), not under the second's limit over it (C would be left out)
+    a, b, c = archs[1], archs[2], archs[4]
+    cands = [
+        Candidate(a, fitness=1.0, cost=49.0),
+        Candidate(b, fitness=2.0, cost=40.0),
+        Candidate(c, fitness=3.0, cost=33.0),
+    ]
+    cfg = SearchConfig(confirm=1, confirm_rounds=2, budget=Budget(value=0.4))
+    best, rows = confirm_on_measurement(cfg, net, data, cands, budget=50.0)
+    assert best.arch == c and [r["wave"] for r in rows] == [1, 2, 3] and rows[2]["fits"]
+    assert rows[2]["limit_ms"] == pytest.approx(50.0 / (45.0 * 1.25 / 40.0))
 
 
 def test_relative_budget_uses_the_measured_dense_latency():

@@ -238,18 +238,22 @@ def confirm_on_measurement(
     alternating rounds; absolute: the median ms), timed in waves of `cfg.confirm` archs.
     Wave 1 takes the fittest within the predicted budget. When none of a wave fits, the
     predictor is biased there (a search seeks out the archs it underestimates), so the next
-    wave takes the fittest not yet timed under a predicted limit lowered by that bias (the
-    wave's median measured / predicted cost), at most `cfg.confirm_waves` waves. When none
+    wave takes the fittest not yet timed under the budget divided by that bias (the wave's
+    median measured / predicted cost; at least 3% below the last limit), at most
+    `cfg.confirm_waves` waves. When none
     fits, the fastest timed. Returns it and a row per timed arch."""
     sources = m.source_windows(data.split("valid"), 30, 8)
     dense = extract(supernet, supernet.space.largest_dense())
     timed: set[str] = set()
     rows: list[dict] = []
     picked: list[Candidate] = []
+    by_fitness = sorted(evaluated, key=lambda c: c.fitness)
+    # measured cost in the budget's units: the dense reference's cost x the ratio, or the ms
+    dense_cost = budget / cfg.budget.value if cfg.budget.relative_to_dense else None
     limit = budget
     for wave in range(1, cfg.confirm_waves + 1):
         picks: list[Candidate] = []
-        for c in sorted(evaluated, key=lambda c: c.fitness):
+        for c in by_fitness:
             if len(picks) == cfg.confirm:
                 break
             if c.cost <= limit and key(c.arch) not in timed:
@@ -264,9 +268,7 @@ def confirm_on_measurement(
             ms[r] = [lat.total_ms for lat in lats]
         ratios = np.median(ms[:, 1:] / ms[:, :1], axis=0)  # (archs,): per-round ratios, median over rounds
         measured = np.median(ms[:, 1:], axis=0)
-        relative = cfg.budget.relative_to_dense
-        # measured cost in the budget's units: the dense reference's cost x the ratio, or the ms
-        as_cost = ratios * (budget / cfg.budget.value) if relative else measured
+        as_cost = ratios * dense_cost if dense_cost is not None else measured
         fits = as_cost <= budget
         picked += picks
         rows += [
@@ -285,8 +287,10 @@ def confirm_on_measurement(
         ]
         if fits.any():
             break
+        # none fits, so every measured cost > budget >= its prediction: bias > 1. An arch
+        # meets the budget when its prediction x bias does; each wave at least 3% lower
         bias = float(np.median(as_cost / np.array([c.cost for c in picks])))
-        limit = min(limit * 0.97, limit / bias)
+        limit = min(limit * 0.97, budget / bias)
         print(
             f"{NAME}: wave {wave}: none of {len(picks)} archs measured within the budget (measured / predicted "
             f"{bias:.2f}); next wave under a predicted {limit:.4g}"
