@@ -136,6 +136,17 @@ def test_rollback_restores_the_previous_champion_as_it_was(registry, monkeypatch
     assert client.get_model_version("m", "2").tags[r.REVOKED] == "true"
 
 
+def test_promoting_the_champion_again_changes_nothing_a_rollback_needs(registry, monkeypatch):
+    """promote v1, promote v2, promote v2 again, rollback: v1, not v2 (the repeat used to
+    record v2 as its own previous champion)."""
+    from automoe import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["MLFLOW_TRACKING_URI"])
+    assert tracking.promote("m", 1) and tracking.promote("m", 2)
+    assert tracking.promote("m", 2) is False
+    assert tracking.rollback("m") == 1
+
+
 def test_make_compare_names_columns_that_exist():
     """`make compare` (dvc exp show with a short column set) names only metrics that
     evaluate writes to reports/evaluate.json and keys that params.yaml has: a renamed metric
@@ -165,7 +176,7 @@ def test_make_compare_names_columns_that_exist():
     assert re.fullmatch(line.split(":=", 1)[1].strip().replace("$$", "$"), "searched_bleu")
 
 
-def _readme_commands() -> list[list[str]]:
+def readme_commands() -> list[list[str]]:
     """Every `automoe ...` command in the README's shell blocks, continuation lines joined,
     comments and what is piped in dropped (placeholders such as MODEL_FOLDER kept)."""
     import re
@@ -200,7 +211,7 @@ def test_every_readme_command_parses_with_the_flags_and_keys_it_names(monkeypatc
         raise Parsed(original(self, args, namespace))
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
-    commands = _readme_commands()
+    commands = readme_commands()
     assert len(commands) >= 15 and {c[0] for c in commands} >= {"prepare_data", "search", "translate", "rollback"}
     for words in commands:
         assert words[0] in cli.COMMANDS, f"README: automoe {words[0]}: no such command"

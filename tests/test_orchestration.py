@@ -171,14 +171,22 @@ def set_params(repo: Path, sections: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-@pytest.mark.slow
-def test_dvc_repro_in_a_copy_of_the_repo(multi30k, tmp_path):
-    repo = copy_repo(tmp_path / "repo")
+@pytest.fixture(scope="module")
+def reproduced(multi30k, tmp_path_factory):
+    """A copy of the repository after `dvc repro` at toy size: (repo, env, dvc, tracking URI, output)."""
+    tmp = tmp_path_factory.mktemp("reproduced")
+    repo = copy_repo(tmp / "repo")
     set_params(repo, tiny_pipeline_params(multi30k))
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = f"sqlite:///{tmp / 'store.db'}"
     env = subprocess_env(AUTOMOE_TRACKING="1", MLFLOW_TRACKING_URI=uri, DVC_NO_ANALYTICS="1")
     dvc = [str(Path(sys.executable).parent / "dvc")]
     first = subprocess.run(dvc + ["repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    return repo, env, dvc, uri, first
+
+
+@pytest.mark.slow
+def test_dvc_repro_in_a_copy_of_the_repo(reproduced):
+    repo, env, dvc, uri, first = reproduced
     assert first.returncode == 0, first.stdout + first.stderr
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
     assert manifest["counts"]["train"]["raw"] == 300
@@ -207,9 +215,11 @@ def test_dvc_repro_in_a_copy_of_the_repo(multi30k, tmp_path):
     assert not {hashlib.md5(p.read_bytes()).hexdigest() for p in ckpts} & cache  # noqa: S324 - DVC's key
     assert hashlib.md5((repo / "models/supernet/supernet.pt").read_bytes()).hexdigest() in cache  # noqa: S324
     # a change in a module a stage imports (not named by the stage itself) makes it stale
-    with open(repo / "src/automoe/model/inference.py", "a") as f:
-        f.write("\n# changed\n")
+    module = repo / "src/automoe/model/inference.py"
+    source = module.read_text()
+    module.write_text(source + "\n# changed\n")
     status = subprocess.run(dvc + ["status"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    module.write_text(source)
     assert "measure_latency:" in status.stdout and "prepare_data:" not in status.stdout, status.stdout
 
 
@@ -493,3 +503,56 @@ def test_compile_time_settings_come_from_compile_set_and_runs_cannot_change_them
         with pytest.raises(ValueError, match="fixed when the pipeline was compiled"):
             resolve(params, [key], {})
     assert json.loads(resolve(params, ["measure_latency.repeats=4"], {}))["measure_latency"]["repeats"] == 4
+
+
+@pytest.mark.slow
+def test_the_readme_commands_run_as_written_after_a_pipeline_run(reproduced, tmp_path):
+    """Every `automoe` command of the README, in the README's order, run in the workspace a
+    pipeline run left (toy size), exits 0. Changed only where the README names a file of the
+    user's (/tmp/..., my-params.yaml, MODEL_FOLDER); the S3 corpus example needs an S3 store
+    (tests/test_s3_source.py runs it against SeaweedFS)."""
+    import dataclasses
+
+    from test_local_workflow import readme_commands
+
+    from automoe.space import load_space
+
+    repo, env, _, uri, first = reproduced
+    assert first.returncode == 0, first.stdout + first.stderr
+    shutil.copy(repo / "params.yaml", repo / "my-params.yaml")
+    # a dense model CTranslate2 can run: the space's largest dense arch with ende_span 1
+    dense = load_space(yaml.safe_load((repo / "params.yaml").read_text())["retrain"]["space"]).largest_dense()
+    ct2_arch = dataclasses.replace(dense, decoder_ende_span=(1,) * dense.decoder_layers)
+    (tmp_path / "ct2_arch.yaml").write_text(ct2_arch.to_yaml())
+    automoe = str(Path(sys.executable).parent / "automoe")
+    ran = []
+
+    def execute(words: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [automoe, *words], cwd=repo, env=env, input=stdin, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, f"automoe {' '.join(words)}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+        return proc
+
+    folder = str(tmp_path / "ct2_dense")
+    for words in readme_commands():
+        if any(w.startswith("s3://") or "s3://" in w for w in words):
+            continue
+        words = [w.replace("/tmp/", f"{tmp_path}/") for w in words]
+        if "MODEL_FOLDER" in words:
+            execute(["retrain", "--data", "data/prepared", "--arch", str(tmp_path / "ct2_arch.yaml"), "--out", folder,
+                     "--set", "retrain.init_from_supernet=false"])  # fmt: skip
+            words = [folder if w == "MODEL_FOLDER" else w for w in words]
+        if words[0] == "translate":
+            out = execute(words, "A dog runs through the snow.\n").stdout.splitlines()
+            assert len(out) == 1, (words, out)  # a line per line (toy models may say nothing)
+        else:
+            execute(words)
+        ran.append(words[0])
+    assert ran.count("translate") == 3 and {"retrain", "evaluate", "register", "promote", "rollback"} <= set(ran)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='automoe-en-de'"))
+    assert versions == [1, 2]  # make run's and the README's register
+    assert tracking.champion_version(client, "automoe-en-de") == 1  # promote v2, then rollback

@@ -87,8 +87,10 @@ def promote(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from automoe import tracking
 
-    tracking.promote(args.name, args.version)
-    print(f"{args.name}: champion is now v{args.version}")
+    if tracking.promote(args.name, args.version):
+        print(f"{args.name}: champion is now v{args.version}")
+    else:
+        print(f"{args.name}: v{args.version} is the champion already; nothing changed")
 
 
 @guarded

@@ -523,13 +523,17 @@ def _append_history(client, name: str, version: int, how: str) -> None:
     client.set_registered_model_tag(name, "automoe.champion_history", json.dumps(history[-50:]))
 
 
-def promote(name: str, version: int) -> None:
-    """A person's promotion: `version` becomes champion whatever the gate says."""
+def promote(name: str, version: int) -> bool:
+    """A person's promotion: `version` becomes champion whatever the gate says. False, and
+    nothing changed, when it is the champion already (its previous champion stays the one
+    a rollback returns to)."""
     from automoe import registry as r
 
     client = _existing_store_client()
     check_registry_uri(client, f"models:/{name}/{version}")  # a one-line error naming what exists
     current = champion_version(client, name)
+    if current == version:
+        return False
     client.set_model_version_tag(name, str(version), r.PREVIOUS, str(current) if current else "")
     client.set_model_version_tag(name, str(version), r.GATE, "promoted by hand")
     if r.REVOKED in client.get_model_version(name, str(version)).tags:
@@ -538,6 +542,7 @@ def promote(name: str, version: int) -> None:
     if current and current != version:
         client.set_model_version_tag(name, str(current), r.REVOKED, "true")
     _append_history(client, name, version, "promote")
+    return True
 
 
 def rollback(name: str) -> int:
