@@ -136,6 +136,13 @@ def test_rollback_restores_the_previous_champion_as_it_was(registry, monkeypatch
     assert client.get_model_version("m", "2").tags[r.REVOKED] == "true"
 
 
+def test_a_mistyped_named_arch_names_the_arch_it_meant(tmp_path):
+    proc = run(sys.executable, "-m", "automoe.cli", "retrain", "--data", str(tmp_path), "--arch", "largest_dens",
+               "--out", str(tmp_path / "out"))  # fmt: skip
+    one_line_error(proc, "--arch largest_dens", "did you mean largest_dense?", "largest_dense_span1")
+    assert not (tmp_path / "out").exists()
+
+
 def test_promoting_the_champion_again_changes_nothing_a_rollback_needs(registry, monkeypatch):
     """promote v1, promote v2, promote v2 again, rollback: v1, not v2 (the repeat used to
     record v2 as its own previous champion)."""

@@ -197,6 +197,8 @@ def test_dvc_repro_in_a_copy_of_the_repo(reproduced):
     _, runs = mlflow_runs(uri)
     children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId"))
     assert children == sorted(ALL_STAGE_RUNS)
+    # no tag claims to identify the committed dvc.lock (it hashed a file mid-run and matched no commit)
+    assert not [r.info.run_name for r in runs if any(t.startswith("automoe.dvc_lock") for t in r.data.tags)]
     parents = {r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags.get("mlflow.parentRunId")}
     assert len(parents) == 1
     parent = next(r for r in runs if r.info.run_id in parents)  # ended with the execution, its figures on it
@@ -507,52 +509,53 @@ def test_compile_time_settings_come_from_compile_set_and_runs_cannot_change_them
 
 @pytest.mark.slow
 def test_the_readme_commands_run_as_written_after_a_pipeline_run(reproduced, tmp_path):
-    """Every `automoe` command of the README, in the README's order, run in the workspace a
-    pipeline run left (toy size), exits 0. Changed only where the README names a file of the
-    user's (/tmp/..., my-params.yaml, MODEL_FOLDER); the S3 corpus example needs an S3 store
-    (tests/test_s3_source.py runs it against SeaweedFS)."""
-    import dataclasses
+    """In the workspace a pipeline run left (toy size): a DVC experiment, `make compare`'s
+    table and `dvc metrics diff` against it; then every `automoe` command of the README, in
+    the README's order, exits 0. Changed only where the README names a file of the user's
+    (/tmp/..., my-params.yaml); the S3 corpus example needs an S3 store (tests/test_s3_source.py
+    runs it against SeaweedFS)."""
+    import re
 
     from test_local_workflow import readme_commands
 
-    from automoe.space import load_space
-
-    repo, env, _, uri, first = reproduced
+    repo, env, dvc, uri, first = reproduced
     assert first.returncode == 0, first.stdout + first.stderr
-    shutil.copy(repo / "params.yaml", repo / "my-params.yaml")
-    # a dense model CTranslate2 can run: the space's largest dense arch with ende_span 1
-    dense = load_space(yaml.safe_load((repo / "params.yaml").read_text())["retrain"]["space"]).largest_dense()
-    ct2_arch = dataclasses.replace(dense, decoder_ende_span=(1,) * dense.decoder_layers)
-    (tmp_path / "ct2_arch.yaml").write_text(ct2_arch.to_yaml())
-    automoe = str(Path(sys.executable).parent / "automoe")
-    ran = []
 
-    def execute(words: list[str], stdin: str = "") -> subprocess.CompletedProcess:
-        proc = subprocess.run(
-            [automoe, *words], cwd=repo, env=env, input=stdin, capture_output=True, text=True, timeout=600
-        )
-        assert proc.returncode == 0, f"automoe {' '.join(words)}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    def execute(argv: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+        proc = subprocess.run(argv, cwd=repo, env=env, input=stdin, capture_output=True, text=True, timeout=600)
+        said = proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert proc.returncode == 0, f"{' '.join(argv)}: exit {proc.returncode}\n{said}"
         return proc
 
-    folder = str(tmp_path / "ct2_dense")
+    # DVC: an experiment, compared with the commit by make compare's columns and by metrics diff
+    execute(["git", "add", "-A"])
+    execute(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "make run"])
+    execute(dvc + ["exp", "run", "-n", "fewer", "-S", "evaluate.max_sentences=10"])
+    columns = re.search(r"^EXP_COLUMNS := (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).replace("$$", "$")
+    table = execute(dvc + ["exp", "show", "--no-pager", "--md", "--drop", ".*", "--keep", columns]).stdout
+    header = table.splitlines()[0]
+    assert "searched_bleu" in header and "speedup" in header and "evaluate.max_sentences" in header, table
+    assert "fewer" in table and "!" not in table.replace("!=", ""), table
+    diff = execute(dvc + ["metrics", "diff", "HEAD", "fewer", "--all", "--md"]).stdout
+    assert "reports/evaluate.json" in diff and "searched_bleu" in diff, diff
+
+    shutil.copy(repo / "params.yaml", repo / "my-params.yaml")
+    automoe = str(Path(sys.executable).parent / "automoe")
+    ran = []
     for words in readme_commands():
-        if any(w.startswith("s3://") or "s3://" in w for w in words):
+        if any("s3://" in w for w in words):
             continue
         words = [w.replace("/tmp/", f"{tmp_path}/") for w in words]
-        if "MODEL_FOLDER" in words:
-            execute(["retrain", "--data", "data/prepared", "--arch", str(tmp_path / "ct2_arch.yaml"), "--out", folder,
-                     "--set", "retrain.init_from_supernet=false"])  # fmt: skip
-            words = [folder if w == "MODEL_FOLDER" else w for w in words]
         if words[0] == "translate":
-            out = execute(words, "A dog runs through the snow.\n").stdout.splitlines()
+            out = execute([automoe, *words], "A dog runs through the snow.\n").stdout.splitlines()
             assert len(out) == 1, (words, out)  # a line per line (toy models may say nothing)
         else:
-            execute(words)
+            execute([automoe, *words])
         ran.append(words[0])
-    assert ran.count("translate") == 3 and {"retrain", "evaluate", "register", "promote", "rollback"} <= set(ran)
+    assert ran.count("translate") == 3 and {"retrain", "export_ct2", "register", "promote", "rollback"} <= set(ran)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     versions = sorted(int(v.version) for v in client.search_model_versions("name='automoe-en-de'"))
-    assert versions == [1, 2]  # make run's and the README's register
+    assert versions == [1, 2]  # make run's and the README's register (the experiment's went elsewhere)
     assert tracking.champion_version(client, "automoe-en-de") == 1  # promote v2, then rollback

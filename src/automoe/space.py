@@ -127,6 +127,12 @@ class SearchSpace:
             top_k=1,
         )
 
+    def largest_dense_span1(self) -> ArchConfig:
+        """The largest dense arch whose decoder layers attend to the last encoder layer only:
+        the vanilla Transformer, the dense form CTranslate2 runs (automoe export_ct2)."""
+        dense = self.largest_dense()
+        return dataclasses.replace(dense, decoder_ende_span=(1,) * dense.decoder_layers).validate(self)
+
     # -- genes ------------------------------------------------------------------
 
     def gene_choices(self) -> list[tuple[int, ...]]:

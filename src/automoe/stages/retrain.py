@@ -39,7 +39,7 @@ from automoe.train.trainer import MetricsHook, TrainConfig, train, write_curves
 
 NAME = "retrain"
 ARTIFACTS = ["training_curve.png", "arch.yaml"]  # logged to MLflow
-NAMED_ARCHS = ("largest", "smallest", "largest_dense")
+NAMED_ARCHS = ("largest", "smallest", "largest_dense", "largest_dense_span1")
 
 
 @dataclass(frozen=True)
@@ -56,19 +56,25 @@ class RetrainInputs:
     supernet: Path | None = None  # supernet.pt, needed with init_from_supernet
 
 
-def resolve_arch(spec: str, space: SearchSpace) -> ArchConfig:
-    if spec in NAMED_ARCHS:
-        return getattr(space, spec)()
-    if not Path(spec).exists():
+def check_arch_spec(spec: str) -> None:
+    """A named arch or an existing path; else a one-line error with the names."""
+    if spec not in NAMED_ARCHS and not Path(spec).exists():
         close = difflib.get_close_matches(spec, NAMED_ARCHS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise ConfigError(f"--arch {spec}: file not found, nor a named arch ({hint}named: {', '.join(NAMED_ARCHS)})")
+
+
+def resolve_arch(spec: str, space: SearchSpace) -> ArchConfig:
+    check_arch_spec(spec)
+    if spec in NAMED_ARCHS:
+        return getattr(space, spec)()
     return ArchConfig.from_yaml(artifact_file(spec, "best_arch.yaml")).validate(space)
 
 
 def run(
     cfg: RetrainConfig, inputs: RetrainInputs, out_dir: Path, on_metrics: MetricsHook | None = None
 ) -> dict[str, float]:
+    check_arch_spec(inputs.arch)  # a mistyped name before any data or supernet is read
     data = PreparedData.open(inputs.data)
     supernet = None
     if cfg.init_from_supernet:
