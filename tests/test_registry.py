@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import TINY_SPACE, TINY_TRAIN, as_overrides, subprocess_env
 from servers import free_port, mlflow_server, stop, wait_http
 
@@ -298,6 +299,13 @@ def test_register_gate_rollback_and_serving(trained, tracked, tmp_path, capsys, 
     direct = Translator.from_folder(models["a"]).translate(lines)
     assert list(pyfunc.predict(lines)) == direct
     assert list(pyfunc.predict(pd.DataFrame({"text": lines}))) == direct
+    # models-from-code: the folder holds the model's code as text, no pickled class to run on load
+    import mlflow.artifacts
+
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "logged")))
+    flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor, flavor
+    assert (folder / "pyfunc_model.py").is_file() and not [p.name for p in folder.rglob("*.pkl")]
 
     worse_ev, worse_se = fake_results(tmp_path, bleu=18.0, latency=40.0)
     assert do_register(prep, models["b"], worse_ev, worse_se, tmp_path / "r2") == 0

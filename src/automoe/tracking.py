@@ -361,33 +361,6 @@ def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 INPUT_EXAMPLE = ["A man in an orange hat starring at something.", "Two dogs play in the snow."]
 
 
-def _translator_class():
-    import mlflow.pyfunc
-
-    class TranslatorModel(mlflow.pyfunc.PythonModel):
-        """pyfunc: a DataFrame with a `text` column, or a list of strings -> translations."""
-
-        def load_context(self, context):
-            from automoe.model import kernels
-            from automoe.serving import DecodeConfig, Translator
-
-            precision = (context.model_config or {}).get("precision", "fp32")  # models registered before: fp32
-            if "kernels" in context.artifacts:  # the engine it was timed with, where this is the same machine kind
-                kernels.use(context.artifacts["kernels"])
-            decode = DecodeConfig(precision=precision)
-            self.translator = Translator.from_files(context.artifacts["model"], context.artifacts["spm"], decode)
-
-        def predict(self, context, model_input, params=None):
-            if hasattr(model_input, "columns"):
-                column = "text" if "text" in model_input.columns else model_input.columns[0]
-                lines = model_input[column].tolist()
-            else:
-                lines = list(model_input)
-            return self.translator.translate(lines)
-
-    return TranslatorModel
-
-
 def log_translator(
     run: StageRun,
     model_dir: Path,
@@ -396,9 +369,10 @@ def log_translator(
     precision: str = "fp32",
     kernel_plan: Path | None = None,
 ):
-    """Log the retrained model as a pyfunc translator (with its code, SentencePiece model,
-    arch, weights, signature, input example, its serving `precision` as model config and the
-    kernel plan it was timed with, when given) in `run` and register a new version."""
+    """Log the retrained model as a pyfunc translator in `run` and register a new version: its
+    code as files, no pickle (models-from-code, automoe/pyfunc_model.py), its SentencePiece
+    model, arch, weights, signature, input example, its serving `precision` as model config
+    and the kernel plan it was timed with, when given."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -418,7 +392,7 @@ def log_translator(
     with mlflow.start_run(run_id=run.run_id):
         info = mlflow.pyfunc.log_model(
             name="translator",
-            python_model=_translator_class()(),
+            python_model=str(code / "pyfunc_model.py"),  # models-from-code: no pickled class in the model
             artifacts=artifacts,
             code_paths=[str(code)],
             signature=signature,

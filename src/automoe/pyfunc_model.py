@@ -1,0 +1,33 @@
+"""The registered translator as MLflow models-from-code: this file is logged with the model
+and run on load (MLflow executes it and takes what `set_model` names), so the model folder
+holds code as text and no pickle: whoever can write an artifact cannot make `load_model`
+unpickle a class of theirs. Tracking code only (it imports mlflow); `automoe` itself travels
+in the model's `code/` folder."""
+
+import mlflow.pyfunc
+from mlflow.models import set_model
+
+
+class TranslatorModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: a DataFrame with a `text` column, or a list of strings -> translations."""
+
+    def load_context(self, context):
+        from automoe.model import kernels
+        from automoe.serving import DecodeConfig, Translator
+
+        precision = (context.model_config or {}).get("precision", "fp32")  # models registered before: fp32
+        if "kernels" in context.artifacts:  # the engine it was timed with, where this is the same machine kind
+            kernels.use(context.artifacts["kernels"])
+        decode = DecodeConfig(precision=precision)
+        self.translator = Translator.from_files(context.artifacts["model"], context.artifacts["spm"], decode)
+
+    def predict(self, context, model_input, params=None):
+        if hasattr(model_input, "columns"):
+            column = "text" if "text" in model_input.columns else model_input.columns[0]
+            lines = model_input[column].tolist()
+        else:
+            lines = list(model_input)
+        return self.translator.translate(lines)
+
+
+set_model(TranslatorModel())
