@@ -354,11 +354,12 @@ def guarded_main(argv: list[str] | None = None) -> int:
     """main, with a user's mistake (a mistyped section or key, a wrong type) as one line
     `error: ...` and exit status 2, as on the stage CLIs."""
     from automoe.errors import AutomoeError
+    from automoe.redact import redact
 
     try:
         return main(argv)
     except AutomoeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
 
 

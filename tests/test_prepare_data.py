@@ -237,3 +237,56 @@ def test_http_source_from_a_local_server(small_corpus, tmp_path, capsys):
         assert rc == 2 and "nope.en: HTTP 404" in err
     finally:
         server.shutdown()
+
+
+def test_credentials_in_url_inputs_are_used_but_never_recorded(small_corpus, tmp_path, capsys, monkeypatch):
+    """A corpus behind HTTP basic auth (`user:token@host`) with a signed query string: it is
+    downloaded with the credential, and neither the token nor the signature reaches MLflow's
+    params and run names, the manifest, or the error line of a failed download."""
+    import base64
+    import functools
+    import http.server
+    import threading
+
+    token, signature = "s3cret-T0KEN", "SIG-abc123"
+    expected = "Basic " + base64.b64encode(f"reader:{token}".encode()).decode()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.headers.get("Authorization") != expected:
+                self.send_error(401)
+                return
+            super().do_GET()
+
+        def log_message(self, *args, **kwargs):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=small_corpus))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("AUTOMOE_TRACKING", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        port = server.server_address[1]
+        signed = f"?X-Amz-Credential=AKIA1&X-Amz-Signature={signature}"
+        sets = [f"prepare_data.paths.{s}=http://reader:{token}@127.0.0.1:{port}/{s}.{{lang}}{signed}" for s in
+                ("train", "valid", "test")]  # fmt: skip
+        args = ["--out", str(tmp_path / "web"), *[a for o in paths_overrides(small_corpus) for a in ("--set", o)]]
+        args += [a for o in sets for a in ("--set", o)]
+        rc, err = run_cli(args, capsys)
+        assert rc == 0, err
+        wrong = [f"prepare_data.paths.test=http://reader:wrong-{token}@127.0.0.1:{port}/test.{{lang}}{signed}"]
+        rc, failed = run_cli(args[:1] + [str(tmp_path / "denied")] + args[2:] + ["--set", wrong[0]], capsys)
+        assert rc == 2 and "HTTP 401" in failed and f"http://***@127.0.0.1:{port}/test.en?" in failed, failed
+    finally:
+        server.shutdown()
+    manifest = (tmp_path / "web" / "manifest.json").read_text()
+    assert f"http://***@127.0.0.1:{port}/train.en?X-Amz-Credential=***&X-Amz-Signature=***" in manifest
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("automoe").experiment_id])
+    recorded = [json.dumps(r.data.params) + json.dumps(r.data.tags) for r in runs]
+    assert sum(f"http://***@127.0.0.1:{port}/train.{{lang}}?X-Amz" in text for text in recorded) == 2  # both runs
+    for text in [manifest, err, failed, *recorded]:
+        assert token not in text and signature not in text and "AKIA1" not in text

@@ -150,10 +150,10 @@ def _experiment_id(client) -> str:
 
 
 def _redact(uri: str) -> str:
-    """A tracking URI without user:password@ (never into logs)."""
-    import re
+    """A tracking URI without user:password@ or query values (never into logs)."""
+    from automoe.redact import redact
 
-    return re.sub(r"//[^/@]+@", "//***@", uri)
+    return redact(uri)
 
 
 def git_commit() -> str:
@@ -293,7 +293,7 @@ class StageRun:
         from mlflow.entities import Param
 
         flat = _flatten(params)
-        items = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
+        items = [Param(k, _redact(str(v))[:6000]) for k, v in sorted(flat.items())]  # no URL credentials
         for i in range(0, len(items), 100):
             self._client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -333,7 +333,7 @@ def stage_run(stage: str, parent_run_id: str | None = None, run_name: str = "") 
     client = _client()
     parent = parent_run_id or find_parent()
     tags = {**context_tags(), "automoe.stage": stage} | ({"mlflow.parentRunId": parent} if parent else {})
-    run = client.create_run(_experiment_id(client), run_name=run_name or stage, tags=tags)
+    run = client.create_run(_experiment_id(client), run_name=_redact(run_name or stage), tags=tags)
     status = "FAILED"
     try:
         yield StageRun(run.info.run_id, client, parent)

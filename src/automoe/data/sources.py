@@ -62,8 +62,22 @@ def fetch(uri: str) -> Blob:
 
 
 def _fetch_http(uri: str) -> bytes:
+    """GET `uri`; `user:password@` in it is sent as HTTP basic auth (urllib itself does not)."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    headers = {}
+    if parts.username is not None:
+        login = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
+        host = parts.netloc.rsplit("@", 1)[1]
+        uri_sent = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    else:
+        uri_sent = uri
     try:
-        with urllib.request.urlopen(uri, timeout=60) as resp:  # noqa: S310 - scheme checked above
+        request = urllib.request.Request(uri_sent, headers=headers)  # noqa: S310 - scheme checked above
+        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310
             return resp.read()
     except urllib.error.HTTPError as exc:
         raise DataError(f"{uri}: HTTP {exc.code} {exc.reason}") from None

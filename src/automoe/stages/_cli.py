@@ -18,6 +18,7 @@ from automoe import tracking
 from automoe.config import to_dict
 from automoe.errors import AutomoeError
 from automoe.io import atomic_write_json
+from automoe.redact import redact
 
 
 def stage_parser(name: str, description: str) -> argparse.ArgumentParser:
@@ -133,7 +134,7 @@ def guarded(fn: Callable[[list[str] | None], Any]) -> Callable[[list[str] | None
         try:
             fn(argv)
         except AutomoeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {redact(str(exc))}", file=sys.stderr)  # no credentials from URLs in logs
             return 2
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)

@@ -27,6 +27,7 @@ from automoe.data import corpus, sources
 from automoe.data.dataset import MANIFEST
 from automoe.errors import ConfigError, DataError
 from automoe.io import atomic_write_json, staged_dir
+from automoe.redact import redact_all
 from automoe.stages._cli import cli_run, component_run, guarded, stage_parser
 
 NAME = "prepare_data"
@@ -156,6 +157,7 @@ def run(cfg: PrepareDataConfig, inputs: None, out_dir: Path) -> dict[str, float]
                 "total": round(t_end - t0, 3),
             },
         }
+        manifest = redact_all(manifest)  # URLs without their credentials (user:password@, signed queries)
         manifest["data_sha256"] = _folder_digest(tmp)
         atomic_write_json(tmp / MANIFEST, manifest)
     return {
