@@ -72,6 +72,12 @@ def _task(task, stage: str):
         kubernetes.use_field_path_as_env(task, env_name="KFP_RUN_ID", field_path="metadata.labels['pipeline/runid']")
     if PIPELINE.s3_endpoint:
         task.set_env_variable("AWS_ENDPOINT_URL", PIPELINE.s3_endpoint)
+    if PIPELINE.mlflow_secret:  # the pipeline's MLflow user (the chart's auth): never a param or in the spec
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=PIPELINE.mlflow_secret,
+            secret_key_to_env={k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")},
+        )
     if PIPELINE.s3_secret:
         kubernetes.use_secret_as_env(
             task,

@@ -32,6 +32,12 @@ from automoe.stages import prepare_data, train_supernet
 
 pytestmark = [needs_docker, pytest.mark.slow]
 KEY, SECRET = "cluster-test-key", "cluster-test-secret-0123"  # the chart's Secret, made up here
+# the chart's MLflow auth Secrets (made up here): admin, and the pipeline's user
+ADMIN = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "cluster-admin-pass-0123"}
+PIPELINE_USER = {"MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": "cluster-pipeline-pass-0123"}
+AUTH_SECRETS = {f"automoe-mlflow-admin/{k}": v for k, v in ADMIN.items()}
+AUTH_SECRETS |= {"automoe-mlflow-admin/MLFLOW_FLASK_SERVER_SECRET_KEY": "cluster-csrf-key-0123"}
+AUTH_SECRETS |= {f"automoe-mlflow-pipeline/{k}": v for k, v in PIPELINE_USER.items()}
 NAMESPACE = "automoe"  # rendered() renders release `rel` into this namespace
 
 
@@ -50,7 +56,11 @@ def plain_env(container: dict, secrets: dict[str, str]) -> dict[str, str]:
     """A chart container's env: literal values as rendered, Secret references filled in."""
     env = {}
     for e in container.get("env", []):
-        env[e["name"]] = e["value"] if "value" in e else secrets[e["valueFrom"]["secretKeyRef"]["key"]]
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:  # by Secret and key, or by key alone
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = secrets.get(f"{ref['name']}/{ref['key']}", secrets.get(ref["key"]))
     return env
 
 
@@ -106,7 +116,8 @@ def start_mlflow(net: str, image: str) -> tuple[str, int]:
     spec = chart_container("Deployment", "-mlflow")
     script, n = re.subn(r'store="postgresql://[^"]*"', 'store="sqlite:////tmp/mlflow.db"', spec["args"][0])
     assert n == 1, spec["args"][0]
-    env = plain_env(spec, {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "username": "-", "password": "-"})
+    secrets = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "username": "-", "password": "-"}
+    env = plain_env(spec, secrets | AUTH_SECRETS)
     opts = ["--read-only", "--tmpfs", "/tmp", "--entrypoint", spec["command"][0]]
     name = start(
         "rel-automoe-mlflow", net, image, *spec["command"][1:], script,
@@ -115,6 +126,33 @@ def start_mlflow(net: str, image: str) -> tuple[str, int]:
     port = host_port(name, 5000)
     wait_for(lambda: answers(f"http://127.0.0.1:{port}/health"), "the chart's MLflow server", 180, name)
     return name, port
+
+
+def create_pipeline_user(net: str, image: str) -> str:
+    """The chart's post-install MLflow users Job, as a container on the network."""
+    spec = chart_container("Job", "-mlflow-users-1")
+    env = plain_env(spec, AUTH_SECRETS)
+    cmd = ["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network", net]
+    cmd += [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
+    cmd += ["--entrypoint", spec["command"][0], image, *spec["command"][1:], *spec["args"]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def http_status(url: str, login: tuple[str, str] | None = None, data: dict | None = None, method: str = "") -> int:
+    import base64
+    import urllib.error
+
+    headers = {"Content-Type": "application/json"}
+    if login:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(login).encode()).decode()
+    body = json.dumps(data).encode() if data is not None else None
+    request = urllib.request.Request(url, data=body, headers=headers, method=method or ("POST" if body else "GET"))
+    try:
+        return urllib.request.urlopen(request, timeout=10).status  # noqa: S310 - loopback only
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_pipeline_in_containers_registers_a_champion_on_s3(image, multi30k, tmp_path, monkeypatch):
@@ -128,6 +166,12 @@ def test_pipeline_in_containers_registers_a_champion_on_s3(image, multi30k, tmp_
         _, s3_port = start_s3(net, image)
         assert "bucket mlflow: created" in create_buckets(net, image)
         mlflow_name, mlflow_port = start_mlflow(net, image)
+        # MLflow's auth is on: anonymous and a wrong password are refused; the Job makes the pipeline's user
+        api = f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert http_status(api) == 401 and http_status(api, ("admin", "wrong-password")) == 401
+        assert "MLflow user pipeline: created" in create_pipeline_user(net, image)
+        assert "MLflow user pipeline: password set" in create_pipeline_user(net, image)  # an upgrade: rotation
+        assert http_status(api, tuple(PIPELINE_USER.values())) == 200
         # the pipeline compiled as the chart's upload Job compiles it, on the image built here
         structure = [*compiled, "pipeline.image=automoe", "pipeline.image_tag=test", "pipeline.retries=0"]
         cmd = [sys.executable, "pipeline.py", "run-local", "--runner", "docker", "--network", net]
@@ -135,13 +179,15 @@ def test_pipeline_in_containers_registers_a_champion_on_s3(image, multi30k, tmp_
         cmd += [a for o in [*structure, *as_overrides(tiny_pipeline_params(multi30k))] for a in ("--set", o)]
         uri = f"http://127.0.0.1:{mlflow_port}"  # the parent run, from this machine
         env = subprocess_env(AUTOMOE_TRACKING="1", MLFLOW_TRACKING_URI=uri, TMPDIR=str(tmp_path))
-        env |= {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
+        env |= {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, **PIPELINE_USER}  # the tasks' Secrets
         t0 = time.monotonic()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:] + logs(mlflow_name)
         print(f"\npipeline in containers: {time.monotonic() - t0:.0f} s")
         assert proc.stdout.count("Found image 'automoe:test'") >= len(ALL_STAGE_RUNS)
 
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", PIPELINE_USER["MLFLOW_TRACKING_USERNAME"])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PIPELINE_USER["MLFLOW_TRACKING_PASSWORD"])
         _, runs = mlflow_runs(uri)
         parent = next(r for r in runs if r.info.run_name == "pipeline")
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -156,6 +202,20 @@ def test_pipeline_in_containers_registers_a_champion_on_s3(image, multi30k, tmp_
         registry = MlflowClient(tracking_uri=uri, registry_uri=uri)
         champion = registry.get_model_version_by_alias(name, "champion")
         assert champion.version == "1"
+        # another signed-in user reads the registry but can neither move the champion nor delete it
+        from mlflow.server.auth.client import AuthServiceClient
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN["MLFLOW_TRACKING_USERNAME"])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN["MLFLOW_TRACKING_PASSWORD"])
+        AuthServiceClient(uri).create_user("reader", "cluster-reader-pass-0123")
+        reader = ("reader", "cluster-reader-pass-0123")
+        base = f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow"
+        assert http_status(f"{base}/registered-models/alias?name={name}&alias=champion", reader) == 200
+        move = {"name": name, "alias": "champion", "version": "1"}
+        assert http_status(f"{base}/registered-models/alias", reader, move) == 403
+        assert http_status(f"{base}/model-versions/delete", reader, {"name": name, "version": "1"}, "DELETE") == 403
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", PIPELINE_USER["MLFLOW_TRACKING_USERNAME"])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PIPELINE_USER["MLFLOW_TRACKING_PASSWORD"])
         # the model's files are in the chart's artifact bucket, and they are what the registry serves
         s3 = boto3.client(
             "s3", endpoint_url=f"http://127.0.0.1:{s3_port}", aws_access_key_id=KEY,
@@ -172,6 +232,7 @@ def test_pipeline_in_containers_registers_a_champion_on_s3(image, multi30k, tmp_
         client += "print(hashlib.sha256((p / 'MLmodel').read_bytes()).hexdigest())"
         cmd = ["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network", net]
         cmd += ["-e", f"MLFLOW_TRACKING_URI={tracking_uri}", "-e", "AUTOMOE_TRACKING=0", "--entrypoint", "python"]
+        cmd += [a for k, v in PIPELINE_USER.items() for a in ("-e", f"{k}={v}")]
         proc = subprocess.run([*cmd, image, "-c", client % name], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         translations, digest = proc.stdout.strip().splitlines()[-2:]

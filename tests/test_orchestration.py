@@ -389,6 +389,7 @@ def test_gpu_resources_compile_to_cuda_image_accelerators_and_secrets(tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["pipeline"]["resources"]["train_supernet"]["gpu"] = 4
     params["pipeline"]["s3_secret"] = "automoe-s3"
+    params["pipeline"]["mlflow_secret"] = "automoe-mlflow-pipeline"
     params["pipeline"]["mlflow_tracking_uri"] = "http://mlflow.automoe:5000"
     params["measure_latency"]["num_shards"] = 3
     params["measure_latency"]["node_selector"] = {"node.kubernetes.io/instance-type": "c6i.large"}
@@ -411,7 +412,12 @@ def test_gpu_resources_compile_to_cuda_image_accelerators_and_secrets(tmp_path):
     assert executors["exec-prepare-data"]["container"]["image"].endswith(":0.1.0")
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.automoe:5000"} in train["env"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert k8s["exec-train-supernet"]["secretAsEnv"][0]["secretName"] == "automoe-s3"
+    secrets = {e["secretName"]: e for e in k8s["exec-train-supernet"]["secretAsEnv"]}
+    assert set(secrets) == {"automoe-s3", "automoe-mlflow-pipeline"}
+    assert {m["envVar"] for m in secrets["automoe-mlflow-pipeline"]["keyToEnv"]} == {
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    }  # the credential is a Secret reference: nothing of it is in the spec
     assert k8s["exec-measure-latency"]["nodeSelector"]["labels"] == {"node.kubernetes.io/instance-type": "c6i.large"}
     assert "exec-merge-latency" in executors  # shards measured in a ParallelFor, then merged
 

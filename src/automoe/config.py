@@ -240,6 +240,7 @@ class PipelineConfig:
     retries: int = 2  # retries of a failed task (transient node or network failures)
     mlflow_tracking_uri: str = ""  # given to every task as MLFLOW_TRACKING_URI ("" = the image default)
     s3_secret: str = ""  # Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, mounted as env
+    mlflow_secret: str = ""  # Kubernetes Secret with MLFLOW_TRACKING_USERNAME / _PASSWORD (MLflow auth), as env
     s3_endpoint: str = ""  # AWS_ENDPOINT_URL for tasks (MinIO); "" = AWS S3
     pipeline_root: str = ""  # where KFP keeps artifacts on the cluster, e.g. s3://automoe/kfp ("" = KFP default)
     resources: dict[str, Resources] = dataclasses.field(default_factory=dict)  # per stage
