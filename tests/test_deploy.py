@@ -215,8 +215,10 @@ def test_bucket_job_creates_missing_buckets_and_keeps_existing_ones(tmp_path):
 
 def test_chart_s3_store_is_the_tested_seaweedfs_serving_only_the_secrets_key_pair(tmp_path):
     """The in-cluster store's container command, run here with the tests' SeaweedFS binary
-    (same release as the image): its probe answers, the Secret's key pair can create and
-    read buckets and objects, anonymous and wrong-key requests are refused."""
+    (same release as the image): its probe answers; the admin identity creates buckets;
+    MLflow's identity reads and writes its artifact bucket and nothing else; anonymous and
+    wrong-key requests are refused; master, volume server and filer bind to loopback."""
+    import re
     import time
     import urllib.request
 
@@ -228,31 +230,34 @@ def test_chart_s3_store_is_the_tested_seaweedfs_serving_only_the_secrets_key_pai
     container = sts["spec"]["template"]["spec"]["containers"][0]
     version = run([weed_binary(), "version"]).stdout.split()[2]
     assert container["image"] == f"chrislusf/seaweedfs:{version}"
-    assert {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]} == {
-        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-    }
-    assert container["command"] == ["weed"] and container["args"][0] == "server"
+    refs = {e["name"]: tuple(e["valueFrom"]["secretKeyRef"].values()) for e in container["env"] if "valueFrom" in e}
+    assert refs["MLFLOW_KEY"] == ("automoe-s3-mlflow", "AWS_ACCESS_KEY_ID") and len(refs) == 6
+    assert container["command"] == ["/bin/sh", "-c"] and "exec weed server" in container["args"][0]
+    script = container["args"][0]
+    loopback = ("-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3.ip.bind=0.0.0.0", "-s3.port.iceberg=0", "-s3.port.lance=0")
+    for flag in loopback:
+        assert f" {flag} " in script, flag  # only the S3 gateway beyond the pod
     probe = container["readinessProbe"]["httpGet"]
     assert probe["port"] == "s3" and container["ports"][0]["containerPort"] == 9000
-    # the same arguments, with this machine's folder, loopback and free ports
+    # the same script, with this machine's folders, loopback and free ports
     ports = _weed_ports(("master", "volume", "filer", "s3"))
-    swap = {"-dir": str(tmp_path / "data"), "-ip.bind": "127.0.0.1"} | {f"-{k}.port": str(v) for k, v in ports.items()}
-    args = [
-        a if a.split("=")[0] not in swap else f"{a.split('=')[0]}={swap[a.split('=')[0]]}" for a in container["args"]
-    ]
-    assert len([a for a in args if a.split("=")[0] in swap]) == len(swap)  # every swapped flag is in the chart
+    swaps = {r"-dir=/data\b": f"-dir={tmp_path / 'data'}", r"-s3\.ip\.bind=0\.0\.0\.0": "-s3.ip.bind=127.0.0.1"}
+    swaps |= {rf"-{k}\.port=\d+": f"-{k}.port={v}" for k, v in ports.items()}
+    swaps |= {r"/config/s3\.json": str(tmp_path / "s3.json")}
+    swaps |= {r"exec weed ": f"exec {weed_binary()} -logdir={tmp_path} "}
+    for pattern, value in swaps.items():
+        script, n = re.subn(pattern, value, script)
+        assert n >= 1, pattern  # every swapped part is in the chart
     (tmp_path / "data").mkdir()
-    key, secret = "chart-test-key", "chart-test-secret-0123"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    ids = {"ADMIN": ("chart-admin", "chart-admin-secret-0123"), "MLFLOW": ("chart-mlflow", "chart-mlflow-secret-0123")}
+    ids["PIPELINE"] = ("chart-pipeline", "chart-pipeline-secret-0123")
+    env = {**os.environ} | {f"{k}_KEY": v[0] for k, v in ids.items()} | {f"{k}_SECRET": v[1] for k, v in ids.items()}
+    env |= {e["name"]: e["value"] for e in container["env"] if "value" in e}
     log = open(tmp_path / "weed.out", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [weed_binary(), f"-logdir={tmp_path}", *args, "-ip=127.0.0.1"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
+        ["/bin/sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
+    key, secret = ids["ADMIN"]
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     try:
         deadline = time.monotonic() + 90
@@ -276,8 +281,17 @@ def test_chart_s3_store_is_the_tested_seaweedfs_serving_only_the_secrets_key_pai
                 if attempt == 29:
                     raise
                 time.sleep(1)
+        s3.create_bucket(Bucket="automoe")
         s3.put_object(Bucket="mlflow", Key="a/b.txt", Body=b"artifact")
         assert s3.get_object(Bucket="mlflow", Key="a/b.txt")["Body"].read() == b"artifact"
+        mlflow = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ids["MLFLOW"][0],
+                              aws_secret_access_key=ids["MLFLOW"][1], region_name="us-east-1")  # fmt: skip
+        mlflow.put_object(Bucket="mlflow", Key="a/c.txt", Body=b"its own")
+        assert mlflow.get_object(Bucket="mlflow", Key="a/b.txt")["Body"].read() == b"artifact"
+        with pytest.raises(ClientError, match="AccessDenied"):
+            mlflow.put_object(Bucket="automoe", Key="x", Body=b"not its bucket")
+        with pytest.raises(ClientError, match="AccessDenied"):
+            mlflow.create_bucket(Bucket="another")
         with pytest.raises(urllib.error.HTTPError) as anonymous:
             urllib.request.urlopen(f"{endpoint}/mlflow/a/b.txt", timeout=5)
         assert anonymous.value.code == 403

@@ -66,22 +66,36 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/* S3 credentials and endpoint from the referenced Secret (never from values). */}}
+{{/* S3 credentials (the Secret named by "secret": one identity per client) and the endpoint
+(never from values). Called with (dict "root" . "secret" NAME). */}}
 {{- define "automoe.s3Env" -}}
+{{- $root := .root -}}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
-    secretKeyRef: {name: {{ .Values.s3.existingSecret }}, key: AWS_ACCESS_KEY_ID}
+    secretKeyRef: {name: {{ .secret }}, key: AWS_ACCESS_KEY_ID}
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
-    secretKeyRef: {name: {{ .Values.s3.existingSecret }}, key: AWS_SECRET_ACCESS_KEY}
-{{- with (include "automoe.s3Endpoint" .) }}
+    secretKeyRef: {name: {{ .secret }}, key: AWS_SECRET_ACCESS_KEY}
+{{- with (include "automoe.s3Endpoint" $root) }}
 - name: MLFLOW_S3_ENDPOINT_URL
   value: {{ . | quote }}
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}
 {{- end }}
 - name: AWS_REGION
-  value: {{ .Values.s3.external.region | quote }}
+  value: {{ $root.Values.s3.external.region | quote }}
+{{- end -}}
+
+{{/* The S3 actions of an identity limited to some buckets, as SeaweedFS's s3.json spells them. */}}
+{{- define "automoe.s3Actions" -}}
+{{- $actions := list -}}
+{{- range . -}}
+{{- $bucket := . -}}
+{{- range (list "Read" "Write" "List" "Tagging") -}}
+{{- $actions = append $actions (printf "\"%s:%s\"" . $bucket) -}}
+{{- end -}}
+{{- end -}}
+{{- join ", " $actions -}}
 {{- end -}}
 
 {{/* Host headers the MLflow server accepts (it refuses others with 403, the probes excepted):
