@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent
 PARAMS = json.dumps(read_yaml(PARAMS_FILE), separators=(",", ":"), sort_keys=True)
 PIPELINE = load_section(PipelineConfig, "pipeline", PARAMS_FILE)
 MEASURE = load_section(MeasureLatencyConfig, "measure_latency", PARAMS_FILE)
+MERGED = "AUTOMOE_PIPELINE_MERGED"  # set in the child that compiles from params merged with compile-time --sets
 RUN_LOCAL = {"on": False}  # kfp.local SubprocessRunner: tasks are processes here and may track into ./mlflow.db
 # kfp.local DockerRunner: what a task's container gets from this process's environment
 DOCKER_ENV = (
@@ -203,10 +204,10 @@ def automoe_pipeline(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipeline.py")
     sub = parser.add_subparsers(dest="command", required=True)
-    comp = sub.add_parser("compile", help="write the pipeline spec YAML")
+    comp = sub.add_parser("compile", allow_abbrev=False, help="write the pipeline spec YAML")
     comp.add_argument("--output", default="pipeline.yaml")
     comp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    local = sub.add_parser("run-local", help="run every stage here with kfp.local")
+    local = sub.add_parser("run-local", allow_abbrev=False, help="run every stage here with kfp.local")
     local.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     local.add_argument("--pipeline-root", default=".kfp_local")
     local.add_argument("--no-cache", action="store_true", help="run every task (default: reuse cached task outputs)")
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="docker: a host folder the tasks read (a corpus mirror), mounted read-only at the same path",
     )
-    up = sub.add_parser("upload", help="compile and upload to a Kubeflow Pipelines endpoint")
+    up = sub.add_parser("upload", allow_abbrev=False, help="compile and upload to a Kubeflow Pipelines endpoint")
     up.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888")
     up.add_argument("--name", default=PIPELINE.name)
     up.add_argument("--version", default=PIPELINE.image_tag, help="pipeline version name")
@@ -233,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
     structure = args.overrides if args.command != "run-local" else _compile_time(args.overrides)
-    if structure:  # compile-time keys change what this module builds: compile it from merged params
-        return _with_overrides(list(argv if argv is not None else sys.argv[1:]), structure)
+    if structure and os.environ.get(MERGED) != "1":  # compile-time keys change what this module builds:
+        return _with_overrides(list(argv if argv is not None else sys.argv[1:]), structure)  # from merged params
     if args.command in ("compile", "upload"):
         compiler.Compiler().compile(automoe_pipeline, args.output)
         print(f"wrote {args.output}")
@@ -326,18 +327,21 @@ def _with_overrides(argv: list[str], overrides: list[str]) -> int:
     data = merge(read_yaml(PARAMS_FILE) or {}, parse_overrides(overrides))
     validate(data)
     rest, skip = [], False
-    for i, a in enumerate(argv):
+    for i, a in enumerate(argv):  # the applied --sets leave, in both forms argparse takes
         if skip:
             skip = False
             continue
         if a == "--set" and i + 1 < len(argv) and argv[i + 1] in overrides:
             skip = True
             continue
+        if a.startswith("--set=") and a.split("=", 1)[1] in overrides:
+            continue
         rest.append(a)
     with tempfile.TemporaryDirectory() as tmp:
         merged = Path(tmp) / "params.yaml"
         merged.write_text(json.dumps(data))
-        env = dict(os.environ, AUTOMOE_PIPELINE_PARAMS=str(merged))
+        # the child builds from the merged params and never starts another (MERGED)
+        env = dict(os.environ, AUTOMOE_PIPELINE_PARAMS=str(merged), **{MERGED: "1"})
         return subprocess.run([sys.executable, str(Path(__file__).resolve()), *rest], env=env).returncode
 
 

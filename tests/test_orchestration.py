@@ -481,6 +481,12 @@ def test_compile_time_settings_come_from_compile_set_and_runs_cannot_change_them
     train = executors["exec-train-supernet"]["container"]
     assert {"name": "MLFLOW_TRACKING_URI", "value": uri} in train["env"]
     assert train["image"] == "ghcr.io/automoe/automoe:abc123"
+    # --set=VALUE, argparse's other form, too (it used to start a child that started a child, without end)
+    cmd = [sys.executable, "pipeline.py", "compile", "--output", str(out), "--set=pipeline.image_tag=eq1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    spec = next(yaml.safe_load_all(out.read_text()))
+    assert spec["deploymentSpec"]["executors"]["exec-train-supernet"]["container"]["image"].endswith(":eq1")
     assert not any(e["name"] == "AUTOMOE_NO_LOCAL_STORE" for e in train["env"])
     executors = compile_with()
     assert {"name": "AUTOMOE_NO_LOCAL_STORE", "value": "pipeline.mlflow_tracking_uri"} in executors[
