@@ -58,7 +58,7 @@ def _tracking(task):
     return task
 
 
-def _task(task, stage: str):
+def _task(task, stage: str, retries: int | None = None):
     """Resources, accelerator, retries, tracking and S3 credentials of a stage's task. The
     KFP run id reaches the pod from its `pipeline/runid` label (tracking finds the parent run
     by it and records it): as an input it would be part of the cache key of every task."""
@@ -66,7 +66,9 @@ def _task(task, stage: str):
     task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu).set_memory_request(res.memory).set_memory_limit(res.memory)
     if res.gpu > 0:
         task.set_accelerator_type(PIPELINE.gpu_accelerator).set_accelerator_limit(res.gpu)
-    task.set_retry(num_retries=PIPELINE.retries, backoff_duration="60s", backoff_factor=2)
+    retries = PIPELINE.retries if retries is None else retries
+    if retries:
+        task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2)
     task.set_display_name(stage)
     _tracking(task)
     if not RUN_LOCAL["on"]:  # kfp.local: run-local exports the parent run's id instead
@@ -198,7 +200,8 @@ def automoe_pipeline(
             search_result=found.outputs["result"],
             **own("register"),
         )
-        _task(registered, "register").set_caching_options(False)  # the registry changes between runs
+        # never retried: a retry after the version was created would register a second one
+        _task(registered, "register", retries=0).set_caching_options(False)  # the registry changes between runs
 
 
 def main(argv: list[str] | None = None) -> int:
