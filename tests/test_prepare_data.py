@@ -100,6 +100,8 @@ def test_cleaning_counts_drops_per_reason(tmp_path, capsys):
         "prepare_data.max_len=80",
         "--set",
         "prepare_data.max_len_ratio=2.5",
+        "--set",
+        "prepare_data.keep_train_text=true",
     ]
     rc, err = run_cli(args + [a for o in paths_overrides(str(folder), vocab=40) for a in ("--set", o)], capsys)
     assert rc == 0, err
@@ -290,3 +292,205 @@ def test_credentials_in_url_inputs_are_used_but_never_recorded(small_corpus, tmp
     assert sum(f"http://***@127.0.0.1:{port}/train.{{lang}}?X-Amz" in text for text in recorded) == 2  # both runs
     for text in [manifest, err, failed, *recorded]:
         assert token not in text and signature not in text and "AKIA1" not in text
+
+
+# --- streaming at scale: equal to the in-memory algorithm it replaced; bad large inputs ---
+
+
+def _in_memory_prepare(train, valid, test, out, vocab, max_len, max_ratio):
+    """The algorithm prepare_data ran before it streamed (whole corpus in Python lists,
+    exact dedupe, every sentence to SentencePiece in one thread): the oracle."""
+    import io
+    import unicodedata
+
+    import sentencepiece as spm
+
+    def lines(blob):
+        raw = blob.split(b"\n")
+        if raw and raw[-1] == b"":
+            raw.pop()
+        return [unicodedata.normalize("NFC", r.decode("utf-8")).strip() for r in raw]
+
+    src, tgt, seen = [], [], set()
+    for s, t in zip(*(lines(b) for b in train), strict=True):
+        if s and t and (s, t) not in seen:
+            seen.add((s, t))
+            src.append(s)
+            tgt.append(t)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(src + tgt),
+        model_writer=model,
+        vocab_size=vocab,
+        model_type="unigram",
+        character_coverage=1.0,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
+    out.mkdir()
+    (out / "spm.model").write_bytes(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    for split, (s_lines, t_lines) in (("train", (src, tgt)), ("valid", map(lines, valid)), ("test", map(lines, test))):
+        s_ids, t_ids = ([x + [3] for x in sp.encode(side)] for side in (s_lines, t_lines))
+        keep = range(len(s_ids))
+        if split == "train":
+            keep = [
+                i
+                for i, (a, b) in enumerate(zip(s_ids, t_ids, strict=True))
+                if len(a) <= max_len and len(b) <= max_len and max(len(a), len(b)) <= max_ratio * min(len(a), len(b))
+            ]
+        for side, text, ids in (("src", s_lines, s_ids), ("tgt", t_lines, t_ids)):
+            (out / f"{split}.{side}.txt").write_text("".join(text[i] + "\n" for i in keep), encoding="utf-8")
+            seqs = [ids[i] for i in keep]
+            np.save(out / f"{split}.{side}.tokens.npy", np.array([t for q in seqs for t in q], dtype=np.uint16))
+            np.save(out / f"{split}.{side}.offsets.npy", np.concatenate([[0], np.cumsum([len(q) for q in seqs])]))
+
+
+def _wmt_like(multi30k, folder, pairs):
+    """Multi30k lines with repeats and empty lines mixed in, the training split in two
+    files (one gzip, one plain) as WMT's several corpora are."""
+    folder.mkdir()
+    src = read_gz_lines(multi30k / "train.en.gz", pairs)
+    tgt = read_gz_lines(multi30k / "train.de.gz", pairs)
+    rng = np.random.default_rng(0)
+    for i in rng.choice(pairs, size=pairs // 10, replace=False):  # repeats of earlier pairs
+        src.append(src[i])
+        tgt.append(tgt[i])
+    src[5], tgt[9] = "", "   "
+    half = len(src) // 2
+    for lang, side in (("en", src), ("de", tgt)):
+        (folder / f"a.{lang}.gz").write_bytes(gzip.compress(("\n".join(side[:half]) + "\n").encode()))
+        (folder / f"b.{lang}").write_text("\n".join(side[half:]) + "\n", encoding="utf-8")
+        for split, name in (("valid", "val"), ("test", "test_2016_flickr")):
+            text = "\n".join(read_gz_lines(multi30k / f"{name}.{lang}.gz", 200)) + "\n"
+            (folder / f"{split}.{lang}").write_text(text, encoding="utf-8")
+    return {
+        "source": "paths",
+        "paths": {
+            "train": [f"{folder}/a.{{lang}}.gz", f"{folder}/b.{{lang}}"],
+            "valid": f"{folder}/valid.{{lang}}",
+            "test": f"{folder}/test.{{lang}}",
+        },
+        "dedupe": True,
+        "vocab_size": 600,
+        "max_len": 24,
+        "max_len_ratio": 2.0,
+    }
+
+
+def test_streaming_output_equals_the_in_memory_algorithm_byte_for_byte(multi30k, tmp_path, monkeypatch):
+    """Chunked encoding in 2 worker processes, two training files, dedupe by hash and a
+    SentencePiece sample at least the corpus' size give the files the old code wrote."""
+    section = _wmt_like(multi30k, tmp_path / "c", 4000)
+    monkeypatch.setattr(prepare_data, "CHUNK_PAIRS", 700)  # several chunks in flight
+    cfg = prepare_data.load_config(
+        {"prepare_data": {**section, "num_workers": 2, "keep_train_text": True, "spm_input_sentence_size": 8800}}
+    )
+    out = tmp_path / "streamed"
+    prepare_data.run(cfg, None, out)
+    c = tmp_path / "c"
+    train = [(c / f"a.{lang}.gz").read_bytes() for lang in ("en", "de")]
+    train = [gzip.decompress(a) + (c / f"b.{lang}").read_bytes() for a, lang in zip(train, ("en", "de"), strict=True)]
+    split = [[(c / f"{s}.{lang}").read_bytes() for lang in ("en", "de")] for s in ("valid", "test")]
+    oracle = tmp_path / "oracle"
+    _in_memory_prepare(train, *split, oracle, vocab=600, max_len=24, max_ratio=2.0)
+
+    m = PreparedData.open(out).manifest
+    assert m["drops"]["duplicate"] >= 390 and m["drops"]["empty"] == 2 and m["drops"]["too_long"] > 0
+    assert m["counts"]["train"]["raw"] == 4400 and m["encode_workers"] == 2
+    cleaned = 4400 - m["drops"]["duplicate"] - m["drops"]["empty"]
+    assert m["sentencepiece_sample"]["sentences"] == m["sentencepiece_sample"]["of"] == 2 * cleaned
+    assert len(m["files"]) == 8  # every file of every split, hashed
+    written = sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
+    assert written == sorted(p.name for p in oracle.iterdir())
+    for name in written:
+        assert (out / name).read_bytes() == (oracle / name).read_bytes(), name
+
+
+def test_sentencepiece_learns_from_a_seeded_sample_and_training_text_is_left_out(multi30k, tmp_path):
+    section = _wmt_like(multi30k, tmp_path / "c", 3000)
+    params = {"prepare_data": {**section, "num_workers": 1, "spm_input_sentence_size": 1500, "seed": 3}}
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        prepare_data.run(prepare_data.load_config(params), None, out)
+    m = PreparedData.open(outs[0]).manifest
+    assert m["sentencepiece_sample"] == {
+        "sentences": 1500,
+        "of": 2 * (3300 - m["drops"]["duplicate"] - m["drops"]["empty"]),
+        "seed": 3,
+        "num_threads": 1,
+        "extremely_large_corpus": False,
+    }
+    assert (outs[0] / "spm.model").read_bytes() == (outs[1] / "spm.model").read_bytes()  # reproducible
+    assert not (outs[0] / "train.src.txt").exists() and m["train_text"] is False
+    data = PreparedData.open(outs[0])
+    sp, valid = data.sentencepiece(), data.split("valid")
+    refs = (outs[0] / "valid.src.txt").read_text(encoding="utf-8").splitlines()
+    for i in (0, 99, 199):
+        assert valid.src[i].tolist() == sp.encode(refs[i]) + [3]
+    with pytest.raises(Exception, match="keep_train_text"):
+        data.raw_lines("train", "tgt")
+
+
+def _template_run(folder, capsys, train_templates, out):
+    params = folder / "params.yaml"
+    import yaml
+
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "prepare_data": {
+                    "source": "paths",
+                    "paths": {
+                        "train": train_templates,
+                        "valid": f"{folder}/v.{{lang}}",
+                        "test": f"{folder}/v.{{lang}}",
+                    },  # noqa: E501
+                    "vocab_size": 60,
+                    "num_workers": 1,
+                }
+            }
+        )
+    )
+    return run_cli(["--out", str(out), "--params", str(params)], capsys)
+
+
+def _bad_large_corpus(folder, case):
+    folder.mkdir()
+    lines = [f"sentence number {i} of a large file" for i in range(60_000)]
+    for lang in ("en", "de"):
+        (folder / f"v.{lang}").write_text("a b\nc d\n")
+        (folder / f"ok.{lang}").write_text("\n".join(lines[:500]) + "\n")
+        body = ("\n".join(lines) + "\n").encode()
+        if case == "utf8" and lang == "de":
+            body = body.replace(b"sentence number 45678 ", b"sentence \xc3\x28 number 45678 ")
+        if case == "counts" and lang == "de":
+            body = body[: body.index(b"sentence number 59990 ")]
+        if case == "gzip":
+            body = gzip.compress(body)
+            body = body[: len(body) // 2] if lang == "en" else body
+        (folder / f"big.{lang}").write_bytes(body)
+
+
+@pytest.mark.parametrize(
+    "case, templates, needle",
+    [
+        ("gzip", ["big.{lang}"], "big.en: corrupt gzip data after line"),
+        ("missing", ["ok.{lang}", "nowhere.{lang}"], "nowhere.en: file not found"),
+        ("utf8", ["ok.{lang}", "big.{lang}"], "big.de: line 45679: invalid UTF-8 at byte 9"),
+        ("counts", ["big.{lang}"], "big.en has 60000 lines but"),
+    ],
+)
+def test_bad_large_inputs_are_one_line_naming_the_file(tmp_path, capsys, case, templates, needle):
+    folder = tmp_path / "c"
+    _bad_large_corpus(folder, case)
+    out = tmp_path / "out"
+    rc, err = _template_run(folder, capsys, [f"{folder}/{t}" for t in templates], out)
+    assert_clean_failure(rc, err, out, needle)
+    if case == "counts":
+        assert err.strip().endswith("big.de has 59990: misaligned corpus"), err

@@ -1,60 +1,42 @@
-"""Parallel text -> cleaned pairs -> joint SentencePiece -> compact token arrays."""
+"""Parallel text -> joint SentencePiece -> compact token arrays, in bounded memory.
+
+The pieces prepare_data streams a corpus through: a SentencePiece trainer fed from an
+iterator (a sample of the cleaned training text), chunk encoders that run in worker
+processes, a vectorised length filter and token files appended chunk by chunk.
+"""
 
 from __future__ import annotations
 
 import io
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
-from automoe.errors import DataError
-
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPM_FILE = "spm.model"
 
 
-@dataclass(frozen=True)
-class Pairs:
-    src: list[str]
-    tgt: list[str]
-
-    def __len__(self) -> int:
-        return len(self.src)
-
-
-def align(src: list[str], tgt: list[str], src_uri: str, tgt_uri: str) -> Pairs:
-    if len(src) != len(tgt):
-        raise DataError(f"{src_uri} has {len(src)} lines but {tgt_uri} has {len(tgt)}: misaligned corpus")
-    if not src:
-        raise DataError(f"{src_uri}: empty corpus")
-    return Pairs(src, tgt)
-
-
-def drop_empty_and_duplicates(pairs: Pairs, dedupe: bool, drops: Counter) -> Pairs:
-    src, tgt, seen = [], [], set()
-    for s, t in zip(pairs.src, pairs.tgt, strict=True):
-        if not s or not t:
-            drops["empty"] += 1
-            continue
-        if dedupe:
-            if (s, t) in seen:
-                drops["duplicate"] += 1
-                continue
-            seen.add((s, t))
-        src.append(s)
-        tgt.append(t)
-    return Pairs(src, tgt)
-
-
-def train_sentencepiece(pairs: Pairs, out_dir: Path, vocab_size: int, model_type: str) -> Path:
-    """One joint model over both sides of the training split; ids 0..3 are pad/unk/bos/eos.
-    Every sentence is used (no sampling), so the model is a function of the data."""
+def train_sentencepiece(
+    sentences: Iterable[str],
+    out_dir: Path,
+    vocab_size: int,
+    model_type: str,
+    num_threads: int = 1,
+    extremely_large: bool = False,
+) -> Path:
+    """One joint model over the sentences given (both sides of the training split, or a
+    sample of them); ids 0..3 are pad/unk/bos/eos. The model is a function of the
+    sentences, their order and `num_threads` (unigram EM splits its sums by thread)."""
+    options = {}
+    if extremely_large:  # 64-bit suffix array: past 2^31 characters of input
+        options["train_extremely_large_corpus"] = True
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(pairs.src + pairs.tgt),
+        sentence_iterator=iter(sentences),
         model_writer=model,
         vocab_size=vocab_size,
         model_type=model_type,
@@ -64,40 +46,89 @@ def train_sentencepiece(pairs: Pairs, out_dir: Path, vocab_size: int, model_type
         bos_id=BOS,
         eos_id=EOS,
         hard_vocab_limit=False,
-        num_threads=1,
+        num_threads=num_threads,
         minloglevel=2,
+        **options,
     )
     path = out_dir / SPM_FILE
     path.write_bytes(model.getvalue())
     return path
 
 
-def encode(sp: spm.SentencePieceProcessor, lines: list[str]) -> list[list[int]]:
-    """Token ids of each line followed by EOS."""
-    return [ids + [EOS] for ids in sp.encode(lines)]
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max else np.int32)
 
 
-def filter_lengths(
-    src: list[list[int]], tgt: list[list[int]], max_len: int, max_ratio: float, drops: Counter
+def encode_flat(sp: spm.SentencePieceProcessor, lines: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, lengths): the lines' ids, each followed by EOS, back to back."""
+    ids = sp.encode(lines)
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(chain.from_iterable(x + [EOS] for x in ids), dtype=dtype, count=int(lengths.sum()))
+    return flat, lengths
+
+
+# --- worker processes: each loads the model once, then encodes chunk after chunk ---
+_worker_sp: spm.SentencePieceProcessor | None = None
+
+
+def init_worker(model_proto: bytes) -> None:
+    global _worker_sp
+    _worker_sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+
+def encode_job(job: tuple[list[str], list[str], str]):
+    src, tgt, dtype = job
+    assert _worker_sp is not None, "init_worker was not called"
+    return encode_flat(_worker_sp, src, np.dtype(dtype)), encode_flat(_worker_sp, tgt, np.dtype(dtype))
+
+
+def length_mask(
+    src_lens: np.ndarray, tgt_lens: np.ndarray, max_len: int, max_ratio: float, drops: Counter
 ) -> np.ndarray:
-    """Indices of pairs within `max_len` tokens and a src/tgt length ratio of `max_ratio`."""
-    keep = []
-    for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
-        if len(s) > max_len or len(t) > max_len:
-            drops["too_long"] += 1
-        elif max(len(s), len(t)) > max_ratio * min(len(s), len(t)):
-            drops["length_ratio"] += 1
+    """Pairs within `max_len` tokens per side and a src/tgt length ratio of `max_ratio`."""
+    too_long = (src_lens > max_len) | (tgt_lens > max_len)
+    unbalanced = ~too_long & (np.maximum(src_lens, tgt_lens) > max_ratio * np.minimum(src_lens, tgt_lens))
+    for reason, mask in (("too_long", too_long), ("length_ratio", unbalanced)):
+        if mask.any():
+            drops[reason] += int(mask.sum())
+    return ~(too_long | unbalanced)
+
+
+class TokenFile:
+    """`{split}.{side}.tokens.npy` (every sequence back to back) + `.offsets.npy` (n + 1),
+    appended chunk by chunk through a raw scratch file, so memory holds one chunk and
+    the lengths (8 bytes a sentence)."""
+
+    def __init__(self, out_dir: Path, scratch: Path, split: str, side: str, dtype: np.dtype):
+        self.out_dir, self.name, self.dtype = out_dir, f"{split}.{side}", dtype
+        self.raw_path = scratch / f"{self.name}.tokens.raw"
+        self._raw = open(self.raw_path, "wb")  # noqa: SIM115 - closed in finish
+        self._lengths: list[np.ndarray] = []
+
+    def append(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        self._raw.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._lengths.append(lengths)
+
+    def finish(self) -> int:
+        """Write the .npy pair; the number of sequences."""
+        self._raw.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        path = self.out_dir / f"{self.name}.tokens.npy"
+        if total == 0:
+            np.save(path, np.zeros(0, dtype=self.dtype))
         else:
-            keep.append(i)
-    return np.asarray(keep, dtype=np.int64)
-
-
-def save_tokens(out_dir: Path, split: str, side: str, seqs: list[list[int]], vocab_size: int) -> None:
-    """`{split}.{side}.tokens.npy` (all sequences back to back) + `.offsets.npy` (n+1)."""
-    dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max else np.int32
-    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter((tok for s in seqs for tok in s), dtype=dtype, count=int(offsets[-1]))
-    np.save(out_dir / f"{split}.{side}.tokens.npy", flat)
-    np.save(out_dir / f"{split}.{side}.offsets.npy", offsets)
+            tokens = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=(total,))
+            with open(self.raw_path, "rb") as raw:
+                done = 0
+                while done < total:
+                    chunk = np.fromfile(raw, dtype=self.dtype, count=min(1 << 24, total - done))
+                    tokens[done : done + len(chunk)] = chunk
+                    done += len(chunk)
+            tokens.flush()
+            del tokens
+        np.save(self.out_dir / f"{self.name}.offsets.npy", offsets)
+        self.raw_path.unlink()
+        return len(lengths)

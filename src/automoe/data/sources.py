@@ -1,15 +1,20 @@
 """Corpus sources: Multi30k (local mirror or upstream, SHA-256 checked), local files,
-s3:// objects through boto3 and http(s) URLs. Everything ends as a list of lines."""
+s3:// objects through boto3 and http(s) URLs, each read as a stream of lines."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
+import io
 import os
+import tempfile
 import unicodedata
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from automoe.errors import DataError
@@ -30,29 +35,124 @@ MULTI30K_SHA256 = {
 }
 
 
-@dataclass(frozen=True)
-class Blob:
-    """Raw bytes of one corpus file and where they came from."""
+class _HashingReader(io.RawIOBase):
+    """Reads through to `raw` and hashes every byte as stored (compressed or not)."""
 
-    uri: str
-    data: bytes
+    def __init__(self, raw):
+        self.raw, self.sha256, self.bytes_read = raw, hashlib.sha256(), 0
 
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.sha256.update(data)
+        self.bytes_read += n
+        return n
+
+    def drain(self) -> None:
+        """Hash the bytes nobody read (a run that stops early still records the file's hash)."""
+        while chunk := self.raw.read(1 << 20):
+            self.sha256.update(chunk)
 
 
-def fetch(uri: str) -> Blob:
-    """Read a local path, `s3://bucket/key` or `http(s)://` URL into memory."""
+class LineReader:
+    """One corpus file read line by line: gunzipped when it is gzip, UTF-8 decoded (an
+    invalid line is named by its number), NFC-normalised and stripped. Memory stays one
+    buffer whatever the file's size. `sha256` is the hash of the stored bytes, complete
+    once the reader is closed."""
+
+    def __init__(self, uri: str, raw, cleanup=None):
+        self.uri, self.lines_read = uri, 0
+        self._hashing = _HashingReader(raw)
+        self._raw, self._cleanup = raw, cleanup
+        buffered = io.BufferedReader(self._hashing, 1 << 20)
+        try:
+            magic = buffered.peek(2)[:2]
+        except (OSError, http.client.HTTPException) as exc:
+            raw.close()
+            raise DataError(f"{uri}: read failed ({exc})") from None
+        self._stream = gzip.GzipFile(fileobj=buffered) if magic == b"\x1f\x8b" else buffered
+        self.sha256 = ""
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            try:
+                raw = self._stream.readline()
+            except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+                raise DataError(f"{self.uri}: corrupt gzip data after line {self.lines_read} ({exc})") from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise DataError(f"{self.uri}: read failed after line {self.lines_read} ({exc})") from None
+            if not raw:
+                return
+            self.lines_read += 1
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{self.uri}: line {self.lines_read}: invalid UTF-8 at byte {exc.start}") from None
+            yield unicodedata.normalize("NFC", text).strip()
+
+    def close(self) -> None:
+        try:
+            self._hashing.drain()
+        except OSError as exc:
+            raise DataError(f"{self.uri}: read failed ({exc})") from None
+        finally:
+            self._raw.close()
+            if self._cleanup is not None:
+                self._cleanup()
+        self.sha256 = self._hashing.sha256.hexdigest()
+
+
+@contextmanager
+def open_lines(uri: str) -> Iterator[LineReader]:
+    """A LineReader over a local path, `s3://bucket/key` (downloaded to a temporary file)
+    or `http(s)://` URL (streamed); closed, and its hash completed, on leaving."""
+    reader = LineReader(uri, *_open_raw(uri))
+    failed = False
+    try:
+        yield reader
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if failed:
+            try:
+                reader.close()
+            except DataError:
+                pass
+        else:
+            reader.close()
+
+
+def check_readable(uri: str) -> None:
+    """Fail fast on an unknown scheme or a local file that is not there (before hours of
+    work on the others)."""
+    if "://" in uri and not uri.startswith(("s3://", "http://", "https://")):
+        raise DataError(f"{uri}: unknown source scheme (use a path, s3:// or http(s)://)")
+    if "://" not in uri:
+        path = Path(uri)
+        if not path.exists():
+            raise DataError(f"{uri}: file not found")
+        if path.is_dir():
+            raise DataError(f"{uri}: is a folder, expected a text file")
+
+
+def _open_raw(uri: str):
+    """(binary file object, cleanup or None) for `uri`."""
     if uri.startswith("s3://"):
-        return Blob(uri, _fetch_s3(uri))
+        return _open_s3(uri)
     if uri.startswith(("http://", "https://")):
-        return Blob(uri, _fetch_http(uri))
+        return _open_http(uri), None
     if "://" in uri:
         raise DataError(f"{uri}: unknown source scheme (use a path, s3:// or http(s)://)")
     path = Path(uri)
     try:
-        return Blob(uri, path.read_bytes())
+        return open(path, "rb"), None  # noqa: SIM115 - closed by LineReader.close
     except FileNotFoundError:
         raise DataError(f"{uri}: file not found") from None
     except IsADirectoryError:
@@ -61,8 +161,8 @@ def fetch(uri: str) -> Blob:
         raise DataError(f"{uri}: cannot read ({exc.strerror})") from None
 
 
-def _fetch_http(uri: str) -> bytes:
-    """GET `uri`; `user:password@` in it is sent as HTTP basic auth (urllib itself does not)."""
+def _open_http(uri: str):
+    """GET `uri` as a stream; `user:password@` in it is sent as HTTP basic auth (urllib itself does not)."""
     import base64
     from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -77,8 +177,7 @@ def _fetch_http(uri: str) -> bytes:
         uri_sent = uri
     try:
         request = urllib.request.Request(uri_sent, headers=headers)  # noqa: S310 - scheme checked above
-        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310
-            return resp.read()
+        return urllib.request.urlopen(request, timeout=60)  # noqa: S310 - closed by LineReader.close
     except urllib.error.HTTPError as exc:
         raise DataError(f"{uri}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
@@ -100,17 +199,25 @@ def s3_client():
     )
 
 
-def _fetch_s3(uri: str) -> bytes:
+def _open_s3(uri: str):
+    """Download to an anonymous temporary file, in 1 MiB pieces (memory stays flat)."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket or not key:
         raise DataError(f"{uri}: expected s3://bucket/key")
+    local = tempfile.TemporaryFile()  # noqa: SIM115 - closed by LineReader.close
     try:
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        while piece := body.read(1 << 20):
+            local.write(piece)
+        local.seek(0)
+        return local, None
     except NoCredentialsError:
+        local.close()
         raise DataError(f"{uri}: no AWS credentials in the environment") from None
     except ClientError as exc:
+        local.close()
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("NoSuchKey", "404", "NotFound"):
             raise DataError(f"{uri}: object not found") from None
@@ -120,28 +227,11 @@ def _fetch_s3(uri: str) -> bytes:
             raise DataError(f"{uri}: access denied ({code}); check the AWS credentials") from None
         raise DataError(f"{uri}: S3 error {code or exc}") from None
     except BotoCoreError as exc:
+        local.close()
         raise DataError(f"{uri}: S3 request failed ({type(exc).__name__})") from None
-
-
-def decode_lines(blob: Blob) -> list[str]:
-    """Gunzip if needed, decode UTF-8 (naming the first bad line), NFC-normalise, strip."""
-    data = blob.data
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{blob.uri}: corrupt gzip data ({exc})") from None
-    raw_lines = data.split(b"\n")
-    if raw_lines and raw_lines[-1] == b"":
-        raw_lines.pop()
-    lines = []
-    for number, raw in enumerate(raw_lines, start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{blob.uri}: line {number}: invalid UTF-8 at byte {exc.start}") from None
-        lines.append(unicodedata.normalize("NFC", text).strip())
-    return lines
+    except OSError as exc:
+        local.close()
+        raise DataError(f"{uri}: cannot write its temporary copy ({exc.strerror})") from None
 
 
 def default_mirror() -> Path | None:
@@ -163,8 +253,8 @@ def multi30k_uri(split: str, lang: str, mirror: Path | None) -> str:
     return MULTI30K_URL.format(commit=MULTI30K_COMMIT, name=name)
 
 
-def verify_multi30k(blob: Blob) -> None:
-    name = blob.uri.rsplit("/", 1)[-1]
+def verify_multi30k(uri: str, sha256: str) -> None:
+    name = uri.rsplit("/", 1)[-1]
     expected = MULTI30K_SHA256[name]
-    if blob.sha256 != expected:
-        raise DataError(f"{blob.uri}: SHA-256 mismatch (got {blob.sha256[:12]}…, expected {expected[:12]}…)")
+    if sha256 != expected:
+        raise DataError(f"{uri}: SHA-256 mismatch (got {sha256[:12]}…, expected {expected[:12]}…)")
