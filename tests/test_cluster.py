@@ -300,7 +300,8 @@ def test_two_node_torchrun_in_containers_matches_one_process(image, multi30k, tm
     subprocess.run(["chmod", "-R", "a+rX", str(data)], check=True)
     extra = {"train__dropout": 0.0, "train__attention_dropout": 0.0, "train__threads": 1}
     train = ["train_supernet", "--data", str(data / "prepared"), *tiny_train("train_supernet", 6, **extra)]
-    assert train_supernet.main([*train[1:], "--out", str(tmp_path / "one")]) == 0
+    one_process = sets("train_supernet", train__update_freq=2)  # what two workers do with the defaults
+    assert train_supernet.main([*train[1:], *one_process, "--out", str(tmp_path / "one")]) == 0
 
     with network() as net:
         # host folders at their own paths: the same command line on the host and on each node

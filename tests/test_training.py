@@ -1,6 +1,7 @@
 """The trainer through its two stages: learnability, exact resume after SIGKILL, data
 parallelism with torchrun, checkpoints and bad input."""
 
+import json
 import os
 import signal
 import subprocess
@@ -217,7 +218,8 @@ def test_torchrun_two_workers_match_one_process(prepared, tmp_path):
         str(prepared),
         *tiny_train("train_supernet", 8, train__dropout=0.0, train__attention_dropout=0.0, train__threads=1),
     ]
-    run_to_end(args + ["--out", str(tmp_path / "one")], env)
+    # two workers take two micro-batches per round: one process does with update_freq 2
+    run_to_end(args + sets("train_supernet", train__update_freq=2) + ["--out", str(tmp_path / "one")], env)
     torchrun = [
         str(Path(sys.executable).parent / "torchrun"),
         "--standalone",
@@ -233,6 +235,9 @@ def test_torchrun_two_workers_match_one_process(prepared, tmp_path):
     one = np.loadtxt(tmp_path / "one" / "curves.csv", delimiter=",", skiprows=1)
     two = np.loadtxt(tmp_path / "two" / "curves.csv", delimiter=",", skiprows=1)
     np.testing.assert_allclose(two[:, 1], one[:, 1], rtol=1e-4)  # loss per update
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
+    assert metrics[0]["micro_batches_per_update"] == metrics[1]["micro_batches_per_update"]
+    assert metrics[1]["micro_batches_per_update"] % 2 == 0  # whole rounds: each worker as many as the other
     # validation of the final weights agrees too (Adam magnifies rounding in near-zero gradients,
     # so weights are compared through what they compute)
     valid_one = read_valid_history(tmp_path / "one" / "valid_curves.csv")
@@ -392,6 +397,31 @@ def test_batch_units_and_tokens_seen():
         assert sum(tokens) >= 600 and sum(tokens[:-1]) < 600  # just enough micro-batches
     with pytest.raises(ValueError, match="tokens_per_update"):
         TrainConfig(tokens_per_update=-1)
+    with pytest.raises(ValueError, match="update_freq"):
+        TrainConfig(update_freq=0)
+
+
+def test_every_worker_gets_micro_batches_of_its_own():
+    """N workers take N x update_freq micro-batches per update (fairseq's semantics): with
+    the defaults 2 workers put twice one worker's tokens into an update, and a token target
+    adds whole rounds, so no worker ever waits on a zero-weighted dummy."""
+    from automoe.data.dataset import TokenBatchSampler
+    from automoe.train.trainer import batch_stream
+
+    rng = np.random.default_rng(1)
+    src, tgt = rng.integers(3, 30, 2000), rng.integers(3, 30, 2000)
+
+    def updates(tokens_per_update, per_round, n=30):
+        stream = batch_stream(TokenBatchSampler(src, tgt, 256, seed=0), tgt, tokens_per_update, per_round)
+        return [next(stream) for _ in range(n)]
+
+    one, two = updates(0, 1), updates(0, 2)
+    assert all(len(u) == 1 for u in one) and all(len(u) == 2 for u in two)
+    ratio = sum(int(tgt[b].sum()) for u in two for b in u) / sum(int(tgt[b].sum()) for u in one for b in u)
+    assert 1.8 < ratio < 2.2  # twice the target tokens per update
+    for update in updates(700, 2):
+        tokens = [int(tgt[b].sum()) for b in update]
+        assert len(update) % 2 == 0 and sum(tokens) >= 700 and sum(tokens[:-2]) < 700  # whole rounds, just enough
 
 
 def test_precision_setting_picks_the_autocast_dtype(monkeypatch):
@@ -423,3 +453,72 @@ def test_bf16_autocast_learns_like_fp32(prepared, tmp_path):
     assert last < first - 0.5  # it learns ...
     for a, b in zip(curves["fp32"], curves["bf16"], strict=True):
         assert abs(a["mean"] - b["mean"]) < 0.1 * (first - last)  # ... and bf16 follows the same curve
+
+
+def _python_loop_plan(lens, max_tokens, seed, epoch, shuffle):
+    """The batch plan as a Python step per example (the sampler's former code): the oracle."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lens)) if shuffle else np.arange(len(lens))
+    order = order[np.argsort(lens[order], kind="stable")]
+    batches, start, longest = [], 0, 0
+    for i, idx in enumerate(order):
+        longest_if_added = max(longest, int(lens[idx]))
+        if (i - start + 1) * longest_if_added > max_tokens:
+            batches.append(order[start:i])
+            start, longest_if_added = i, int(lens[idx])
+        longest = longest_if_added
+    batches.append(order[start:])
+    if shuffle:
+        batches = [batches[j] for j in rng.permutation(len(batches))]
+    return batches
+
+
+@pytest.mark.parametrize("max_tokens", [40, 256, 1000, 4096])
+def test_vectorised_batch_plan_equals_the_per_example_loop(max_tokens):
+    from automoe.data.dataset import TokenBatchSampler
+
+    rng = np.random.default_rng(max_tokens)
+    src, tgt = rng.integers(1, 40, 5000), rng.integers(1, 40, 5000)
+    src[:50] = 40  # a run of the longest length
+    for shuffle in (True, False):
+        sampler = TokenBatchSampler(src, tgt, max_tokens, seed=7, shuffle=shuffle)
+        for epoch in (0, 3):
+            want = _python_loop_plan(np.maximum(src, tgt), max_tokens, 7, epoch, shuffle)
+            got = sampler.plan(epoch)
+            assert len(got) == len(want)
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+def _sync_worker(rank, port, out):
+    import torch.distributed as dist
+
+    from automoe.train.distributed import World
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        params = [torch.nn.Parameter(torch.zeros(1000)) for _ in range(3)]
+        params[rank].grad = torch.full((1000,), float(rank + 1))  # p0 used by rank 0, p1 by rank 1, p2 by none
+        params[0].grad = params[0].grad if rank == 0 else torch.ones(1000) * 10  # p0 used by both
+        shipped = World(rank, 2, torch.device("cpu")).sum_gradients(params, bucket_bytes=4000)
+        torch.save({"shipped": shipped, "grads": [p.grad for p in params]}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradient_sync_ships_only_what_some_worker_used(tmp_path):
+    """Two gloo workers: a parameter one worker used is summed (the other sends zeros), one
+    both used is summed, one nobody used is not shipped and keeps no gradient (Adam then
+    leaves it alone, as one process would)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_sync_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert got["shipped"] == 2 * 1000 * 4  # two of three parameters, fp32
+        torch.testing.assert_close(got["grads"][0], torch.full((1000,), 11.0))  # 1 + 10
+        torch.testing.assert_close(got["grads"][1], torch.full((1000,), 2.0))  # rank 1's only
+        assert got["grads"][2] is None

@@ -45,8 +45,10 @@ def listing(folder: Path) -> list[Path]:
 
 
 def read(path: Path) -> dict[str, Any]:
+    """The checkpoint's payload, memory-mapped: workers on one node that resume from it
+    share the page cache's one copy (copy-on-write) instead of each reading it whole."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         raise AutomoeError(f"{path}: corrupt checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or "update" not in payload:

@@ -1,9 +1,12 @@
 """Data parallelism under torchrun (gloo on CPU, NCCL on GPU); one process works the same.
 
-Gradients are summed across workers once per update in one flat buffer. This is what
-DistributedDataParallel does with `no_sync` accumulation, done by hand because a
+Gradients are summed across workers once per update, in buckets of about 32 MB. This
+is what DistributedDataParallel does with `no_sync` accumulation, done by hand because a
 supernet update touches an arch-dependent subset of parameters (and, with MoE, a
-batch-dependent subset of experts): a parameter without a gradient joins as zeros.
+batch-dependent subset of experts): the workers first agree which parameters any of
+them has a gradient for (one int per parameter); only those are shipped (a worker that
+did not use one sends zeros for it), and the others keep no gradient, as in one process,
+so the optimizer leaves them alone.
 """
 
 from __future__ import annotations
@@ -37,17 +40,37 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
-    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+    def sum_gradients(self, params: list[torch.nn.Parameter], bucket_bytes: int = 32 << 20) -> int:
+        """Sum gradients over workers; the bytes shipped per worker."""
         if self.size == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for p, g in zip(params, grads, strict=True):
-            n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
+            return 0
+        used = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.device)
+        dist.all_reduce(used)
+        shipped = [p for p, u in zip(params, used.tolist(), strict=True) if u]
+        bucket: list[torch.nn.Parameter] = []
+        size = total = 0
+        for p in shipped:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            bucket.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_bytes:
+                _all_reduce_grads(bucket)
+                total, bucket, size = total + size, [], 0
+        if bucket:
+            _all_reduce_grads(bucket)
+            total += size
+        return total
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p))
+        offset += n
 
 
 def init_world(device: str = "auto") -> World:

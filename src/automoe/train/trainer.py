@@ -1,10 +1,12 @@
 """One trainer for the supernet and for the retrained SubTransformer.
 
-An update: cut the next batches of the global stream until `tokens_per_update` target
-tokens are reached (the cut does not depend on the number of workers), deal them
-round-robin to the workers, run the update's arch(s) on each micro-batch, sum the
-gradients over workers, clip, step. The loss is summed over tokens and divided by the
-update's global token count, so one process and N workers compute the same update.
+An update (fairseq's semantics): every worker takes `update_freq` micro-batches of at
+most `max_tokens`, so N workers put N times the tokens of one into an update; more
+rounds are cut while the update holds fewer than `tokens_per_update` target tokens. The
+micro-batches are cut from one global stream and dealt round-robin, the update's
+arch(s) run on each, gradients are summed over workers, clipped, stepped. The loss is
+summed over tokens and divided by the update's global token count, so N workers compute
+the update one process computes with `update_freq` N times as large.
 
 The run owns the process RNG: dropout draws from torch's global generator, so its state
 is seeded at the start and saved in / restored from every checkpoint; everything else
@@ -46,7 +48,8 @@ MetricsHook = Callable[[dict[str, float], int], None]
 class TrainConfig:
     max_updates: int = 300
     max_tokens: int = 4096  # micro-batch cap: sentences x the longest source or target in it (padded)
-    tokens_per_update: int = 0  # real target tokens per update (micro-batches accumulated); 0: one micro-batch
+    update_freq: int = 1  # micro-batches per worker per update (fairseq's --update-freq)
+    tokens_per_update: int = 0  # at least this many real target tokens per update (more rounds of micro-batches)
     lr: float = 1e-3
     warmup_updates: int = 50
     schedule: Literal["cosine", "inverse_sqrt"] = "cosine"
@@ -80,6 +83,7 @@ class TrainConfig:
         positive = (
             "max_updates",
             "max_tokens",
+            "update_freq",
             "valid_interval",
             "valid_max_sentences",
             "keep_last",
@@ -125,17 +129,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def batch_stream(sampler: TokenBatchSampler, tgt_lengths: np.ndarray, tokens_per_update: int) -> Iterator[list]:
-    """Updates as lists of micro-batches (index arrays) from the endless sampler: micro-batches
-    until `tokens_per_update` real target tokens are reached (0: exactly one)."""
+def batch_stream(
+    sampler: TokenBatchSampler, tgt_lengths: np.ndarray, tokens_per_update: int, per_round: int = 1
+) -> Iterator[list]:
+    """Updates as lists of micro-batches (index arrays) from the endless sampler: rounds of
+    `per_round` micro-batches (workers x update_freq), more rounds while the update holds
+    fewer than `tokens_per_update` real target tokens. Every worker gets the same number."""
     it = iter(sampler)
     while True:
-        batches = [next(it)]
-        tokens = int(tgt_lengths[batches[0]].sum())
-        while tokens < tokens_per_update:
-            b = next(it)
-            batches.append(b)
-            tokens += int(tgt_lengths[b].sum())
+        batches, tokens = [], 0
+        while not batches or tokens < tokens_per_update:
+            for _ in range(per_round):
+                b = next(it)
+                batches.append(b)
+                tokens += int(tgt_lengths[b].sum())
         yield batches
 
 
@@ -207,7 +214,7 @@ def train(
         if world.is_main:
             print(f"{desc}: resuming at update {start} from {state['path'].name}", file=sys.stderr)
 
-    stream = batch_stream(sampler, train_split.tgt.lengths, cfg.tokens_per_update)
+    stream = batch_stream(sampler, train_split.tgt.lengths, cfg.tokens_per_update, world.size * cfg.update_freq)
     dtype = autocast_dtype(cfg.precision, world.device)
     amp = torch.autocast(world.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     bar = tqdm(
@@ -220,7 +227,9 @@ def train(
         file=sys.stderr,
     )
     t_last, tokens_since, speed = time.perf_counter(), 0, 0.0
+    train_seconds, train_tokens = 0.0, 0  # this process's updates, validation and checkpoints left out
     for update in range(start, cfg.max_updates):
+        t_update = time.perf_counter()
         batches = next(stream)
         n_tokens = sum(int(train_split.tgt.lengths[b].sum()) for b in batches)
         mine = batches[world.rank :: world.size]
@@ -235,8 +244,7 @@ def train(
         loads: dict[str, float] = {}
         archs = archs_for_update(update)
         for arch in archs:
-            # a worker without a micro-batch still takes part, with a zero-weighted one
-            for idx, weight in [(b, 1.0) for b in mine] or [(batches[0], 0.0)]:
+            for idx in mine:
                 src, tgt = (t.to(world.device) for t in train_split.collate(idx))
                 with amp:
                     logits, stats = model(src, shift_right(tgt, args.bos_id, args.pad_id), arch)
@@ -244,15 +252,17 @@ def train(
                 routed = [s for s in stats if s is not None]
                 aux = auxiliary_loss(stats, cfg.aux_loss_weight, cfg.z_loss_weight).to(world.device)
                 b_tokens = int((tgt != args.pad_id).sum())
-                total = (loss + aux * b_tokens) * (weight / n_tokens)
+                total = (loss + aux * b_tokens) / n_tokens
                 total.backward()
-                sums += weight * np.array([loss.item(), nll.item(), float(aux) * b_tokens])
+                sums += np.array([loss.item(), nll.item(), float(aux) * b_tokens])
                 loads = _expert_load(stats, arch) if routed else loads
-        _sum_gradients(world, params)
+        synced = _sum_gradients(world, params)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm if cfg.clip_norm > 0 else math.inf))
         opt.step()
 
         loss_sum, nll_sum, aux_sum = world.sum(sums.tolist())
+        train_seconds += time.perf_counter() - t_update
+        train_tokens += n_tokens
         n_arch = len(archs)
         row = {
             "update": update + 1,
@@ -263,6 +273,7 @@ def train(
             "grad_norm": grad_norm,
             "target_tokens": float(n_tokens),
             "micro_batches": float(len(batches)),
+            "sync_mb": synced / 2**20,
         }
         tokens_since += n_tokens
         done = update + 1
@@ -299,20 +310,16 @@ def train(
         "target_tokens_seen": float(sum(r.get("target_tokens", 0.0) for r in history)),
         "micro_batches_per_update": float(np.mean([r.get("micro_batches", 0.0) for r in history])) if history else 0.0,
         "bf16_autocast": float(dtype == torch.bfloat16),
+        # target tokens per second of training (all workers together; validation left out)
+        "train_tokens_per_s": train_tokens / train_seconds if train_seconds else 0.0,
     }
     return TrainResult(weights, summary, history, valid_history)
 
 
-def _sum_gradients(world: World, params: list[torch.nn.Parameter]) -> None:
-    """Sum gradients over workers; a parameter no worker used keeps grad None (Adam skips it,
-    exactly as in a single process)."""
-    if world.size == 1:
-        return
-    used = world.sum([float(p.grad is not None) for p in params])
-    world.sum_gradients(params)
-    for p, u in zip(params, used, strict=True):
-        if u == 0:
-            p.grad = None
+def _sum_gradients(world: World, params: list[torch.nn.Parameter]) -> int:
+    """Sum gradients over workers (bytes shipped per worker); a parameter no worker used is
+    not shipped and keeps grad None (Adam skips it, exactly as in a single process)."""
+    return world.sum_gradients(params)
 
 
 def _expert_load(stats, arch: ArchConfig | None) -> dict[str, float]:
