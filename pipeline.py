@@ -5,38 +5,36 @@
     python pipeline.py run-local --runner docker [--network NET] [--mount PATH ...] [--set ...]
     python pipeline.py upload --host http://ml-pipeline:8888 [--name automoe] [--version TAG] [--set ...]
 
-The run's parameters are params.yaml (as JSON, the `params` pipeline parameter), the
-fields below that a person sets in the Kubeflow UI (empty or 0 = keep params.yaml), then
-`overrides` (`section.key=value` strings). Structure (latency shards, resources, images,
-secrets) comes from params.yaml's `pipeline` and `measure_latency` sections at compile time;
-`compile --set` / `upload --set` change them there (a run cannot: the params task refuses).
+`build(params)` makes the pipeline from params.yaml (as a mapping, `--set`s applied): no
+params are read at import and no child process is started. A run's parameters are
+params.yaml (as JSON, the `params` pipeline parameter), the fields a person sets in the
+Kubeflow UI (each described there, with params.yaml's value as its default; emptied or 0
+= keep the JSON's), then `overrides` (`section.key=value` strings). Structure (latency
+shards, resources, pod settings, images, secrets) comes from params.yaml's `pipeline` and
+`measure_latency` sections at compile time; `compile --set` / `upload --set` change them
+there (a run cannot: the params task refuses).
 Compiled without `pipeline.mlflow_tracking_uri`, every task refuses to track into its pod's
 own throwaway store (it fails at once, naming the setting).
 """
 
 import argparse
+import importlib
 import json
 import os
-import subprocess
 import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
 import components as c
 from automoe.config import PipelineConfig, load_section, merge, parse_overrides, read_yaml
 from automoe.stages.measure_latency import MeasureLatencyConfig
-from components.images import PARAMS_FILE
+from automoe.stages.pipeline_params import INTEGER_FIELDS, UI_FIELDS, compile_time_keys, validate
 
 ROOT = Path(__file__).resolve().parent
-# One line of JSON: a KFP dict parameter (protobuf Struct) turns ints into floats, and a
-# multi-line default breaks the comment header of the compiled YAML.
-PARAMS = json.dumps(read_yaml(PARAMS_FILE), separators=(",", ":"), sort_keys=True)
-PIPELINE = load_section(PipelineConfig, "pipeline", PARAMS_FILE)
-MEASURE = load_section(MeasureLatencyConfig, "measure_latency", PARAMS_FILE)
-MERGED = "AUTOMOE_PIPELINE_MERGED"  # set in the child that compiles from params merged with compile-time --sets
-RUN_LOCAL = {"on": False}  # kfp.local SubprocessRunner: tasks are processes here and may track into ./mlflow.db
+PARAMS_FILE = ROOT / "params.yaml"
 # kfp.local DockerRunner: what a task's container gets from this process's environment
 DOCKER_ENV = (
     "AUTOMOE_TRACKING",
@@ -47,161 +45,248 @@ DOCKER_ENV = (
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
 )
+# what the Kubeflow UI shows beside each run field (the pipeline function's docstring)
+FIELD_HELP = {
+    "corpus_source": "prepare_data.source: multi30k, or paths (prepare_data.paths in params)",
+    "src_lang": "prepare_data.src_lang: source language code, e.g. en",
+    "tgt_lang": "prepare_data.tgt_lang: target language code, e.g. de",
+    "budget_kind": "search.budget.kind: latency_ms or gflops",
+    "budget_value": "search.budget.value: the budget; a fraction of the dense reference's cost "
+    "when search.budget.relative_to_dense (0.5 = half)",
+    "target_device": "measure_latency.device: where latency is measured, cpu or cuda",
+    "search_iterations": "search.iterations: evolutionary search generations",
+    "search_population": "search.population: archs per generation",
+    "supernet_updates": "train_supernet.train.max_updates: supernet training updates",
+    "retrain_updates": "retrain.train.max_updates: updates of each retrained model",
+}
 
 
-def _tracking(task):
-    """The tracking store of every task that tracks (stages, and the parent run's open/close)."""
-    if PIPELINE.mlflow_tracking_uri:
-        task.set_env_variable("MLFLOW_TRACKING_URI", PIPELINE.mlflow_tracking_uri)
-    elif not RUN_LOCAL["on"]:  # a pod's own sqlite file vanishes with the pod: refuse it
-        task.set_env_variable("AUTOMOE_NO_LOCAL_STORE", "pipeline.mlflow_tracking_uri")
-    return task
+def field_defaults(params: dict[str, Any]) -> dict[str, Any]:
+    """Each run field's real default: the value its params key has (or the stage's own default)."""
+    from automoe.cli import COMMANDS
+
+    out = {}
+    for field, key in UI_FIELDS.items():
+        section, *path = key.split(".")
+        value: Any = importlib.import_module(COMMANDS[section]).load_config(params)
+        for name in path:
+            value = getattr(value, name)
+        out[field] = int(value) if field in INTEGER_FIELDS else float(value) if field == "budget_value" else str(value)
+    return out
 
 
-def _task(task, stage: str, retries: int | None = None):
-    """Resources, accelerator, retries, tracking and S3 credentials of a stage's task. The
-    KFP run id reaches the pod from its `pipeline/runid` label (tracking finds the parent run
-    by it and records it): as an input it would be part of the cache key of every task."""
-    res = PIPELINE.resources_of(stage)
-    task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu).set_memory_request(res.memory).set_memory_limit(res.memory)
-    if res.gpu > 0:
-        task.set_accelerator_type(PIPELINE.gpu_accelerator).set_accelerator_limit(res.gpu)
-    retries = PIPELINE.retries if retries is None else retries
-    if retries:
-        task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2)
-    task.set_display_name(stage)
-    _tracking(task)
-    if not RUN_LOCAL["on"]:  # kfp.local: run-local exports the parent run's id instead
-        kubernetes.use_field_path_as_env(task, env_name="KFP_RUN_ID", field_path="metadata.labels['pipeline/runid']")
-    if PIPELINE.s3_endpoint:
-        task.set_env_variable("AWS_ENDPOINT_URL", PIPELINE.s3_endpoint)
-    if PIPELINE.mlflow_secret:  # the pipeline's MLflow user (the chart's auth): never a param or in the spec
-        kubernetes.use_secret_as_env(
-            task,
-            secret_name=PIPELINE.mlflow_secret,
-            secret_key_to_env={k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")},
-        )
-    if PIPELINE.s3_secret:
-        kubernetes.use_secret_as_env(
-            task,
-            secret_name=PIPELINE.s3_secret,
-            secret_key_to_env={
-                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-            },
-        )
-    return task
+@dataclass(frozen=True)
+class Build:
+    """What one compiled pipeline is made of: params.yaml's `pipeline` and `measure_latency`
+    structure, and whether its tasks run as kfp.local processes here."""
+
+    pipeline: PipelineConfig
+    measure: MeasureLatencyConfig
+    run_local: bool = False  # kfp.local SubprocessRunner: tasks are processes here and may track into ./mlflow.db
+
+    def tracking(self, task, stage: str = ""):
+        """Image and tracking store of every task (stages, and the parent run's open/close)."""
+        task.set_container_image(self.pipeline.image_for(stage))
+        if self.pipeline.mlflow_tracking_uri:
+            task.set_env_variable("MLFLOW_TRACKING_URI", self.pipeline.mlflow_tracking_uri)
+        elif not self.run_local:  # a pod's own sqlite file vanishes with the pod: refuse it
+            task.set_env_variable("AUTOMOE_NO_LOCAL_STORE", "pipeline.mlflow_tracking_uri")
+        if self.pipeline.image_pull_secrets:
+            kubernetes.set_image_pull_secrets(task, list(self.pipeline.image_pull_secrets))
+        return task
+
+    def task(self, task, stage: str, retries: int | None = None):
+        """Resources, pod settings, accelerator, retries, tracking and S3 credentials of a
+        stage's task. The KFP run id reaches the pod from its `pipeline/runid` label
+        (tracking finds the parent run by it and records it): as an input it would be part
+        of the cache key of every task."""
+        p = self.pipeline
+        res = p.resources_of(stage)
+        task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu).set_memory_request(res.memory).set_memory_limit(res.memory)
+        if res.gpu > 0:
+            task.set_accelerator_type(p.gpu_accelerator).set_accelerator_limit(res.gpu)
+        for label, value in res.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=label, label_value=value)
+        for t in res.tolerations:
+            kubernetes.add_toleration(
+                task, key=t.key or None, operator=t.operator, value=t.value or None, effect=t.effect or None
+            )
+        if res.shm:  # a memory-backed /dev/shm (NCCL, DataLoader and encoding workers); the default is 64 MB
+            kubernetes.empty_dir_mount(
+                task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=res.shm
+            )
+        retries = p.retries if retries is None else retries
+        if retries:
+            task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2)
+        task.set_display_name(stage)
+        self.tracking(task, stage)
+        if not self.run_local:  # kfp.local: run-local exports the parent run's id instead
+            runid = "metadata.labels['pipeline/runid']"
+            kubernetes.use_field_path_as_env(task, env_name="KFP_RUN_ID", field_path=runid)
+        if p.s3_endpoint:
+            task.set_env_variable("AWS_ENDPOINT_URL", p.s3_endpoint)
+        if p.mlflow_secret:  # the pipeline's MLflow user (the chart's auth): never a param or in the spec
+            kubernetes.use_secret_as_env(
+                task,
+                secret_name=p.mlflow_secret,
+                secret_key_to_env={k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")},
+            )
+        if p.s3_secret:
+            kubernetes.use_secret_as_env(
+                task,
+                secret_name=p.s3_secret,
+                secret_key_to_env={
+                    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+                },
+            )
+        return task
+
+    def measure_latency(self, prepared, supernet, common):
+        """One pod, or `num_shards` pods in parallel on the target hardware, merged into one table."""
+        if self.measure.num_shards == 1:
+            task = c.measure_latency(prepared=prepared, supernet=supernet, shard=0, **common)
+            return self.on_target(task).outputs["latency"]
+        with dsl.ParallelFor(items=list(range(self.measure.num_shards))) as shard:
+            part = self.on_target(c.measure_latency(prepared=prepared, supernet=supernet, shard=shard, **common))
+        merged = c.merge_latency(shards=dsl.Collected(part.outputs["latency"]))
+        return self.task(merged, "measure_latency").outputs["latency"]
+
+    def on_target(self, task):
+        """Latency is measured on the target hardware: node selector and accelerator from
+        params; a GPU target runs the CUDA image."""
+        for label, value in self.measure.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=label, label_value=value)
+        self.task(task, "measure_latency")
+        if self.measure.accelerator:
+            task.set_accelerator_type(self.measure.accelerator).set_accelerator_limit(1)
+            task.set_container_image(self.pipeline.image_for("measure_latency", cuda=True))
+        return task
 
 
-def _measure_latency(prepared, supernet, common):
-    """One pod, or `num_shards` pods in parallel on the target hardware, merged into one table."""
-    if MEASURE.num_shards == 1:
-        return _on_target(c.measure_latency(prepared=prepared, supernet=supernet, shard=0, **common)).outputs["latency"]
-    with dsl.ParallelFor(items=list(range(MEASURE.num_shards))) as shard:
-        part = _on_target(c.measure_latency(prepared=prepared, supernet=supernet, shard=shard, **common))
-    return _task(c.merge_latency(shards=dsl.Collected(part.outputs["latency"])), "measure_latency").outputs["latency"]
+def build(params: dict[str, Any], run_local: bool = False):
+    """The pipeline function for `params` (params.yaml as a mapping, compile-time --sets
+    applied): its structure, images and the run fields' defaults all come from them."""
+    validate(params)
+    b = Build(
+        load_section(PipelineConfig, "pipeline", params),
+        load_section(MeasureLatencyConfig, "measure_latency", params),
+        run_local,
+    )
+    # One line of JSON: a KFP dict parameter (protobuf Struct) turns ints into floats, and a
+    # multi-line default breaks the comment header of the compiled YAML.
+    params_json = json.dumps(params, separators=(",", ":"), sort_keys=True)
+    d = field_defaults(params)
 
+    def automoe_pipeline(
+        corpus_source: str = d["corpus_source"],
+        src_lang: str = d["src_lang"],
+        tgt_lang: str = d["tgt_lang"],
+        budget_kind: str = d["budget_kind"],
+        budget_value: float = d["budget_value"],
+        target_device: str = d["target_device"],
+        search_iterations: int = d["search_iterations"],
+        search_population: int = d["search_population"],
+        supernet_updates: int = d["supernet_updates"],
+        retrain_updates: int = d["retrain_updates"],
+        params: str = params_json,
+        overrides: list = [],  # noqa: B006 - KFP needs a literal default
+    ):
+        # The exit task closes the parent run (FINISHED or FAILED); it finds it by the KFP run id.
+        close = b.tracking(c.close_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False))
+        with dsl.ExitHandler(close):
+            resolved = c.resolve_params(
+                params=params,
+                overrides=overrides,
+                corpus_source=corpus_source,
+                src_lang=src_lang,
+                tgt_lang=tgt_lang,
+                budget_kind=budget_kind,
+                budget_value=budget_value,
+                target_device=target_device,
+                search_iterations=search_iterations,
+                search_population=search_population,
+                supernet_updates=supernet_updates,
+                retrain_updates=retrain_updates,
+            ).set_display_name("params")
+            b.tracking(resolved)
+            parent = b.tracking(c.open_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False))
 
-def _on_target(task):
-    """Latency is measured on the target hardware: node selector and accelerator from params."""
-    for label, value in MEASURE.node_selector.items():
-        kubernetes.add_node_selector(task, label_key=label, label_value=value)
-    _task(task, "measure_latency")
-    if MEASURE.accelerator:
-        task.set_accelerator_type(MEASURE.accelerator).set_accelerator_limit(1)
-    return task
+            def own(stage: str) -> dict:
+                """A stage task's inputs: its own params section only (the inputs are the cache key)."""
+                return {"params": resolved.outputs[stage], "overrides": []}
 
-
-@dsl.pipeline(
-    name=PIPELINE.name,
-    description="AutoMoE: search, train, evaluate and register a translation MoE",
-    pipeline_root=PIPELINE.pipeline_root or None,
-)
-def automoe_pipeline(
-    corpus_source: str = "",
-    src_lang: str = "",
-    tgt_lang: str = "",
-    budget_kind: str = "",
-    budget_value: float = 0.0,
-    target_device: str = "",
-    search_iterations: int = 0,
-    search_population: int = 0,
-    supernet_updates: int = 0,
-    retrain_updates: int = 0,
-    params: str = PARAMS,
-    overrides: list = [],  # noqa: B006 - KFP needs a literal default
-):
-    # The exit task closes the parent run (FINISHED or FAILED); it finds it by the KFP run id.
-    close = _tracking(c.close_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False))
-    with dsl.ExitHandler(close):
-        resolved = c.resolve_params(
-            params=params,
-            overrides=overrides,
-            corpus_source=corpus_source,
-            src_lang=src_lang,
-            tgt_lang=tgt_lang,
-            budget_kind=budget_kind,
-            budget_value=budget_value,
-            target_device=target_device,
-            search_iterations=search_iterations,
-            search_population=search_population,
-            supernet_updates=supernet_updates,
-            retrain_updates=retrain_updates,
-        ).set_display_name("params")
-        parent = _tracking(c.open_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False))
-
-        def own(stage: str) -> dict:
-            """A stage task's inputs: its own params section only (the inputs are the cache key)."""
-            return {"params": resolved.outputs[stage], "overrides": []}
-
-        prepared = _task(c.prepare_data(**own("prepare_data")).after(parent), "prepare_data").outputs["prepared"]
-        supernet = _task(
-            c.train_supernet(
-                prepared=prepared, nproc=PIPELINE.resources_of("train_supernet").gpu, **own("train_supernet")
-            ),
-            "train_supernet",
-        ).outputs["supernet"]
-        latency = _measure_latency(prepared, supernet, own("measure_latency"))
-        predictor = _task(c.train_predictor(latency=latency, **own("train_predictor")), "train_predictor").outputs[
-            "predictor"
-        ]
-        found = _task(c.search(prepared=prepared, supernet=supernet, predictor=predictor, **own("search")), "search")
-        nproc = PIPELINE.resources_of("retrain").gpu
-        searched = _task(
-            c.retrain(
-                prepared=prepared,
-                arch_name="",
-                search_result=found.outputs["result"],
-                supernet=supernet,
-                nproc=nproc,
-                **own("retrain"),
-            ),
-            "retrain",
-        ).set_display_name("retrain (searched)")
-        dense = _task(
-            c.retrain(prepared=prepared, arch_name="largest_dense", supernet=supernet, nproc=nproc, **own("retrain")),
-            "retrain",
-        )
-        dense.set_display_name("retrain (dense baseline)")
-        evaluation = _task(
-            c.evaluate(
+            prepared = b.task(c.prepare_data(**own("prepare_data")).after(parent), "prepare_data").outputs["prepared"]
+            supernet = b.task(
+                c.train_supernet(
+                    prepared=prepared, nproc=b.pipeline.resources_of("train_supernet").gpu, **own("train_supernet")
+                ),
+                "train_supernet",
+            ).outputs["supernet"]
+            latency = b.measure_latency(prepared, supernet, own("measure_latency"))
+            predictor = b.task(c.train_predictor(latency=latency, **own("train_predictor")), "train_predictor").outputs[
+                "predictor"
+            ]
+            found = b.task(
+                c.search(prepared=prepared, supernet=supernet, predictor=predictor, **own("search")), "search"
+            )
+            nproc = b.pipeline.resources_of("retrain").gpu
+            searched = b.task(
+                c.retrain(
+                    prepared=prepared,
+                    arch_name="",
+                    search_result=found.outputs["result"],
+                    supernet=supernet,
+                    nproc=nproc,
+                    **own("retrain"),
+                ),
+                "retrain",
+            ).set_display_name("retrain (searched)")
+            dense = b.task(
+                c.retrain(
+                    prepared=prepared, arch_name="largest_dense", supernet=supernet, nproc=nproc, **own("retrain")
+                ),
+                "retrain",
+            )
+            dense.set_display_name("retrain (dense baseline)")
+            evaluation = b.task(
+                c.evaluate(
+                    prepared=prepared,
+                    model=searched.outputs["model"],
+                    baseline=dense.outputs["model"],
+                    latency=latency,
+                    **own("evaluate"),
+                ),
+                "evaluate",
+            )
+            registered = c.register(
                 prepared=prepared,
                 model=searched.outputs["model"],
-                baseline=dense.outputs["model"],
-                latency=latency,
-                **own("evaluate"),
-            ),
-            "evaluate",
-        )
-        registered = c.register(
-            prepared=prepared,
-            model=searched.outputs["model"],
-            evaluation=evaluation.outputs["evaluation"],
-            search_result=found.outputs["result"],
-            **own("register"),
-        )
-        # never retried: a retry after the version was created would register a second one
-        _task(registered, "register", retries=0).set_caching_options(False)  # the registry changes between runs
+                evaluation=evaluation.outputs["evaluation"],
+                search_result=found.outputs["result"],
+                **own("register"),
+            )
+            # never retried: a retry after the version was created would register a second one
+            b.task(registered, "register", retries=0).set_caching_options(False)  # the registry changes between runs
+
+    fields = "\n".join(f"    {name}: {text}" for name, text in FIELD_HELP.items())
+    automoe_pipeline.__doc__ = (
+        "AutoMoE: search, train, evaluate and register a translation MoE.\n\n"
+        "Args:\n"
+        f"{fields}\n"
+        "    params: params.yaml as one line of JSON; the fields above win over it, overrides over both\n"
+        "    overrides: section.key=value strings applied last (compile-time keys refused)\n"
+    )
+    return dsl.pipeline(
+        name=b.pipeline.name,
+        description="AutoMoE: search, train, evaluate and register a translation MoE",
+        pipeline_root=b.pipeline.pipeline_root or None,
+    )(automoe_pipeline)
+
+
+def params_with(overrides: list[str]) -> dict[str, Any]:
+    """params.yaml with `overrides` applied (validated by `build`)."""
+    return merge(read_yaml(PARAMS_FILE) or {}, parse_overrides(overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,26 +316,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     up = sub.add_parser("upload", allow_abbrev=False, help="compile and upload to a Kubeflow Pipelines endpoint")
     up.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888")
-    up.add_argument("--name", default=PIPELINE.name)
-    up.add_argument("--version", default=PIPELINE.image_tag, help="pipeline version name")
+    up.add_argument("--name", default="", help="pipeline name (default: pipeline.name in params)")
+    up.add_argument("--version", default="", help="pipeline version name (default: pipeline.image_tag)")
     up.add_argument("--output", default="pipeline.yaml")
     up.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
-    structure = args.overrides if args.command != "run-local" else _compile_time(args.overrides)
-    if structure and os.environ.get(MERGED) != "1":  # compile-time keys change what this module builds:
-        return _with_overrides(list(argv if argv is not None else sys.argv[1:]), structure)  # from merged params
-    if args.command in ("compile", "upload"):
-        compiler.Compiler().compile(automoe_pipeline, args.output)
+    if args.command in ("compile", "upload"):  # every --set goes into the compiled params
+        params = params_with(args.overrides)
+        compiler.Compiler().compile(build(params), args.output)
         print(f"wrote {args.output}")
         if args.command == "upload":
-            return upload(args.host, args.name, args.version, args.output)
+            cfg = load_section(PipelineConfig, "pipeline", params)
+            return upload(args.host, args.name or cfg.name, args.version or cfg.image_tag, args.output)
         return 0
     from kfp import local as kfp_local
 
     from automoe import tracking
 
+    # run-local: the compile-time --sets shape the pipeline; the others are the run's overrides
+    fixed = set(compile_time_keys(args.overrides))
+    structure = [o for o in args.overrides if o.partition("=")[0].strip() in fixed]
+    run_overrides = [o for o in args.overrides if o not in structure]
+    params = params_with(structure)
+    pipeline_fn = build(params, run_local=args.runner == "subprocess")
+    cfg = load_section(PipelineConfig, "pipeline", params)
     root = Path(args.pipeline_root).absolute()
-    env = _docker_env() if args.runner == "docker" else {}  # refuses a setup the containers cannot track from
+    env = _docker_env(cfg) if args.runner == "docker" else {}  # refuses a setup the containers cannot track from
     if tracking.enabled():  # this execution's parent run: the tasks inherit its id (not an input)
         tracking.check_store()
         os.environ["AUTOMOE_PARENT_RUN_ID"] = env["AUTOMOE_PARENT_RUN_ID"] = tracking.start_parent()
@@ -258,17 +349,16 @@ def main(argv: list[str] | None = None) -> int:
         runner = _docker_runner(env, args.network, args.mount, root)
     else:
         runner = kfp_local.SubprocessRunner(use_venv=False)
-        RUN_LOCAL["on"] = True
     kfp_local.init(
         runner=runner,
         pipeline_root=str(root),
         enable_caching=not args.no_cache,  # as on a cluster: a task whose inputs are unchanged is reused
     )
-    automoe_pipeline(params=PARAMS, overrides=list(args.overrides))
+    pipeline_fn(params=json.dumps(params, separators=(",", ":"), sort_keys=True), overrides=run_overrides)
     return 0
 
 
-def _docker_env() -> dict[str, str]:
+def _docker_env(cfg: PipelineConfig) -> dict[str, str]:
     """What the task containers get from this process's environment (S3 credentials, tracking
     switches). The tracking store is the compiled `pipeline.mlflow_tracking_uri`, else this
     process's MLFLOW_TRACKING_URI when it is a server; anything else is refused."""
@@ -276,9 +366,9 @@ def _docker_env() -> dict[str, str]:
 
     env = {k: os.environ[k] for k in DOCKER_ENV if os.environ.get(k)}
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not PIPELINE.mlflow_tracking_uri and uri.startswith(("http://", "https://")):
+    if not cfg.mlflow_tracking_uri and uri.startswith(("http://", "https://")):
         env["MLFLOW_TRACKING_URI"] = uri
-    elif not PIPELINE.mlflow_tracking_uri and tracking.enabled():
+    elif not cfg.mlflow_tracking_uri and tracking.enabled():
         raise SystemExit(
             "pipeline.py run-local --runner docker: the task containers need a tracking server: set "
             "MLFLOW_TRACKING_URI=http://<host>:5000 (or --set pipeline.mlflow_tracking_uri=...), or AUTOMOE_TRACKING=0"
@@ -312,40 +402,6 @@ def _docker_runner(env: dict[str, str], network: str, mounts: list[str], root: P
     if network:
         run_args["network"] = network
     return kfp_local.DockerRunner(**run_args)
-
-
-def _compile_time(overrides: list[str]) -> list[str]:
-    from automoe.stages.pipeline_params import compile_time_keys
-
-    fixed = set(compile_time_keys(overrides))
-    return [o for o in overrides if o.partition("=")[0].strip() in fixed]
-
-
-def _with_overrides(argv: list[str], overrides: list[str]) -> int:
-    """Compile (upload, run-local) from params.yaml with `overrides` applied: the structure is
-    read when this module and the components are imported, so a child process does it from a
-    merged, validated copy of params.yaml. The other `--set`s of run-local stay run overrides."""
-    from automoe.stages.pipeline_params import validate
-
-    data = merge(read_yaml(PARAMS_FILE) or {}, parse_overrides(overrides))
-    validate(data)
-    rest, skip = [], False
-    for i, a in enumerate(argv):  # the applied --sets leave, in both forms argparse takes
-        if skip:
-            skip = False
-            continue
-        if a == "--set" and i + 1 < len(argv) and argv[i + 1] in overrides:
-            skip = True
-            continue
-        if a.startswith("--set=") and a.split("=", 1)[1] in overrides:
-            continue
-        rest.append(a)
-    with tempfile.TemporaryDirectory() as tmp:
-        merged = Path(tmp) / "params.yaml"
-        merged.write_text(json.dumps(data))
-        # the child builds from the merged params and never starts another (MERGED)
-        env = dict(os.environ, AUTOMOE_PIPELINE_PARAMS=str(merged), **{MERGED: "1"})
-        return subprocess.run([sys.executable, str(Path(__file__).resolve()), *rest], env=env).returncode
 
 
 def upload(host: str, name: str, version: str, package: str) -> int:

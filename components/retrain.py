@@ -1,10 +1,10 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
-from components.images import image_for
+from components.images import IMAGE
 
 
-@dsl.component(base_image=image_for("retrain"), install_kfp_package=False)
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def retrain(
     params: str,
     overrides: list,

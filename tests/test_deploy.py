@@ -135,7 +135,7 @@ def test_pipeline_references_are_importable_and_images_come_from_one_place():
             loaded = importlib.import_module(module)
             for attr in (n.strip() for n in names.split(",")):  # a function, or a submodule (stages)
                 assert hasattr(loaded, attr) or importlib.import_module(f"{module}.{attr}"), (name, module, attr)
-    # no image name or tag is written anywhere but params.yaml (read by components/images.py)
+    # no image name or tag is written anywhere but params.yaml (pipeline.py's build gives tasks their images)
     for path in [ROOT / "pipeline.py", *sorted((ROOT / "components").glob("*.py"))]:
         assert "ghcr.io" not in path.read_text() and not re.search(r'base_image="', path.read_text()), path
 

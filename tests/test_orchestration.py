@@ -297,7 +297,8 @@ def test_pipeline_compiles_to_a_valid_pipeline_spec(tmp_path):
     images = {e["container"]["image"] for e in executors.values()}
     from components import IMAGE
 
-    assert images == {IMAGE}
+    assert images == {"ghcr.io/automoe/automoe:0.1.0"}  # every task given the params' image
+    assert IMAGE not in out.read_text()  # the components' placeholder never reaches a spec
     assert set(parsed.root.dag.tasks) == {"exit-handler-1", "close-tracking"}
     inner = set(parsed.components["comp-exit-handler-1"].dag.tasks)
     stages = {
@@ -573,3 +574,55 @@ def test_the_readme_commands_run_as_written_after_a_pipeline_run(reproduced, tmp
     versions = sorted(int(v.version) for v in client.search_model_versions("name='automoe-en-de'"))
     assert versions == [1, 2]  # make run's and the README's register (the experiment's went elsewhere)
     assert tracking.champion_version(client, "automoe-en-de") == 1  # promote v2, then rollback
+
+
+def test_the_pipeline_is_built_by_a_function_of_the_params(tmp_path):
+    """No params read at import and no child process: `build(params)` makes the pipeline.
+    Every run field is described in the Kubeflow UI and defaults to the params' value;
+    pod settings per stage (node selector, tolerations, /dev/shm, pull secrets) and a GPU
+    latency target's CUDA image are compiled in."""
+    import importlib
+
+    from kfp import compiler
+
+    from automoe.stages.pipeline_params import UI_FIELDS
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        pipeline = importlib.import_module("pipeline")
+    finally:
+        sys.path.remove(str(ROOT))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["search"]["budget"]["value"] = 0.3
+    params["train_supernet"]["train"]["max_updates"] = 77
+    params["prepare_data"]["tgt_lang"] = "fr"
+    gpu_pool = params["pipeline"]["resources"]["train_supernet"]
+    gpu_pool["node_selector"] = {"pool": "gpu"}
+    gpu_pool["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    gpu_pool["shm"] = "8Gi"
+    params["pipeline"]["image_pull_secrets"] = ["registry-pull"]
+    params["measure_latency"]["accelerator"] = "nvidia.com/gpu"
+    out = tmp_path / "p.yaml"
+    compiler.Compiler().compile(pipeline.build(params), str(out))
+    spec, platform = list(yaml.safe_load_all(out.read_text()))
+
+    fields = spec["root"]["inputDefinitions"]["parameters"]
+    for name, key in UI_FIELDS.items():
+        assert fields[name]["description"].startswith(key + ":"), name
+    assert fields["params"]["description"] and fields["overrides"]["description"]
+    assert fields["budget_value"]["defaultValue"] == 0.3 and fields["supernet_updates"]["defaultValue"] == 77
+    assert fields["tgt_lang"]["defaultValue"] == "fr" and fields["corpus_source"]["defaultValue"] == "multi30k"
+    assert json.loads(fields["params"]["defaultValue"]) == params
+
+    executors = spec["deploymentSpec"]["executors"]
+    assert executors["exec-measure-latency"]["container"]["image"] == "ghcr.io/automoe/automoe:0.1.0-cuda"
+    assert executors["exec-prepare-data"]["container"]["image"] == "ghcr.io/automoe/automoe:0.1.0"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    train = k8s["exec-train-supernet"]
+    assert train["nodeSelector"]["labels"] == {"pool": "gpu"}
+    assert train["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    shm = {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "8Gi"}
+    assert train["emptyDirMounts"] == [shm]
+    assert "tolerations" not in k8s["exec-prepare-data"]
+    for name, executor in k8s.items():
+        assert [s["secretName"] for s in executor["imagePullSecret"]] == ["registry-pull"], name

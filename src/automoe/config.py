@@ -223,10 +223,25 @@ def load_section(
 
 
 @dataclasses.dataclass(frozen=True)
+class Toleration:
+    """A Kubernetes toleration (a tainted GPU pool, spot nodes)."""
+
+    key: str = ""
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str = ""
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Resources:
+    """A stage's pod: resources and where it may run."""
+
     cpu: str = "2"
     memory: str = "8G"
     gpu: int = 0  # > 0: an accelerator request; training then runs one torchrun worker per GPU
+    node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = ()
+    shm: str = ""  # a memory-backed /dev/shm of this size, e.g. 2Gi (NCCL, worker processes); "" = the 64 MB default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,10 +259,12 @@ class PipelineConfig:
     s3_endpoint: str = ""  # AWS_ENDPOINT_URL for tasks (MinIO); "" = AWS S3
     pipeline_root: str = ""  # where KFP keeps artifacts on the cluster, e.g. s3://automoe/kfp ("" = KFP default)
     resources: dict[str, Resources] = dataclasses.field(default_factory=dict)  # per stage
+    image_pull_secrets: tuple[str, ...] = ()  # Secrets to pull the project image from a private registry
 
     def resources_of(self, stage: str) -> Resources:
         return self.resources.get(stage, Resources())
 
-    def image_for(self, stage: str) -> str:
-        tag = f"{self.image_tag}-cuda" if self.resources_of(stage).gpu > 0 else self.image_tag
-        return f"{self.image}:{tag}"
+    def image_for(self, stage: str, cuda: bool | None = None) -> str:
+        """The CUDA image for a stage given GPUs (or `cuda`), else the CPU image."""
+        cuda = self.resources_of(stage).gpu > 0 if cuda is None else cuda
+        return f"{self.image}:{self.image_tag}-cuda" if cuda else f"{self.image}:{self.image_tag}"
