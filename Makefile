@@ -13,7 +13,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export TMPDIR := $(CURDIR)/tmp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test lint install lock bench compile run-local compare clean
+.PHONY: run test lint install lock bench bench-scale compile run-local compare clean
 
 # torch: the CPU build unless asked. A torch 2.13.0 wheel that pip finds without an index
 # (its configured find-links) is used as it is; else PyTorch's CPU index. For the CUDA
@@ -64,11 +64,16 @@ lint: install
 
 test: install lint
 	@mkdir -p $(TMPDIR)
-	pytest -q
+	pytest -q --durations=30
 
 bench: install
 	$(BIN)/pip install -q transformers==5.23.0   # the peer library the translation benchmark compares with
 	python bench/run_all.py
+
+# WMT scale (about 5 minutes; 36M pairs: PAIRS=300000,1000000,4500000,36000000, about 15 more
+# minutes and 25 GB of disk): prepare_data's time and memory, training tokens per update
+bench-scale: install
+	python bench/scale.py --pairs $(or $(PAIRS),300000,1000000,4500000) --work $(TMPDIR)/scale --json $(TMPDIR)/scale/scale.json
 
 compile: install
 	python pipeline.py compile --output pipeline.yaml

@@ -8,6 +8,7 @@ processes, a vectorised length filter and token files appended chunk by chunk.
 from __future__ import annotations
 
 import io
+import shutil
 from collections import Counter
 from collections.abc import Iterable
 from itertools import chain
@@ -97,7 +98,7 @@ def length_mask(
 class TokenFile:
     """`{split}.{side}.tokens.npy` (every sequence back to back) + `.offsets.npy` (n + 1),
     appended chunk by chunk through a raw scratch file, so memory holds one chunk and
-    the lengths (8 bytes a sentence)."""
+    the lengths (4 bytes a sentence)."""
 
     def __init__(self, out_dir: Path, scratch: Path, split: str, side: str, dtype: np.dtype):
         self.out_dir, self.name, self.dtype = out_dir, f"{split}.{side}", dtype
@@ -107,28 +108,20 @@ class TokenFile:
 
     def append(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         self._raw.write(tokens.astype(self.dtype, copy=False).tobytes())
-        self._lengths.append(lengths)
+        self._lengths.append(lengths.astype(np.int32))  # 4 bytes a sentence until the end
 
     def finish(self) -> int:
         """Write the .npy pair; the number of sequences."""
         self._raw.close()
-        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int64)
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int32)
+        self._lengths = []
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         total = int(offsets[-1])
-        path = self.out_dir / f"{self.name}.tokens.npy"
-        if total == 0:
-            np.save(path, np.zeros(0, dtype=self.dtype))
-        else:
-            tokens = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=(total,))
-            with open(self.raw_path, "rb") as raw:
-                done = 0
-                while done < total:
-                    chunk = np.fromfile(raw, dtype=self.dtype, count=min(1 << 24, total - done))
-                    tokens[done : done + len(chunk)] = chunk
-                    done += len(chunk)
-            tokens.flush()
-            del tokens
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (total,)}
+        with open(self.out_dir / f"{self.name}.tokens.npy", "wb") as out, open(self.raw_path, "rb") as raw:
+            np.lib.format.write_array_header_1_0(out, header)  # what np.save writes, then the data as it is
+            shutil.copyfileobj(raw, out, 1 << 24)  # plain writes: no mapped pages piling up in memory
         np.save(self.out_dir / f"{self.name}.offsets.npy", offsets)
         self.raw_path.unlink()
         return len(lengths)

@@ -22,6 +22,7 @@ import hashlib
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from array import array
 from collections import Counter, deque
@@ -259,8 +260,12 @@ class Encoder:
         self.pool = None
         if processes > 1:
             context = multiprocessing.get_context("spawn")
-            self.pool = context.Pool(processes, corpus.init_worker, (model_file.read_bytes(),))
-        self.depth = 2 * processes
+            try:
+                self.pool = context.Pool(processes, corpus.init_worker, (model_file.read_bytes(),))
+            except OSError as exc:  # no /dev/shm for the pool's semaphores, process limits
+                print(f"note: encoding in this process only ({exc.strerror or exc})", file=sys.stderr)
+                processes = 1
+        self.processes, self.depth = processes, 2 * processes
 
     def map(self, jobs: Iterator[tuple[list[str], list[str]]]):
         """(job, ((src tokens, src lengths), (tgt tokens, tgt lengths))) in job order."""
@@ -356,8 +361,7 @@ def run(cfg: PrepareDataConfig, inputs: None, out_dir: Path) -> dict[str, float]
         vocab_size = spm.SentencePieceProcessor(model_file=str(tmp / corpus.SPM_FILE)).get_piece_size()
         t_spm = time.perf_counter()
 
-        processes = workers(cfg)
-        encoder = Encoder(tmp / corpus.SPM_FILE, processes, corpus.token_dtype(vocab_size))
+        encoder = Encoder(tmp / corpus.SPM_FILE, workers(cfg), corpus.token_dtype(vocab_size))
         try:
             train = scratch_pairs(scratch, gathered.keep)
             bar = tqdm(total=gathered.pairs, desc="prepare_data: encode", unit=" pairs", mininterval=5, disable=None)
@@ -388,7 +392,7 @@ def run(cfg: PrepareDataConfig, inputs: None, out_dir: Path) -> dict[str, float]
             "special_ids": {"pad": corpus.PAD, "unk": corpus.UNK, "bos": corpus.BOS, "eos": corpus.EOS},
             "sentencepiece_sample": sample,
             "train_text": cfg.keep_train_text,
-            "encode_workers": processes,
+            "encode_workers": encoder.processes,
             "config": to_dict(cfg),
             "timings_s": {
                 "read": round(t_read - t0, 3),
