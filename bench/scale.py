@@ -16,6 +16,7 @@ import argparse
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,6 +113,7 @@ def run_point(work: Path, pairs: int, vocab: int) -> dict:
 def train_point(work: Path, data: Path, workers: int, updates: int) -> dict:
     """train_supernet on the defaults (params.yaml) for `updates` updates; validation once."""
     out = work / f"supernet-{workers}w"
+    shutil.rmtree(out, ignore_errors=True)  # a finished run's checkpoints would make this one resume at its end
     threads = 2 // workers
     sets = {
         "max_updates": updates,
