@@ -343,8 +343,14 @@ def run_local_command(multi30k: Path, tmp_path: Path) -> tuple[str, dict[str, st
     return uri, env, cmd
 
 
+def spec_platform(path: Path) -> dict:
+    """The Kubernetes platform config of each executor in a compiled pipeline file."""
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
 @pytest.mark.slow
-def test_kfp_local_run_records_a_parent_and_a_child(multi30k, tmp_path):
+def test_kfp_local_run_records_its_runs_and_a_rerun_with_a_new_budget_reuses_the_cache(multi30k, tmp_path):
     uri, env, cmd = run_local_command(multi30k, tmp_path)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -355,25 +361,15 @@ def test_kfp_local_run_records_a_parent_and_a_child(multi30k, tmp_path):
     child = [r for r in runs if r.info.run_name == "prepare_data"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     assert len(child) == 1 and child[0].data.tags["mlflow.parentRunId"] == parent[0].info.run_id
-    stages = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id)
-    assert stages == sorted(ALL_STAGE_RUNS)
     assert all(r.info.status == "FINISHED" for r in runs)
     registrations = list((tmp_path / "root").rglob("registration.json"))
     assert len(registrations) == 1 and json.loads(registrations[0].read_text())["champion"] == 1
 
-
-def spec_platform(path: Path) -> dict:
-    """The Kubernetes platform config of each executor in a compiled pipeline file."""
-    docs = list(yaml.safe_load_all(path.read_text()))
-    return docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-
-
-@pytest.mark.slow
-def test_kfp_local_rerun_with_only_a_new_budget_reuses_the_cached_upstream_tasks(multi30k, tmp_path):
-    uri, env, cmd = run_local_command(multi30k, tmp_path)
-    for extra in ([], ["--set", "search.budget.value=0.7"]):
-        proc = subprocess.run(cmd + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the same run with only a new budget
+    proc = subprocess.run(
+        cmd + ["--set", "search.budget.value=0.7"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _, runs = mlflow_runs(uri)
     parents = sorted((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
     assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
