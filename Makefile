@@ -70,7 +70,7 @@ bench: install
 	$(BIN)/pip install -q transformers==5.23.0   # the peer library the translation benchmark compares with
 	python bench/run_all.py
 
-# WMT scale (about 5 minutes; 36M pairs: PAIRS=300000,1000000,4500000,36000000, about 15 more
+# WMT scale (about 7 minutes; 36M pairs: PAIRS=300000,1000000,4500000,36000000, about 15 more
 # minutes and 25 GB of disk): prepare_data's time and memory, training tokens per update
 bench-scale: install
 	python bench/scale.py --pairs $(or $(PAIRS),300000,1000000,4500000) --work $(TMPDIR)/scale --json $(TMPDIR)/scale/scale.json
