@@ -39,7 +39,7 @@ class _HashingReader(io.RawIOBase):
     """Reads through to `raw` and hashes every byte as stored (compressed or not)."""
 
     def __init__(self, raw):
-        self.raw, self.sha256, self.bytes_read = raw, hashlib.sha256(), 0
+        self.raw, self.sha256 = raw, hashlib.sha256()
 
     def readable(self) -> bool:
         return True
@@ -49,7 +49,6 @@ class _HashingReader(io.RawIOBase):
         n = len(data)
         buffer[:n] = data
         self.sha256.update(data)
-        self.bytes_read += n
         return n
 
     def drain(self) -> None:
@@ -64,10 +63,10 @@ class LineReader:
     buffer whatever the file's size. `sha256` is the hash of the stored bytes, complete
     once the reader is closed."""
 
-    def __init__(self, uri: str, raw, cleanup=None):
+    def __init__(self, uri: str, raw):
         self.uri, self.lines_read = uri, 0
         self._hashing = _HashingReader(raw)
-        self._raw, self._cleanup = raw, cleanup
+        self._raw = raw
         buffered = io.BufferedReader(self._hashing, 1 << 20)
         try:
             magic = buffered.peek(2)[:2]
@@ -103,8 +102,6 @@ class LineReader:
             raise DataError(f"{self.uri}: read failed ({exc})") from None
         finally:
             self._raw.close()
-            if self._cleanup is not None:
-                self._cleanup()
         self.sha256 = self._hashing.sha256.hexdigest()
 
 
@@ -112,7 +109,7 @@ class LineReader:
 def open_lines(uri: str) -> Iterator[LineReader]:
     """A LineReader over a local path, `s3://bucket/key` (downloaded to a temporary file)
     or `http(s)://` URL (streamed); closed, and its hash completed, on leaving."""
-    reader = LineReader(uri, *_open_raw(uri))
+    reader = LineReader(uri, _open_raw(uri))
     failed = False
     try:
         yield reader
@@ -143,16 +140,16 @@ def check_readable(uri: str) -> None:
 
 
 def _open_raw(uri: str):
-    """(binary file object, cleanup or None) for `uri`."""
+    """A binary file object for `uri`."""
     if uri.startswith("s3://"):
         return _open_s3(uri)
     if uri.startswith(("http://", "https://")):
-        return _open_http(uri), None
+        return _open_http(uri)
     if "://" in uri:
         raise DataError(f"{uri}: unknown source scheme (use a path, s3:// or http(s)://)")
     path = Path(uri)
     try:
-        return open(path, "rb"), None  # noqa: SIM115 - closed by LineReader.close
+        return open(path, "rb")  # noqa: SIM115 - closed by LineReader.close
     except FileNotFoundError:
         raise DataError(f"{uri}: file not found") from None
     except IsADirectoryError:
@@ -212,7 +209,7 @@ def _open_s3(uri: str):
         while piece := body.read(1 << 20):
             local.write(piece)
         local.seek(0)
-        return local, None
+        return local
     except NoCredentialsError:
         local.close()
         raise DataError(f"{uri}: no AWS credentials in the environment") from None
