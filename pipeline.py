@@ -53,7 +53,8 @@ FIELD_HELP = {
     "budget_kind": "search.budget.kind: latency_ms or gflops",
     "budget_value": "search.budget.value: the budget; a fraction of the dense reference's cost "
     "when search.budget.relative_to_dense (0.5 = half)",
-    "target_device": "measure_latency.device: where latency is measured, cpu or cuda",
+    "target_device": "measure_latency.device: where latency is measured and the model served "
+    "(evaluate.decode.device follows), cpu or cuda",
     "search_iterations": "search.iterations: evolutionary search generations",
     "search_population": "search.population: archs per generation",
     "supernet_updates": "train_supernet.train.max_updates: supernet training updates",

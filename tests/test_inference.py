@@ -228,6 +228,43 @@ def test_int8_model_follows_fp32_within_quantization_error(models, reduce_range)
 INT8_MEAN_ERR, INT8_MAX_ERR = 0.03, 0.2  # measured: 8-bit inputs (VNNI) 0.015 and 0.08 at most; 7-bit 0.029, 0.13
 
 
+HALF_ERR = {"fp16": (0.003, 0.03), "bf16": (0.03, 0.15)}  # (mean, max); measured: fp16 0.002, 0.007; bf16 0.014, 0.06
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_model_follows_fp32(models, precision):
+    """GPU serving layouts (the model cast to fp16 or bf16; run here on the CPU, which has
+    the same kernels' semantics): log-probabilities full and incremental within what the
+    dtype allows, beam search on the whole in agreement, the fp32 model untouched."""
+    agree = 0
+    for model in models:
+        half = for_inference(model, precision)
+        assert next(model.parameters()).dtype == torch.float32
+        assert next(half.parameters()).dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        src, tgt = sources(1), shift_right(sources(2, s=7), 2, 0)
+        want = model(src, tgt)[0].log_softmax(-1)
+        got = half(src, tgt)[0].float().log_softmax(-1)
+        mean_err, max_err = HALF_ERR[precision]
+        assert (got - want).abs().mean() < mean_err and (got - want).abs().max() < max_err
+        enc, cache = half.encode(src), None
+        for t in range(tgt.shape[1]):  # incremental decoding in half precision, cache included
+            step, cache = half.decode(tgt[:, t : t + 1], enc, None, cache)
+            assert (step[:, -1].float().log_softmax(-1) - want[:, t]).abs().max() < max_err
+        a, b = beam_search(model, src, beam=4), beam_search(half, src, beam=4)
+        agree += sum(x.tokens == y.tokens for x, y in zip(a, b, strict=True))
+        assert all(np.isfinite(h.score) for h in b)
+    assert agree >= 0.8 * 3 * len(models)  # measured: 12 of 12 (fp16), 11 of 12 (bf16)
+
+
+def test_serving_precision_and_device_go_together():
+    from automoe.serving import DecodeConfig
+
+    for precision, device in (("fp16", "cpu"), ("bf16", "cpu"), ("int8", "cuda")):
+        with pytest.raises(ValueError, match=f"precision {precision} on {device}"):
+            DecodeConfig(precision=precision, device=device)
+    DecodeConfig(precision="fp32", device="cuda")  # fp32 serves anywhere
+
+
 def test_building_the_serving_layout_leaves_the_global_rng_alone(models):
     kernels.clear()  # the GEMM choice is measured again (the tests' machine cache is off: conftest)
     state = torch.get_rng_state()

@@ -460,6 +460,16 @@ def test_serving_precision_is_one_setting_for_measure_evaluate_and_register():
     keys = ("measure_latency.precision", "evaluate.decode.precision", "register.precision")
     data = json.loads(resolve(params, [f"{k}=int8" for k in keys], {}))
     assert data["measure_latency"]["precision"] == data["register"]["precision"] == "int8"
+    # GPU serving: fp16/bf16 on a GPU only, latency measured on the device that serves
+    with pytest.raises(ValueError, match="fp16 serving runs on a GPU only"):
+        resolve(params, [f"{k}=fp16" for k in keys], {})
+    gpu = [f"{k}=bf16" for k in keys] + ["measure_latency.device=cuda", "evaluate.decode.device=cuda"]
+    data = json.loads(resolve(params, gpu, {}))
+    assert data["evaluate"]["decode"] == {**data["evaluate"]["decode"], "precision": "bf16", "device": "cuda"}
+    with pytest.raises(ValueError, match="measure_latency.device=cuda, evaluate.decode.device=cpu"):
+        resolve(params, ["measure_latency.device=cuda"], {})
+    data = json.loads(resolve(params, [], {"target_device": "cuda"}))  # the UI field moves both
+    assert data["measure_latency"]["device"] == data["evaluate"]["decode"]["device"] == "cuda"
 
 
 def test_compile_time_settings_come_from_compile_set_and_runs_cannot_change_them(tmp_path, monkeypatch):

@@ -430,29 +430,40 @@ def test_precision_setting_picks_the_autocast_dtype(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert trainer.autocast_dtype("fp32", cuda) is None
     assert trainer.autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert trainer.autocast_dtype("fp16", cpu) is torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # Ampere: native bf16
     assert trainer.autocast_dtype("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # Turing: fp16, scaled
+    assert trainer.autocast_dtype("auto", cuda) is torch.float16
     monkeypatch.setattr(trainer, "_cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower: fp32
     assert trainer.autocast_dtype("auto", cpu) is None
     monkeypatch.setattr(trainer, "_cpu_has_native_bf16", lambda: True)
     assert trainer.autocast_dtype("auto", cpu) is torch.bfloat16
 
 
-def test_bf16_autocast_learns_like_fp32(prepared, tmp_path):
-    """bf16 autocast (the CPU default where the CPU has bf16) trains the supernet as fp32
-    does: the same validation curve to within a small margin, and metrics say which ran."""
+def test_half_precision_autocast_learns_like_fp32(prepared, tmp_path):
+    """bf16 autocast (the default where bf16 is native) and fp16 autocast with its gradient
+    scaler (the default on pre-Ampere GPUs; CPU autocast runs the same code) train the
+    supernet as fp32 does: the same validation curve to within a small margin; metrics say
+    which ran and an fp16 checkpoint keeps the scaler's state for a resume."""
+    import json
+
     curves = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "fp16"):
         out = tmp_path / precision
         args = ["--data", str(prepared), "--out", str(out), *tiny_train("train_supernet", 20)]
         assert train_supernet.main([*args, "--set", f"train_supernet.train.precision={precision}"]) == 0
-        import json
-
-        assert json.loads((out / "metrics.json").read_text())["bf16_autocast"] == float(precision == "bf16")
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["bf16_autocast"] == float(precision == "bf16")
+        assert metrics["fp16_autocast"] == float(precision == "fp16")
         curves[precision] = read_valid_history(out / "valid_curves.csv")
+        scaler = checkpoint.load_latest(out / "checkpoints")[0]["scaler"]
+        assert bool(scaler) == (precision == "fp16") and (precision != "fp16" or scaler["scale"] > 1)
     first, last = curves["fp32"][0]["mean"], curves["fp32"][-1]["mean"]
     assert last < first - 0.5  # it learns ...
-    for a, b in zip(curves["fp32"], curves["bf16"], strict=True):
-        assert abs(a["mean"] - b["mean"]) < 0.1 * (first - last)  # ... and bf16 follows the same curve
+    for precision in ("bf16", "fp16"):
+        for a, b in zip(curves["fp32"], curves[precision], strict=True):
+            assert abs(a["mean"] - b["mean"]) < 0.1 * (first - last)  # ... and half precision follows its curve
 
 
 def _python_loop_plan(lens, max_tokens, seed, epoch, shuffle):

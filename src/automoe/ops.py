@@ -25,11 +25,12 @@ def translate(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-lines", type=int, default=256, help="lines translated together")
     parser.add_argument(
         "--precision",
-        choices=("fp32", "int8"),
+        choices=("fp32", "int8", "fp16", "bf16"),
         default=None,
-        help="serving layout of a retrain output folder or a CTranslate2 export (default fp32); "
-        "a registered model keeps the one it was registered with",
+        help="serving layout of a retrain output folder or a CTranslate2 export (default fp32; fp16 and bf16 "
+        "on a GPU); a registered model keeps the one it was registered with",
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where a retrain folder decodes")
     args = parser.parse_args(argv)
     for flag, value in (("--beam", args.beam), ("--batch-lines", args.batch_lines)):
         if value < 1:
@@ -52,7 +53,10 @@ def translate(argv: list[str] | None = None) -> None:
     else:
         from automoe.serving import DecodeConfig, Translator
 
-        decode = DecodeConfig(beam=args.beam, precision=args.precision or "fp32")
+        try:
+            decode = DecodeConfig(beam=args.beam, precision=args.precision or "fp32", device=args.device)
+        except ValueError as e:
+            parser.error(f"--precision/--device: {e}")
         run = Translator.from_folder(Path(args.model), decode).translate
     # bytes in, whatever the locale: invalid UTF-8 becomes U+FFFD, every line is translated
     # (one output line per input line) and the repaired line numbers go to stderr

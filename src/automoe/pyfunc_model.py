@@ -15,10 +15,12 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         from automoe.model import kernels
         from automoe.serving import DecodeConfig, Translator
 
-        precision = (context.model_config or {}).get("precision", "fp32")  # models registered before: fp32
+        config = context.model_config or {}
+        precision = config.get("precision", "fp32")  # models registered before: fp32 on the CPU
+        device = config.get("device", "cpu")  # fp16/bf16: a GPU (Translator refuses one that is not there)
         if "kernels" in context.artifacts:  # the engine it was timed with, where this is the same machine kind
             kernels.use(context.artifacts["kernels"])
-        decode = DecodeConfig(precision=precision)
+        decode = DecodeConfig(precision=precision, device=device)
         self.translator = Translator.from_files(context.artifacts["model"], context.artifacts["spm"], decode)
 
     def predict(self, context, model_input, params=None):

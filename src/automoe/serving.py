@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import sentencepiece as spm
@@ -20,7 +21,7 @@ from automoe.data.corpus import EOS, SPM_FILE
 from automoe.data.dataset import pad
 from automoe.errors import AutomoeError
 from automoe.model.decode import beam_search
-from automoe.model.inference import Precision, for_inference
+from automoe.model.inference import PRECISIONS, Precision, device_error, for_inference
 from automoe.model.subnet import SubTransformer
 from automoe.textio import clean_lines
 
@@ -35,7 +36,18 @@ class DecodeConfig:
     max_len_b: int = 10
     max_tokens: int = 2048  # source tokens per batch (times the beam in the decoder)
     max_source_len: int = 256  # longer inputs are cut (a translation service must not blow up)
-    precision: Precision = "fp32"  # the serving layout: fp32 (oneDNN-packed) or int8 (model/inference.py)
+    # the serving layout: fp32 (oneDNN-packed on CPU) or int8 on the CPU, fp16 or bf16 on a GPU
+    precision: Precision = "fp32"
+    device: Literal["cpu", "cuda"] = "cpu"  # where the model decodes
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device {self.device!r}: expected cpu or cuda")
+        reason = device_error(self.precision, self.device)
+        if reason:
+            raise ValueError(f"precision {self.precision} on {self.device}: {reason}")
 
 
 class Translator:
@@ -47,7 +59,10 @@ class Translator:
         vocab: dict | None = None,
     ):
         self.decode = decode or DecodeConfig()
-        self.model, self.sp = for_inference(model, self.decode.precision), sp  # the serving layout on CPU
+        if self.decode.device == "cuda" and not torch.cuda.is_available():
+            raise AutomoeError("decode.device: cuda was asked for but no GPU is visible")
+        self.device = torch.device(self.decode.device)
+        self.model, self.sp = for_inference(model.to(self.device), self.decode.precision), sp  # the serving layout
         self.vocab = dict(vocab or {})  # what the model was trained with (SentencePiece hash, languages)
 
     @classmethod
@@ -86,7 +101,7 @@ class Translator:
             idx = order[start:end]
             hyps = beam_search(
                 self.model,
-                pad([sources[i] for i in idx]),
+                pad([sources[i] for i in idx]).to(self.device),
                 beam=d.beam,
                 length_penalty=d.length_penalty,
                 max_len_a=d.max_len_a,

@@ -368,11 +368,12 @@ def log_translator(
     tags: Mapping[str, str],
     precision: str = "fp32",
     kernel_plan: Path | None = None,
+    device: str = "cpu",
 ):
     """Log the retrained model as a pyfunc translator in `run` and register a new version: its
     code as files, no pickle (models-from-code, automoe/pyfunc_model.py), its SentencePiece
-    model, arch, weights, signature, input example, its serving `precision` as model config
-    and the kernel plan it was timed with, when given."""
+    model, arch, weights, signature, input example, its serving `precision` and `device` as
+    model config and the kernel plan it was timed with, when given."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -397,7 +398,8 @@ def log_translator(
             code_paths=[str(code)],
             signature=signature,
             input_example=example,
-            model_config={"precision": precision},  # the serving layout it was measured and evaluated in
+            # the serving layout and device it was measured and evaluated in
+            model_config={"precision": precision, "device": device},
             pip_requirements=_requirements(),
         )
     version = mlflow.register_model(info.model_uri, registered_name, tags=dict(tags))

@@ -20,8 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,21 +58,55 @@ def trimmed_mean(values: list[float] | np.ndarray, low: float = 10.0, high: floa
 def fingerprint(device: torch.device, precision: str = "fp32") -> dict[str, str | int]:
     """What the latency figures are valid for: the machine and the serving layout measured
     (`precision` only when not fp32, so tables measured before int8 existed keep their id)."""
-    info: dict[str, str | int] = {
-        "cpu_model": cpu_model(),
-        "cpu_cores": os.cpu_count() or 0,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": device.type,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+    if device.type == "cuda":  # the GPU, not the host's CPU, is what the figures are valid for
+        info: dict[str, str | int] = {"torch": torch.__version__, "device": "cuda"} | gpu_fingerprint(device)
+    else:
+        info = {
+            "cpu_model": cpu_model(),
+            "cpu_cores": os.cpu_count() or 0,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": device.type,
+        }
     if precision != "fp32":
         info["precision"] = precision
     if precision == "int8":  # 7- or 8-bit inputs: what this CPU's int8 kernel can sum (model/inference.py)
         info["int8_kernel"] = int8_kernel()
     info["id"] = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
     return info
+
+
+def gpu_fingerprint(device: torch.device) -> dict[str, str | int]:
+    """The GPU's model, compute capability, memory, CUDA runtime and driver."""
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "gpu": props.name,
+        "gpu_capability": f"{props.major}.{props.minor}",
+        "gpu_memory_gib": round(props.total_memory / 2**30),
+        "cuda": str(torch.version.cuda),
+        "driver": nvidia_driver(),
+    }
+
+
+def nvidia_driver() -> str:
+    """The NVIDIA driver's version ("" where it cannot be read)."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", text)
+        if match:
+            return match.group(1)
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def source_windows(split: ParallelSplit, length: int, count: int) -> torch.Tensor:

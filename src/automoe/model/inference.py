@@ -21,9 +21,15 @@ without AVX-512 VNNI or AMX adds pairs of u8 x s8 products in saturating 16-bit 
 there the input is quantized to 7 bits (as PyTorch's own dynamic quantization does on x86),
 and to the full 8 bits only where VNNI/AMX accumulate in 32 bits.
 
+`precision="fp16"` or `"bf16"` (GPU serving) casts a copy of the model to that dtype: every
+product runs in half precision on the GPU's tensor cores; the decoder's log-softmax and beam
+scores stay fp32 (model/decode.py) and the router's logits too (model/moe.py). On a CPU the
+cast runs (the tests use it) but is slower than fp32; the stages serve half precision on a
+GPU only (`device_error`).
+
 Inference only: the copy has no gradients and is not for saving. Where oneDNN is not
-available or the model is not on the CPU, the model comes back as it is (fp32); int8
-needs the CPU too and is refused elsewhere.
+available or the model is not on the CPU, fp32 comes back as it is; int8 needs the CPU and
+is refused elsewhere.
 """
 
 from __future__ import annotations
@@ -149,8 +155,18 @@ class Int8Linear(nn.Module):
         return self.op(x, self.packed, self.reduce_range)
 
 
-Precision = Literal["fp32", "int8"]
-PRECISIONS = ("fp32", "int8")
+Precision = Literal["fp32", "int8", "fp16", "bf16"]
+PRECISIONS = ("fp32", "int8", "fp16", "bf16")
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}  # GPU serving: the model cast to this dtype
+
+
+def device_error(precision: str, device: str) -> str | None:
+    """Why `precision` cannot be served on `device` ("cpu" or "cuda"), or None where it can."""
+    if precision == "int8" and device != "cpu":
+        return "int8 serving runs on the CPU only (device: cpu)"
+    if precision in HALF and device != "cuda":
+        return f"{precision} serving runs on a GPU only (device: cuda)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -245,8 +261,9 @@ class PackedEmbedding(nn.Module):
 
 
 def for_inference(model: nn.Module, precision: Precision = "fp32", reduce_range: bool | None = None) -> nn.Module:
-    """A packed (fp32) or quantized (int8) copy of a compact SubTransformer for CPU decoding
-    (see the module doc). A model already in a serving layout comes back as it is.
+    """A packed (fp32) or quantized (int8) copy of a compact SubTransformer for CPU decoding,
+    or a half-precision copy (fp16, bf16) for GPU decoding (see the module doc). A model
+    already in a serving layout comes back as it is.
     `reduce_range` (int8): None = what this CPU needs (`int8_reduce_range`); tests force either."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -257,6 +274,10 @@ def for_inference(model: nn.Module, precision: Precision = "fp32", reduce_range:
         return model.eval()
     if precision == "int8" and not int8_available(model):
         raise ValueError("precision int8: needs a CPU model and PyTorch's FBGEMM int8 kernels (x86)")
+    if precision in HALF:
+        out = copy.deepcopy(model).to(HALF[precision]).eval().requires_grad_(False)
+        out.packed_for_inference = precision
+        return out
     if precision == "fp32" and not available(model):
         return model.eval()
     layout = Layout(precision, int8_reduce_range() if reduce_range is None else reduce_range)

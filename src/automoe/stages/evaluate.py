@@ -106,6 +106,7 @@ def evaluate_model(
         "translate_sentences_per_s": n / seconds,
         "dense": arch.is_dense,
         "precision": cfg.decode.precision,  # the serving layout translated and timed
+        "device": cfg.decode.device,
         "flops_per_token": tokens,
     } | _training(folder)
     return result
@@ -127,9 +128,10 @@ def _routed_token_flops(model, split, n: int) -> list[float]:
     """Active MFLOPs of every source token of `n` test sentences, from their actual routing."""
     out: list[float] = []
     args = model.args
+    device = next(model.parameters()).device
     for i in range(n):
-        src = torch.from_numpy(split.src[i].astype(np.int64))[None]
-        tgt = torch.from_numpy(split.tgt[i].astype(np.int64))[None]
+        src = torch.from_numpy(split.src[i].astype(np.int64))[None].to(device)
+        tgt = torch.from_numpy(split.tgt[i].astype(np.int64))[None].to(device)
         _, stats = model(src, shift_right(tgt, args.bos_id, args.pad_id))
         src_f, _ = per_token_flops(model.arch, args.qkv_dim, src.shape[1], tgt.shape[1], args.vocab_size, stats)
         out += (src_f / 1e6).tolist()

@@ -33,6 +33,7 @@ from automoe.io import atomic_write_json
 from automoe.latency import measure as m
 from automoe.latency.table import LatencyTable, save_space
 from automoe.model import kernels
+from automoe.model.inference import Precision, device_error
 from automoe.model.subnet import extract
 from automoe.model.supernet import SuperTransformer
 from automoe.space import ArchConfig, SearchSpace
@@ -55,7 +56,7 @@ class MeasureLatencyConfig:
     chunk: int = 8  # archs timed together, in alternation with the dense reference
     threads: int = 2
     device: Literal["cpu", "cuda"] = "cpu"
-    precision: Literal["fp32", "int8"] = "fp32"  # the serving layout measured (as evaluate.decode and register serve)
+    precision: Precision = "fp32"  # the serving layout measured (as evaluate.decode and register serve)
     num_shards: int = 1  # Kubeflow: parallel pods measuring disjoint archs
     node_selector: dict[str, str] = field(default_factory=dict)  # Kubeflow: pods of the target hardware
     accelerator: str = ""  # Kubeflow: e.g. nvidia.com/gpu for a GPU target
@@ -68,6 +69,9 @@ class MeasureLatencyConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.src_len < 2:
             raise ValueError("src_len must be at least 2")
+        reason = device_error(self.precision, self.device)
+        if reason:
+            raise ValueError(f"precision {self.precision}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,6 @@ def archs_to_measure(space: SearchSpace, cfg: MeasureLatencyConfig) -> list[Arch
 def run(cfg: MeasureLatencyConfig, inputs: MeasureLatencyInputs, out_dir: Path) -> dict[str, float]:
     if not 0 <= inputs.shard < cfg.num_shards:
         raise ConfigError(f"measure_latency: shard {inputs.shard} is outside 0..{cfg.num_shards - 1}")
-    if cfg.precision == "int8" and cfg.device != "cpu":
-        raise ConfigError("measure_latency.precision: int8 serving runs on the CPU only (device: cpu)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("measure_latency.device: cuda was asked for but no GPU is visible")
     torch.set_num_threads(cfg.threads)

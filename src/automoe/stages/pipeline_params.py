@@ -27,6 +27,8 @@ UI_FIELDS = {
     "supernet_updates": "train_supernet.train.max_updates",
     "retrain_updates": "retrain.train.max_updates",
 }
+# keys a UI field sets beside its own: latency is measured where the model is served
+ALSO_SETS = {"target_device": ("evaluate.decode.device",)}
 INTEGER_FIELDS = {"search_iterations", "search_population", "supernet_updates", "retrain_updates"}
 # fixed when the pipeline is compiled (the DAG's shape, pods, images): a run cannot change them
 COMPILE_TIME = (
@@ -47,7 +49,7 @@ def ui_overrides(ui: dict[str, Any]) -> list[str]:
             continue
         if field in INTEGER_FIELDS:
             value = int(value)
-        out.append(f"{UI_FIELDS[field]}={value}")
+        out += [f"{key}={value}" for key in (UI_FIELDS[field], *ALSO_SETS.get(field, ()))]
     return out
 
 
@@ -76,6 +78,13 @@ def validate(data: dict[str, Any]) -> None:
     if len(set(serving.values())) > 1:  # the search would optimise a latency that is not served
         shown = ", ".join(f"{k}={v}" for k, v in serving.items())
         raise ConfigError(f"{shown}: the serving precision must be the same in all three")
+    devices = {
+        "measure_latency.device": (data.get("measure_latency") or {}).get("device", "cpu"),
+        "evaluate.decode.device": ((data.get("evaluate") or {}).get("decode") or {}).get("device", "cpu"),
+    }
+    if len(set(devices.values())) > 1:  # a CPU latency table cannot rank models served on a GPU
+        shown = ", ".join(f"{k}={v}" for k, v in devices.items())
+        raise ConfigError(f"{shown}: latency is measured where the model is served; set both alike")
 
 
 def resolve(params: str, overrides: list, ui: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from automoe.data.dataset import PreparedData
 from automoe.errors import AutomoeError, ConfigError, DataError
 from automoe.io import atomic_write_json
 from automoe.model import kernels
+from automoe.model.inference import Precision
 from automoe.stages._cli import cli_run, component_run, guarded, stage_parser
 from automoe.stages.retrain import initialisation, training_record
 
@@ -38,7 +39,7 @@ class RegisterConfig:
     cost_tolerance: float = 0.05  # measured latency may exceed the budget by this fraction (beyond its rounds' noise)
     min_bleu: float = 10.0  # floors: below either nothing becomes champion, whatever the champion was
     min_chrf: float = 30.0
-    precision: Literal["fp32", "int8"] = "fp32"  # the registered model's serving layout (as measured and evaluated)
+    precision: Precision = "fp32"  # the registered model's serving layout (as measured and evaluated)
     # under `dvc exp run`: separate = into "<model_name>-experiments" (the shared model's aliases
     # stay where they are), shared = into model_name like any run, skip = register nothing
     experiments: Literal["separate", "shared", "skip"] = "separate"
@@ -113,6 +114,7 @@ def version_tags(
         )
     return {
         "automoe.precision": precision,
+        "automoe.device": str(ev.get("searched_device", "cpu")),  # where it was evaluated and is served
         "automoe.init": initialisation(training_record(inputs.model)),
         registry.BLEU: f"{ev['searched_bleu']:.4f}",
         registry.CHRF: f"{ev['searched_chrf']:.4f}",
@@ -157,7 +159,7 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs, out_dir: Path, run: trackin
         if cfg.experiments == "separate":
             name = f"{cfg.model_name}-experiments"
     plan = inputs.evaluation / kernels.PLAN_FILE  # the engine evaluate timed: served the same way
-    version = tracking.log_translator(run, inputs.model, name, tags, cfg.precision, plan)
+    version = tracking.log_translator(run, inputs.model, name, tags, cfg.precision, plan, tags["automoe.device"])
     client = tracking.registry_client()
     client.set_registered_model_alias(name, registry.CANDIDATE, str(version))
     decision = tracking.settle_champion(client, name, cfg.gate())

@@ -73,6 +73,7 @@ class SearchConfig:
     random_baseline: bool = True
     seed: int = 1
     threads: int = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where fitness runs (auto: the task's GPU if it has one)
     space: str = ""  # "" = the supernet's space; else a preset or YAML path inside it (ablations)
     confirm: int = 5  # predicted-latency budgets: time the N fittest archs within it, keep the best that fits (0: off)
     confirm_rounds: int = 3  # alternating rounds (dense reference, then each arch) for that measurement
@@ -101,15 +102,24 @@ class SearchInputs:
 class ValidLoss:
     """Fitness: per-token NLL of the supernet with an arch on a fixed validation subset."""
 
-    def __init__(self, supernet: SuperTransformer, data: PreparedData, sentences: int, max_tokens: int):
-        self.net = supernet.eval()
+    def __init__(
+        self,
+        supernet: SuperTransformer,
+        data: PreparedData,
+        sentences: int,
+        max_tokens: int,
+        device: torch.device | None = None,
+    ):
+        device = device or torch.device("cpu")
+        self.net = supernet.eval().to(device)
         split = data.split("valid")
         n = min(sentences, len(split))
         lens = np.maximum(split.src.lengths[:n], split.tgt.lengths[:n])
         plan = TokenBatchSampler(lens, lens, max(max_tokens, int(lens.max())), seed=0, shuffle=False).plan(0)
         args = supernet.args
         self.batches = [
-            (src, shift_right(tgt, args.bos_id, args.pad_id), tgt) for src, tgt in (split.collate(b) for b in plan)
+            (src.to(device), shift_right(tgt, args.bos_id, args.pad_id).to(device), tgt.to(device))
+            for src, tgt in (split.collate(b) for b in plan)
         ]
 
     @torch.inference_mode()
@@ -177,7 +187,7 @@ def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, flo
         space.check_subspace_of(supernet.space, "search.space")
     cost, reference = cost_function(cfg, inputs, supernet, data)
     budget, dense_cost, floor = absolute_budget(cfg, cost, space, supernet.space, reference)
-    fitness = ValidLoss(supernet, data, cfg.valid_sentences, cfg.max_tokens)
+    fitness = ValidLoss(supernet, data, cfg.valid_sentences, cfg.max_tokens, search_device(cfg.device))
     out_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=cfg.iterations, desc=NAME, mininterval=5.0) as bar:
         result = evolve(
@@ -192,8 +202,10 @@ def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, flo
         )
     confirmed: list[dict] = []
     if cfg.confirm and cfg.budget.kind == "latency_ms" and cfg.budget.latency_source == "predicted":
-        precision = _use_kernel_plan(inputs)
-        result.best, confirmed = confirm_on_measurement(cfg, supernet, data, result.evaluated, budget, precision)
+        precision, device = _use_kernel_plan(inputs)
+        result.best, confirmed = confirm_on_measurement(
+            cfg, supernet, data, result.evaluated, budget, precision, device
+        )
     metrics = {
         "best_fitness": result.best.fitness,
         "best_cost": result.best.cost,
@@ -216,13 +228,24 @@ def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, flo
     return metrics
 
 
-def _use_kernel_plan(inputs: SearchInputs) -> str:
+def search_device(device: str) -> torch.device:
+    """Where fitness runs: `auto` takes the task's GPU when it has one."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("search.device: cuda was asked for but no GPU is visible")
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+
+
+def _use_kernel_plan(inputs: SearchInputs) -> tuple[str, torch.device]:
     """Time with the engine the latency table was timed with (its plan travels in the
-    predictor's folder); returns the serving precision the table measured."""
+    predictor's folder); returns the serving precision and the device the table measured."""
     assert inputs.predictor is not None  # a predicted budget: checked by cost_function
     folder = inputs.predictor if inputs.predictor.is_dir() else inputs.predictor.parent
     kernels.use(folder / kernels.PLAN_FILE)
-    return LatencyPredictor.load(artifact_file(inputs.predictor, "predictor.pt")).hardware.get("precision", "fp32")
+    hardware = LatencyPredictor.load(artifact_file(inputs.predictor, "predictor.pt")).hardware
+    device = str(hardware.get("device", "cpu"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{inputs.predictor}: its latency table was measured on a GPU; this task has none")
+    return str(hardware.get("precision", "fp32")), torch.device(device)
 
 
 def confirm_on_measurement(
@@ -232,6 +255,7 @@ def confirm_on_measurement(
     evaluated: list[Candidate],
     budget: float,
     precision: str = "fp32",
+    device: torch.device | None = None,
 ) -> tuple[Candidate, list[dict]]:
     """The fittest evaluated arch whose measured latency meets the budget (relative budgets:
     the measured ratio to the dense reference, per round, median over `confirm_rounds`
@@ -243,7 +267,8 @@ def confirm_on_measurement(
     `cfg.confirm_waves` waves. When none
     fits, the fastest timed. Returns it and a row per timed arch."""
     sources = m.source_windows(data.split("valid"), 30, 8)
-    dense = extract(supernet, supernet.space.largest_dense())
+    device = device or torch.device("cpu")
+    dense = extract(supernet, supernet.space.largest_dense()).to(device)
     timed: set[str] = set()
     rows: list[dict] = []
     picked: list[Candidate] = []
@@ -261,7 +286,7 @@ def confirm_on_measurement(
                 picks.append(c)
         if not picks:
             break
-        models = [dense] + [extract(supernet, c.arch) for c in picks]
+        models = [dense] + [extract(supernet, c.arch).to(device) for c in picks]
         ms = np.zeros((cfg.confirm_rounds, len(models)))
         for r in tqdm(range(cfg.confirm_rounds), desc=f"{NAME}: confirming {len(picks)} archs", mininterval=5.0):
             lats = m.measure_many(models, sources, warmup=2, repeats=6, precision=precision)  # in alternation

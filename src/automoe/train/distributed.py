@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from automoe.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -78,10 +80,14 @@ def init_world(device: str = "auto") -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda was asked for but no GPU is visible")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+        # fp32 products (the optimizer's master weights, fp32 runs) on TF32 tensor cores (Ampere and later)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
     if size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return World(rank, size, dev)

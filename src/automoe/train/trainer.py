@@ -72,8 +72,9 @@ class TrainConfig:
     seed: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # autocast dtype for forward passes (weights, optimizer and loss stay fp32). auto: bf16 on
-    # CUDA and on CPUs with native bf16 (avx512_bf16 / AMX), else fp32
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Ampere and later GPUs and on CPUs with native bf16 (avx512_bf16 / AMX), fp16 with a
+    # gradient scaler on older GPUs, else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
     def __post_init__(self) -> None:
         if self.tokens_per_update < 0:
@@ -121,12 +122,14 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype a run uses on `device` (None: plain fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16" or device.type == "cuda" or _cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
+    """The autocast dtype a run uses on `device` (None: plain fp32). auto: bf16 where it is
+    native (GPUs of compute capability 8.0 and later, CPUs with bf16 instructions), fp16 on
+    older GPUs (they emulate bf16), else fp32."""
+    if precision in ("fp32", "bf16", "fp16"):
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return torch.bfloat16 if _cpu_has_native_bf16() else None
 
 
 def batch_stream(
@@ -210,6 +213,9 @@ def train(
         opt.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"][world.rank] if world.rank < len(state["rng"]) else state["rng"][0])
+        cuda_rng = state.get("cuda_rng") or []
+        if world.device.type == "cuda" and cuda_rng:  # dropout on a GPU draws from its own generator
+            torch.cuda.set_rng_state(cuda_rng[world.rank] if world.rank < len(cuda_rng) else cuda_rng[0], world.device)
         start, history, valid_history, best = state["update"], state["history"], state["valid"], state["best"]
         if world.is_main:
             print(f"{desc}: resuming at update {start} from {state['path'].name}", file=sys.stderr)
@@ -217,6 +223,10 @@ def train(
     stream = batch_stream(sampler, train_split.tgt.lengths, cfg.tokens_per_update, world.size * cfg.update_freq)
     dtype = autocast_dtype(cfg.precision, world.device)
     amp = torch.autocast(world.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    # fp16: losses scaled so small gradients do not flush to zero; a no-op for other dtypes
+    scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
+    if state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     bar = tqdm(
         total=cfg.max_updates,
         initial=start,
@@ -253,12 +263,14 @@ def train(
                 aux = auxiliary_loss(stats, cfg.aux_loss_weight, cfg.z_loss_weight).to(world.device)
                 b_tokens = int((tgt != args.pad_id).sum())
                 total = (loss + aux * b_tokens) / n_tokens
-                total.backward()
+                scaler.scale(total).backward()
                 sums += np.array([loss.item(), nll.item(), float(aux) * b_tokens])
                 loads = _expert_load(stats, arch) if routed else loads
-        synced = _sum_gradients(world, params)
+        synced = _sum_gradients(world, params)  # every worker then holds the same grads: one scaler decision
+        scaler.unscale_(opt)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm if cfg.clip_norm > 0 else math.inf))
-        opt.step()
+        scaler.step(opt)  # fp16: skipped when a gradient overflowed (the scale then halves)
+        scaler.update()
 
         loss_sum, nll_sum, aux_sum = world.sum(sums.tolist())
         train_seconds += time.perf_counter() - t_update
@@ -296,7 +308,7 @@ def train(
             if is_best:
                 best = {"update": done, **valid}
             _checkpoint(
-                ckpt_dir, done, model, opt, sampler, history, valid_history, best, identity, cfg, world, is_best
+                ckpt_dir, done, model, opt, sampler, history, valid_history, best, identity, cfg, world, is_best, scaler
             )
     bar.close()
 
@@ -310,6 +322,7 @@ def train(
         "target_tokens_seen": float(sum(r.get("target_tokens", 0.0) for r in history)),
         "micro_batches_per_update": float(np.mean([r.get("micro_batches", 0.0) for r in history])) if history else 0.0,
         "bf16_autocast": float(dtype == torch.bfloat16),
+        "fp16_autocast": float(dtype == torch.float16),
         # target tokens per second of training (all workers together; validation left out)
         "train_tokens_per_s": train_tokens / train_seconds if train_seconds else 0.0,
     }
@@ -365,21 +378,27 @@ def validate(
     return out
 
 
-def _checkpoint(ckpt_dir, done, model, opt, sampler, history, valid_history, best, identity, cfg, world, is_best):
-    rng = [torch.get_rng_state()]
+def _checkpoint(
+    ckpt_dir, done, model, opt, sampler, history, valid_history, best, identity, cfg, world, is_best, scaler
+):
+    cuda = world.device.type == "cuda"
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state(world.device) if cuda else None)
+    states = [mine]
     if world.size > 1:
         import torch.distributed as dist
 
         gathered: list[Any] = [None] * world.size
-        dist.all_gather_object(gathered, torch.get_rng_state())
-        rng = gathered
+        dist.all_gather_object(gathered, mine)
+        states = gathered
     if world.is_main:
         payload = {
             "update": done,
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "sampler": sampler.state_dict(),
-            "rng": rng,
+            "rng": [cpu for cpu, _ in states],
+            "cuda_rng": [gpu for _, gpu in states] if cuda else [],
+            "scaler": scaler.state_dict(),  # empty unless fp16
             "history": history,
             "valid": valid_history,
             "best": best,
