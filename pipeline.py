@@ -35,6 +35,8 @@ from automoe.stages.pipeline_params import INTEGER_FIELDS, UI_FIELDS, compile_ti
 
 ROOT = Path(__file__).resolve().parent
 PARAMS_FILE = ROOT / "params.yaml"
+# stages whose checkpoints or search state go to the run store (pipeline.run_store): a retried task resumes
+RESUMABLE = ("train_supernet", "search", "retrain")
 # kfp.local DockerRunner: what a task's container gets from this process's environment
 DOCKER_ENV = (
     "AUTOMOE_TRACKING",
@@ -126,6 +128,8 @@ class Build:
             kubernetes.use_field_path_as_env(task, env_name="KFP_RUN_ID", field_path=runid)
         if p.s3_endpoint:
             task.set_env_variable("AWS_ENDPOINT_URL", p.s3_endpoint)
+        if stage in RESUMABLE and p.checkpoint_store():  # a retry resumes from the store (train/store.py)
+            task.set_env_variable("AUTOMOE_RUN_STORE", p.checkpoint_store())
         if p.mlflow_secret:  # the pipeline's MLflow user (the chart's auth): never a param or in the spec
             kubernetes.use_secret_as_env(
                 task,

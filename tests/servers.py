@@ -182,7 +182,7 @@ def _stop_weed(proc: subprocess.Popen, log) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, 15)
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=3)  # a graceful stop takes ~12 s; the tests' data need not outlive the server
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         proc.wait()

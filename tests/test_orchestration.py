@@ -390,6 +390,7 @@ def test_gpu_resources_compile_to_cuda_image_accelerators_and_secrets(tmp_path):
     params["pipeline"]["s3_secret"] = "automoe-s3"
     params["pipeline"]["mlflow_secret"] = "automoe-mlflow-pipeline"
     params["pipeline"]["mlflow_tracking_uri"] = "http://mlflow.automoe:5000"
+    params["pipeline"]["pipeline_root"] = "s3://automoe/kfp"
     params["measure_latency"]["num_shards"] = 3
     params["measure_latency"]["node_selector"] = {"node.kubernetes.io/instance-type": "c6i.large"}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
@@ -410,6 +411,10 @@ def test_gpu_resources_compile_to_cuda_image_accelerators_and_secrets(tmp_path):
     assert train["image"].endswith("-cuda") and train["resources"]["accelerator"]["resourceCount"] == "4"
     assert executors["exec-prepare-data"]["container"]["image"].endswith(":0.1.0")
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.automoe:5000"} in train["env"]
+    # training resumes from the run store on a retry (under the pipeline root); no other stage uses it
+    store = {"name": "AUTOMOE_RUN_STORE", "value": "s3://automoe/kfp/runs"}
+    assert store in train["env"] and store in executors["exec-retrain"]["container"]["env"]
+    assert store not in executors["exec-measure-latency"]["container"].get("env", [])
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     secrets = {e["secretName"]: e for e in k8s["exec-train-supernet"]["secretAsEnv"]}
     assert set(secrets) == {"automoe-s3", "automoe-mlflow-pipeline"}

@@ -258,8 +258,23 @@ class PipelineConfig:
     mlflow_secret: str = ""  # Kubernetes Secret with MLFLOW_TRACKING_USERNAME / _PASSWORD (MLflow auth), as env
     s3_endpoint: str = ""  # AWS_ENDPOINT_URL for tasks (MinIO); "" = AWS S3
     pipeline_root: str = ""  # where KFP keeps artifacts on the cluster, e.g. s3://automoe/kfp ("" = KFP default)
+    # checkpoints of the training stages, durable across task retries and shared by nodes
+    # (train/store.py): "" = <pipeline_root>/runs when that is on S3, "none" = in the pod only
+    run_store: str = ""
     resources: dict[str, Resources] = dataclasses.field(default_factory=dict)  # per stage
     image_pull_secrets: tuple[str, ...] = ()  # Secrets to pull the project image from a private registry
+
+    def __post_init__(self) -> None:
+        if self.run_store not in ("", "none") and not self.run_store.startswith("s3://"):
+            raise ValueError(f"run_store: expected s3://bucket/prefix, none or empty, got {self.run_store!r}")
+
+    def checkpoint_store(self) -> str:
+        """The run store's S3 prefix ("" where there is none)."""
+        if self.run_store == "none":
+            return ""
+        if self.run_store:
+            return self.run_store
+        return f"{self.pipeline_root.rstrip('/')}/runs" if self.pipeline_root.startswith("s3://") else ""
 
     def resources_of(self, stage: str) -> Resources:
         return self.resources.get(stage, Resources())

@@ -114,7 +114,10 @@ def evolve(
     seed: int,
     state_path: Path | None = None,
     progress: Callable[[int], None] | None = None,
+    on_save: Callable[[Path], None] | None = None,
 ) -> SearchResult:
+    """Evolutionary search; its state is saved to `state_path` after every iteration (and
+    `on_save` called with it: the run store keeps it beyond the pod) and resumed from there."""
     scorer = Scorer(fitness, cost)
     rng = np.random.default_rng(seed)
     state = _load(state_path, seed, budget, cfg)
@@ -140,6 +143,8 @@ def evolve(
     if state is None:
         history.append(_summary(0, ranked, scorer))
         _save(state_path, 0, ranked, scorer, rng, history, seed, budget, cfg)
+        if on_save and state_path is not None:
+            on_save(state_path)
 
     for iteration in range(start, cfg.iterations + 1):
         parents = [c.arch for c in ranked[: cfg.parents]]
@@ -154,6 +159,8 @@ def evolve(
         ranked = _rank(scorer.score(parents + children))
         history.append(_summary(iteration, ranked, scorer))
         _save(state_path, iteration, ranked, scorer, rng, history, seed, budget, cfg)
+        if on_save and state_path is not None:
+            on_save(state_path)
         if progress:
             progress(iteration)
     return SearchResult(ranked[0], ranked, scorer.evaluated(), history)

@@ -18,6 +18,8 @@ cannot carry the winner over the budget the promotion gate checks on measurement
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from automoe.config import load_section
+from automoe.config import load_section, to_dict
 from automoe.data.dataset import PreparedData, TokenBatchSampler
 from automoe.errors import ConfigError
 from automoe.io import atomic_write_json, atomic_write_text
@@ -41,6 +43,7 @@ from automoe.search.evolution import Candidate, EvolutionConfig, evolve, key, ra
 from automoe.search.pareto import pareto_front
 from automoe.space import ArchConfig, load_space
 from automoe.stages._cli import artifact_file, cli_run, component_run, guarded, html_images, stage_parser
+from automoe.train.store import RunStore
 from automoe.train.trainer import shift_right
 
 NAME = "search"
@@ -189,6 +192,10 @@ def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, flo
     budget, dense_cost, floor = absolute_budget(cfg, cost, space, supernet.space, reference)
     fitness = ValidLoss(supernet, data, cfg.valid_sentences, cfg.max_tokens, search_device(cfg.device))
     out_dir.mkdir(parents=True, exist_ok=True)
+    store = RunStore.from_env(NAME, _identity(cfg, data, inputs))  # a retried task resumes the search from it
+    if store is not None:
+        fetched = store.pull(out_dir)
+        print(f"{NAME}: run store {store.uri}: {len(fetched)} file(s) fetched", file=sys.stderr)
     with tqdm(total=cfg.iterations, desc=NAME, mininterval=5.0) as bar:
         result = evolve(
             space,
@@ -199,6 +206,7 @@ def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, flo
             cfg.seed,
             out_dir / "state.json",
             progress=lambda it: bar.update(it - bar.n),
+            on_save=store.push if store is not None else None,
         )
     confirmed: list[dict] = []
     if cfg.confirm and cfg.budget.kind == "latency_ms" and cfg.budget.latency_source == "predicted":
@@ -226,6 +234,12 @@ def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, flo
         metrics["random_best_cost"] = baseline.best.cost
     write_outputs(out_dir, cfg, result, baseline, metrics)
     return metrics
+
+
+def _identity(cfg: SearchConfig, data: PreparedData, inputs: SearchInputs) -> dict[str, Any]:
+    """What a stored search state must match to be resumed: the config, the data and the supernet."""
+    digest = hashlib.sha256(artifact_file(inputs.supernet, "supernet.pt").read_bytes()).hexdigest()
+    return {"config": to_dict(cfg), "data": data.manifest["data_sha256"], "supernet": digest}
 
 
 def search_device(device: str) -> torch.device:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +42,7 @@ from automoe.space import ArchConfig
 from automoe.train import checkpoint
 from automoe.train.distributed import World
 from automoe.train.schedule import learning_rate
+from automoe.train.store import RunStore
 
 MetricsHook = Callable[[dict[str, float], int], None]
 
@@ -195,7 +198,13 @@ def train(
 ) -> TrainResult:
     """Train (or resume) in `work_dir`; returns the final weights and summary metrics."""
     torch.set_num_threads(cfg.threads)
-    ckpt_dir = work_dir / "checkpoints"
+    store = RunStore.from_env(re.sub(r"[^A-Za-z0-9_.-]+", "_", desc), identity)
+    ckpt_dir = work_dir / "checkpoints" if store is None else store.cache()  # a store: outside the output
+    if store is not None:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per node; its workers share the files
+            fetched = store.pull(ckpt_dir)
+            print(f"{desc}: run store {store.uri}: {len(fetched)} file(s) fetched", file=sys.stderr)
+        world.barrier()
     train_split, valid_split = data.split("train"), data.split("valid")
     args = model.args
     model.to(world.device)
@@ -310,9 +319,14 @@ def train(
             _checkpoint(
                 ckpt_dir, done, model, opt, sampler, history, valid_history, best, identity, cfg, world, is_best, scaler
             )
+            if store is not None and world.is_main:  # durable before training goes on
+                store.push(checkpoint.listing(ckpt_dir)[0])
+                if is_best:
+                    store.push(ckpt_dir / checkpoint.BEST)
+                store.keep_only({p.name for p in checkpoint.listing(ckpt_dir)}, checkpoint.PATTERN)
     bar.close()
 
-    weights = _final_weights(ckpt_dir, cfg)
+    weights = _final_weights(ckpt_dir, cfg) if world.is_main else {}  # only rank 0 writes the output
     summary = {
         "updates": float(cfg.max_updates),
         "final_train_loss": history[-1]["loss"] if history else math.nan,
