@@ -418,6 +418,22 @@ def test_champion_survives_a_failure_between_steps(trained, tracked, tmp_path, m
     assert client.get_model_version(name, "3").tags[registry.PREVIOUS] == "1"
 
 
+def test_a_retried_register_task_registers_no_duplicate(trained, tracked, tmp_path, monkeypatch):
+    """Within one pipeline run the same model is registered once: a retried task (its first
+    try registered, then failed) finds that version; another model is a new version."""
+    prep, models = trained
+    name = f"{NAME}-retry"
+    monkeypatch.setenv("AUTOMOE_PARENT_RUN_ID", tracking.start_parent())  # as a pipeline run's tasks get it
+    results = fake_results(tmp_path, bleu=20.0, latency=50.0)
+    assert do_register(prep, models["a"], *results, tmp_path / "r1", name) == 0
+    assert do_register(prep, models["a"], *results, tmp_path / "r2", name) == 0  # the retry
+    client = tracking.registry_client()
+    assert [mv.version for mv in client.search_model_versions(f"name='{name}'")] == ["1"]
+    assert json.loads((tmp_path / "r2" / "registration.json").read_text())["version"] == 1
+    assert do_register(prep, models["b"], *results, tmp_path / "r3", name) == 0
+    assert sorted(int(mv.version) for mv in client.search_model_versions(f"name='{name}'")) == [1, 2]
+
+
 def test_racing_registrations_do_not_lose_a_champion(trained, tracked, tmp_path):
     prep, models = trained
     logged = f"{NAME}-race-source"  # one logged model whose artifacts the racing versions share

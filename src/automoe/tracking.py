@@ -444,6 +444,28 @@ def registry_versions(client, name: str):
     return (by_number.get(champion) if champion else None), versions
 
 
+def version_of_pipeline_run(client, name: str, tags: Mapping[str, str]) -> int | None:
+    """The version of `name` that this pipeline run (`automoe.pipeline_run_id`) already
+    registered for this model (`automoe.model_sha256`): a retried register task finds it
+    instead of registering a duplicate. Registrations by hand (no pipeline run) never match."""
+    run_id = tags.get("automoe.pipeline_run_id")
+    if not run_id:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name='{name}'")
+    except MlflowException:  # no such model yet
+        return None
+    mine = [
+        int(mv.version)
+        for mv in found
+        if mv.tags.get("automoe.pipeline_run_id") == run_id
+        and mv.tags.get("automoe.model_sha256") == tags.get("automoe.model_sha256")
+    ]
+    return min(mine) if mine else None
+
+
 def champion_version(client, name: str) -> int | None:
     from mlflow.exceptions import MlflowException
 

@@ -12,6 +12,7 @@ the model was initialised (`automoe.init`: scratch or supernet). Output folder: 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ def version_tags(
             "set evaluate.decode.precision and register.precision alike"
         )
     return {
+        "automoe.model_sha256": _sha256(inputs.model / "model.pt"),  # with the pipeline run: a retry's key
         "automoe.precision": precision,
         "automoe.device": str(ev.get("searched_device", "cpu")),  # where it was evaluated and is served
         "automoe.init": initialisation(training_record(inputs.model)),
@@ -159,8 +161,12 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs, out_dir: Path, run: trackin
         if cfg.experiments == "separate":
             name = f"{cfg.model_name}-experiments"
     plan = inputs.evaluation / kernels.PLAN_FILE  # the engine evaluate timed: served the same way
-    version = tracking.log_translator(run, inputs.model, name, tags, cfg.precision, plan, tags["automoe.device"])
     client = tracking.registry_client()
+    version = tracking.version_of_pipeline_run(client, name, tags)
+    if version is None:
+        version = tracking.log_translator(run, inputs.model, name, tags, cfg.precision, plan, tags["automoe.device"])
+    else:  # a retried task (its first try registered, then failed): the same version, not a duplicate
+        print(f"register: {name} v{version} already holds this pipeline run's model; not registered again")
     client.set_registered_model_alias(name, registry.CANDIDATE, str(version))
     decision = tracking.settle_champion(client, name, cfg.gate())
     promoted = decision["champion"] == version
@@ -190,6 +196,14 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs, out_dir: Path, run: trackin
         what = {"model_name": name, "budget": tags["automoe.budget"], "gate": result["verdict"]}
         tracking.end_workspace_parent("FINISHED", headline, what | {"git_commit": tags["automoe.git_commit"]})
     return {"version": float(version), "promoted": float(promoted)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_config(params: Any, overrides: Any = None) -> RegisterConfig:
