@@ -40,7 +40,7 @@ def test_fingerprint_and_table_refuse_other_hardware(tmp_path):
     table = LatencyTable(tmp_path, hw)
     table.append(0, SMALL.smallest(), 1.0, 2.0)
     other = dict(hw, threads=hw["threads"] + 7, id="someotherid")
-    with pytest.raises(DataError, match="measured on other hardware"):
+    with pytest.raises(DataError, match=f"threads: {hw['threads']} there, {hw['threads'] + 7} here"):
         LatencyTable(tmp_path, other)
     with open(tmp_path / "latency.csv", "a") as fh:
         fh.write('1,3.0,4.0,7.0,abc,"{torn')  # a kill in the middle of a row
@@ -138,7 +138,7 @@ def test_measure_latency_measures_the_serving_precision_and_keeps_tables_apart(t
     assert hw["precision"] == "int8" and hw["id"] != m.fingerprint(torch.device("cpu"))["id"]
     # an fp32 rerun into the int8 table is refused: its rows would mix two serving layouts
     assert measure_latency.main([*argv, "--out", str(tmp_path / "int8")]) == 2
-    assert "measured on other hardware" in capsys.readouterr().err
+    assert "precision: int8 there, fp32 here" in capsys.readouterr().err  # what differs, named
     gpu = ["--set", "measure_latency.precision=int8", "--set", "measure_latency.device=cuda"]
     assert measure_latency.main([*argv, "--out", str(tmp_path / "gpu"), *gpu]) == 2
     assert "int8 serving runs on the CPU only" in capsys.readouterr().err and not (tmp_path / "gpu").exists()

@@ -37,8 +37,8 @@ class LatencyTable:
             saved = json.loads(hw_path.read_text())
             if saved.get("id") != hardware["id"]:
                 raise DataError(
-                    f"{self.path}: measured on other hardware ({_describe(saved)}), this is {_describe(hardware)}; "
-                    "use another output folder"
+                    f"{self.path}: measured on other hardware or in another serving layout "
+                    f"({_differences(saved, hardware)}); use another output folder"
                 )
         else:
             atomic_write_json(hw_path, hardware)
@@ -93,7 +93,16 @@ def read_table(folder: Path) -> tuple[list[dict], dict]:
 
 
 def _describe(hw: dict) -> str:
-    return f"{hw.get('cpu_model')}, {hw.get('threads')} threads, torch {hw.get('torch')}, {hw.get('device')}"
+    where = hw.get("gpu") or f"{hw.get('cpu_model')}, {hw.get('threads')} threads"
+    return f"{where}, torch {hw.get('torch')}, {hw.get('device')}, {hw.get('precision', 'fp32')}"
+
+
+def _differences(saved: dict, now: dict) -> str:
+    """What differs between two fingerprints, e.g. "precision: int8 there, fp32 here"."""
+    keys = sorted((set(saved) | set(now)) - {"id"})
+    value = lambda hw, k: hw.get(k, "fp32" if k == "precision" else "none")  # noqa: E731 - no precision: fp32
+    differ = [k for k in keys if value(saved, k) != value(now, k)]
+    return "; ".join(f"{k}: {value(saved, k)} there, {value(now, k)} here" for k in differ)
 
 
 def merge(folders: list[Path], out: Path, scales: list[float] | None = None) -> int:

@@ -42,16 +42,9 @@ Norm = tuple[torch.Tensor, torch.Tensor, float]  # weight, bias, eps
 
 
 def bound(layer) -> Linear:
-    """A serving-layout linear layer (PackedLinear or Int8Linear) as one kernel call."""
-    packed = layer.packed
-    if hasattr(layer, "op"):  # Int8Linear: int8 weights, the input quantized per call
-        op, reduce_range = layer.op, layer.reduce_range
-        return lambda x: op(x, packed, reduce_range)
-    op, bias, act, weight = torch.ops.mkldnn._linear_pointwise, layer.bias, layer.activation, layer.weight
-    small = layer.small_rows * layer.in_features  # PackedLinear's kernel choice, by rows
-    if act == "relu":
-        return lambda x: F.relu(F.linear(x, weight, bias)) if x.numel() <= small else op(x, packed, bias, act, [], "")
-    return lambda x: F.linear(x, weight, bias) if x.numel() <= small else op(x, packed, bias, act, [], "")
+    """A serving-layout linear layer (PackedLinear or Int8Linear) as one kernel call: the
+    layer's own (its GEMM choice stays in one place)."""
+    return layer.kernel()
 
 
 def norm(ln) -> Norm:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Literal
@@ -120,10 +121,18 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
         if out_features not in (None, self.out_features) or x.shape[-1] != self.in_features:
             raise ValueError("a packed linear layer runs at its full size only (compact models)")
-        if x.numel() <= self.small_rows * self.in_features:
-            y = F.linear(x, self.weight, self.bias)
-            return F.relu(y) if self.activation == "relu" else y
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.activation, [], "")
+        return self.kernel()(x)
+
+    def kernel(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This layer as one call, its GEMM choice by rows included: the module path and the
+        fused decoder step (model/fused.py) both run it."""
+        op, packed, bias, act = torch.ops.mkldnn._linear_pointwise, self.packed, self.bias, self.activation
+        weight, small = self.weight, self.small_rows * self.in_features  # up to `small` elements: the default GEMM
+        if act == "relu":
+            return lambda x: (
+                F.relu(F.linear(x, weight, bias)) if x.numel() <= small else op(x, packed, bias, act, [], "")
+            )
+        return lambda x: F.linear(x, weight, bias) if x.numel() <= small else op(x, packed, bias, act, [], "")
 
 
 def _quantize(weight: torch.Tensor, bias: torch.Tensor | None):
@@ -153,6 +162,11 @@ class Int8Linear(nn.Module):
         if out_features not in (None, self.out_features) or x.shape[-1] != self.in_features:
             raise ValueError("an int8 linear layer runs at its full size only (compact models)")
         return self.op(x, self.packed, self.reduce_range)
+
+    def kernel(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This layer as one call (model/fused.py)."""
+        op, packed, reduce_range = self.op, self.packed, self.reduce_range
+        return lambda x: op(x, packed, reduce_range)
 
 
 Precision = Literal["fp32", "int8", "fp16", "bf16"]
