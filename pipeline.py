@@ -30,6 +30,7 @@ from kfp import compiler, dsl, kubernetes
 
 import components as c
 from automoe.config import PipelineConfig, load_section, merge, parse_overrides, read_yaml
+from automoe.errors import ConfigError
 from automoe.stages.measure_latency import MeasureLatencyConfig
 from automoe.stages.pipeline_params import INTEGER_FIELDS, UI_FIELDS, compile_time_keys, validate
 
@@ -147,6 +148,40 @@ class Build:
             )
         return task
 
+    def trainjob(self, stage: str) -> dict[str, Any]:
+        """What the TrainJob of `stage` is made of (automoe/trainjob.py JobSpec), fixed at compile time."""
+        p, res = self.pipeline, self.pipeline.resources_of(stage)
+        if not p.checkpoint_store():
+            raise ConfigError(
+                f"pipeline.resources.{stage}.nodes={res.nodes}: the nodes share no folder; set pipeline.pipeline_root "
+                "(or pipeline.run_store) to an s3:// prefix"
+            )
+        secrets = {}
+        if p.s3_secret:
+            secrets |= {k: [p.s3_secret, k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        if p.mlflow_secret:
+            secrets |= {k: [p.mlflow_secret, k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+        return {
+            "image": p.image_for(stage),
+            "nodes": res.nodes,
+            "procs_per_node": max(res.gpu, 1),
+            "cpu": res.cpu,
+            "memory": res.memory,
+            "gpus": res.gpu,
+            "accelerator": p.gpu_accelerator,
+            "runtime": p.trainer_runtime,
+            "secret_env": secrets,
+        }
+
+    def launcher(self, task, stage: str):
+        """The task that launches and follows a TrainJob: the stage's env, retries and secrets,
+        a small CPU pod on the CPU image (the nodes get the stage's resources)."""
+        self.task(task, f"{stage}_launcher")
+        task.set_cpu_request("1").set_cpu_limit("1").set_memory_request("1G").set_memory_limit("1G")
+        task.set_env_variable("AUTOMOE_RUN_STORE", self.pipeline.checkpoint_store())
+        task.set_display_name(f"{stage} ({self.pipeline.resources_of(stage).nodes} nodes, TrainJob)")
+        return task
+
     def measure_latency(self, prepared, supernet, common):
         """One pod, or `num_shards` pods in parallel on the target hardware, merged into one table."""
         if self.measure.num_shards == 1:
@@ -178,6 +213,9 @@ def build(params: dict[str, Any], run_local: bool = False):
         load_section(MeasureLatencyConfig, "measure_latency", params),
         run_local,
     )
+    for stage, res in b.pipeline.resources.items():
+        if res.nodes > 1 and stage != "train_supernet":
+            raise ConfigError(f"pipeline.resources.{stage}.nodes: only train_supernet runs on several nodes")
     # One line of JSON: a KFP dict parameter (protobuf Struct) turns ints into floats, and a
     # multi-line default breaks the comment header of the compiled YAML.
     params_json = json.dumps(params, separators=(",", ":"), sort_keys=True)
@@ -222,12 +260,18 @@ def build(params: dict[str, Any], run_local: bool = False):
                 return {"params": resolved.outputs[stage], "overrides": []}
 
             prepared = b.task(c.prepare_data(**own("prepare_data")).after(parent), "prepare_data").outputs["prepared"]
-            supernet = b.task(
-                c.train_supernet(
-                    prepared=prepared, nproc=b.pipeline.resources_of("train_supernet").gpu, **own("train_supernet")
-                ),
-                "train_supernet",
-            ).outputs["supernet"]
+            if b.pipeline.resources_of("train_supernet").nodes > 1:  # a TrainJob, followed by a small task
+                launcher = c.train_supernet_nodes(
+                    prepared=prepared, job=b.trainjob("train_supernet"), **own("train_supernet")
+                )
+                supernet = b.launcher(launcher, "train_supernet").outputs["supernet"]
+            else:
+                supernet = b.task(
+                    c.train_supernet(
+                        prepared=prepared, nproc=b.pipeline.resources_of("train_supernet").gpu, **own("train_supernet")
+                    ),
+                    "train_supernet",
+                ).outputs["supernet"]
             latency = b.measure_latency(prepared, supernet, own("measure_latency"))
             predictor = b.task(c.train_predictor(latency=latency, **own("train_predictor")), "train_predictor").outputs[
                 "predictor"

@@ -14,7 +14,7 @@ from components.retrain import retrain
 from components.search import search
 from components.tracking import close_tracking, open_tracking
 from components.train_predictor import train_predictor
-from components.train_supernet import train_supernet
+from components.train_supernet import train_supernet, train_supernet_nodes
 
 __all__ = [
     "IMAGE",
@@ -30,4 +30,5 @@ __all__ = [
     "search",
     "train_predictor",
     "train_supernet",
+    "train_supernet_nodes",
 ]

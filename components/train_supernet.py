@@ -17,3 +17,18 @@ def train_supernet(
     from automoe.stages import train_supernet
 
     train_supernet.component_main(params, overrides, prepared.path, supernet.path, metrics, nproc)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_supernet_nodes(
+    params: str,
+    overrides: list,
+    prepared: Input[Dataset],
+    job: dict,
+    supernet: Output[Model],
+    metrics: Output[Metrics],
+):
+    """The stage on several nodes: a Kubeflow Trainer TrainJob launched and followed from here."""
+    from automoe import trainjob
+
+    trainjob.component_main("train_supernet", params, prepared.uri, supernet.path, metrics, **job)

@@ -86,6 +86,25 @@ def test_rendered_manifests_validate_strictly(values, tmp_path):
         assert {"NetworkPolicy/rel-automoe-mlflow", "NetworkPolicy/rel-automoe-postgresql"} <= set(kinds)
 
 
+def test_trainer_rbac_lets_the_pipeline_launch_trainjobs_and_nothing_more(tmp_path):
+    assert not any(d["kind"] == "Role" for d in rendered())  # off unless multi-node training is wanted
+    docs = rendered("--set", "trainer.rbac=true", "--set", "trainer.serviceAccount=default-editor")
+    out = tmp_path / "manifests.yaml"
+    out.write_text(yaml.safe_dump_all(docs))
+    proc = run([Path(sys.executable).parent / "kubernetes-validate", "--strict", "--quiet", out])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    role = next(d for d in docs if d["kind"] == "Role")
+    rules = role["rules"]
+    grants = {(g, r): set(rule["verbs"]) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
+    assert grants == {
+        ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch", "delete"},
+        ("", "pods"): {"get", "list"},
+        ("", "pods/log"): {"get"},
+    }
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "kubeflow"}]
+
+
 def test_pods_are_non_root_probed_resourced_and_secrets_are_referenced():
     docs = rendered()
     for doc in docs:

@@ -1,20 +1,23 @@
 """The durable run store (train/store.py) on a real SeaweedFS S3 server on 127.0.0.1: a
-retried task on a fresh pod resumes from it, and nodes that share no folder resume alike."""
+retried task on a fresh pod resumes from it, a retried search takes its state, and the
+nodes of a TrainJob (automoe/trainjob.py), which share no folder, train and resume alike."""
 
+import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from conftest import ROOT, subprocess_env
 from servers import free_port, seaweedfs
 from test_search import tiny_supernet  # noqa: F401 - fixture
 from test_training import assert_same_weights, cli, prepared, run_to_end, tiny_train  # noqa: F401 - fixture
+from test_trainjob import spec
 
 from automoe.stages import search
+from automoe.train.store import RunStore, sync
+from automoe.trainjob import job_name, manifest, take_output
 
 STORE = "s3://automoe/runs"
 
@@ -30,8 +33,9 @@ def stored(s3) -> list[str]:
     return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
 
-def test_a_retried_task_on_a_fresh_pod_resumes_from_the_run_store(s3, prepared, tmp_path):  # noqa: F811
-    common = ["train_supernet", "--data", str(prepared), *tiny_train("train_supernet", 30, train__dropout=0.3)]
+def test_a_retried_task_on_a_fresh_pod_resumes_from_the_run_store(s3, prepared, tmp_path, monkeypatch):  # noqa: F811
+    train = tiny_train("train_supernet", 12, train__dropout=0.3, train__valid_interval=3)
+    common = ["train_supernet", "--data", str(prepared), *train]
     run_to_end(common + ["--out", str(tmp_path / "a")], subprocess_env(AUTOMOE_TRACKING="0"))
 
     def pod(name: str, **extra: str) -> dict[str, str]:  # its own local disk, the store, a KFP run id
@@ -45,7 +49,7 @@ def test_a_retried_task_on_a_fresh_pod_resumes_from_the_run_store(s3, prepared, 
         cli(*common, "--out", str(first)), env=pod("pod1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 300
-    while not any(k.endswith("checkpoint_0000015.pt") for k in stored(s3)):
+    while not any(k.endswith("checkpoint_0000006.pt") for k in stored(s3)):
         assert proc.poll() is None and time.monotonic() < deadline, "run ended before it could be killed"
         time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)
@@ -55,68 +59,20 @@ def test_a_retried_task_on_a_fresh_pod_resumes_from_the_run_store(s3, prepared, 
 
     retry = tmp_path / "pod2-out"  # a fresh pod: nothing of the first one's disk
     resumed = run_to_end(common + ["--out", str(retry)], pod("pod2"))
-    assert "resuming at update 15" in resumed.stderr or "resuming at update 20" in resumed.stderr
+    assert "resuming at update 6" in resumed.stderr or "resuming at update 9" in resumed.stderr
     assert_same_weights(tmp_path / "a" / "supernet.pt", retry / "supernet.pt")
     assert (tmp_path / "a" / "curves.csv").read_text() == (retry / "curves.csv").read_text()
     assert not (retry / "checkpoints").exists()  # the output holds the final weights only
     names = [k.rsplit("/", 1)[1] for k in stored(s3)]
     assert "checkpoint_best.pt" in names and len([n for n in names if n != "checkpoint_best.pt"]) <= 3  # keep_last
 
-    # another pipeline run of the same work starts from zero: the key is the run's
-    other = run_to_end(common + ["--out", str(tmp_path / "run2")], pod("pod3", KFP_RUN_ID="run-2"))
-    assert "resuming" not in other.stderr
-
-
-def test_nodes_that_share_no_folder_resume_from_the_store(s3, prepared, tmp_path):  # noqa: F811
-    """Two torchrun nodes on 127.0.0.1, each with its own output and cache folder: both
-    finish (the second needs no checkpoint of its own), and a rerun of the finished job on
-    fresh disks resumes both nodes from rank 0's checkpoints in the store."""
-    args = [
-        "train_supernet",
-        "--data",
-        str(prepared),
-        *tiny_train("train_supernet", 10, train__threads=1, train__max_tokens=512, train__tokens_per_update=512),
-    ]
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-
-    def job(attempt: str) -> list[subprocess.CompletedProcess]:
-        port = free_port()
-        procs = []
-        for node in (0, 1):
-            cmd = [
-                torchrun,
-                "--nnodes=2",
-                f"--node_rank={node}",
-                "--nproc_per_node=1",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                "-m",
-                "automoe.cli",
-                *args,
-                "--out",
-                str(tmp_path / f"{attempt}-node{node}"),
-            ]
-            env = subprocess_env(
-                **s3.env(),
-                AUTOMOE_TRACKING="0",
-                AUTOMOE_RUN_STORE=STORE,
-                AUTOMOE_SCRATCH=str(tmp_path / f"{attempt}-disk{node}"),
-                KFP_RUN_ID="two-nodes",
-                OMP_NUM_THREADS="1",
-            )
-            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        out = [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate()) for p in procs]
-        for p in out:
-            assert p.returncode == 0, p.stderr[-3000:]
-        return out
-
-    job("first")
-    assert (tmp_path / "first-node0" / "supernet.pt").is_file()
-    assert not (tmp_path / "first-node1" / "supernet.pt").exists()  # rank 0 writes the output
-    again = job("again")
-    assert all("resuming at update 10" in p.stderr for p in again[:1])  # rank 0 reports; every rank loads it
-    assert_same_weights(tmp_path / "first-node0" / "supernet.pt", tmp_path / "again-node0" / "supernet.pt")
-    assert (tmp_path / "again-disk1").is_dir()  # node 1 took its resume state from the store, not a shared folder
+    # another pipeline run, or other work, has a key of its own: it starts from zero
+    monkeypatch.setenv("AUTOMOE_RUN_STORE", STORE)
+    keys = set()
+    for run, identity in (("run-1", {"a": 1}), ("run-2", {"a": 1}), ("run-1", {"a": 2})):
+        monkeypatch.setenv("KFP_RUN_ID", run)
+        keys.add(RunStore.from_env("train_supernet", identity).prefix)
+    assert len(keys) == 3
 
 
 def test_a_retried_search_takes_its_state_from_the_store(s3, tiny_supernet, tmp_path, monkeypatch, capsys):  # noqa: F811
@@ -140,3 +96,66 @@ def test_a_retried_search_takes_its_state_from_the_store(s3, tiny_supernet, tmp_
     assert "1 file(s) fetched" in capsys.readouterr().err
     first, retry = ((tmp_path / d / "best_arch.yaml").read_text() for d in ("first", "retry"))
     assert first == retry
+
+
+def test_two_trainjob_nodes_that_share_only_s3_train_and_resume_from_the_store(s3, prepared, tmp_path, monkeypatch):  # noqa: F811
+    """The TrainJob's command (automoe/trainjob.py), run as its runtime runs it on two nodes
+    (PET_* variables, each node its own disk), the Secret references resolved as the kubelet
+    would: both nodes take the data from S3, train together, node 0's output comes back.
+    Rerun on fresh disks, both nodes resume from rank 0's checkpoints in the store."""
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    sync(str(prepared), "s3://automoe/kfp/prepared")
+    train = {"max_updates": 6, "max_tokens": 512, "tokens_per_update": 512, "warmup_updates": 2}
+    train |= {"valid_interval": 3, "valid_max_sentences": 50, "log_interval": 3, "threads": 1}
+    section = {"train_supernet": {"space": str(ROOT / "tests" / "data" / "tiny_space.yaml"), "train": train}}
+    job = spec(
+        params=json.dumps(section),
+        nodes=2,
+        procs_per_node=1,
+        gpus=0,
+        env={"AUTOMOE_RUN_STORE": STORE, "KFP_RUN_ID": "trainjob-run"},
+        secret_env={k: ("automoe-s3", k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+    )
+    body = manifest(job, job_name(job.stage, "trainjob-run"))
+    secret = {"automoe-s3": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}}
+    env_of_pod = {}
+    for e in body["spec"]["trainer"]["env"]:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        env_of_pod[e["name"]] = secret[ref["name"]][ref["key"]] if ref else e["value"]
+
+    def run_job(attempt: str) -> list[str]:
+        port, procs = free_port(), []
+        for node in (0, 1):
+            env = subprocess_env(
+                **env_of_pod,
+                AWS_ENDPOINT_URL=s3.endpoint,
+                AWS_REGION="us-east-1",
+                AUTOMOE_TRACKING="0",
+                AUTOMOE_WORK=str(tmp_path / f"{attempt}-node{node}"),
+                AUTOMOE_SCRATCH=str(tmp_path / f"{attempt}-node{node}-cache"),
+                PET_NNODES="2",
+                PET_NODE_RANK=str(node),
+                PET_NPROC_PER_NODE="1",
+                PET_MASTER_ADDR="127.0.0.1",
+                PET_MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1",
+            )
+            command = body["spec"]["trainer"]["command"]
+            procs.append(
+                subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            )
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+        for p, log in zip(procs, logs, strict=True):
+            assert p.returncode == 0, log[-3000:]
+        return logs
+
+    run_job("first")
+    out = tmp_path / "task-output"
+    metrics = take_output(job.out_uri, out)
+    assert (out / "supernet.pt").is_file() and metrics["updates"] == 6.0
+    assert not (tmp_path / "first-node1" / "out" / "supernet.pt").exists()  # node 1 wrote nothing of its own
+    assert (tmp_path / "first-node1" / "data" / "manifest.json").is_file()  # it took the data from S3 itself
+    logs = run_job("again")  # fresh disks: rank 0 says where it resumes, and node 1 fetched the same files
+    assert "resuming at update 6" in logs[0] and "file(s) fetched" in logs[1]
+    assert_same_weights(out / "supernet.pt", tmp_path / "again-node0" / "out" / "supernet.pt")

@@ -21,6 +21,7 @@ COMMANDS = {
     "promote": "automoe.ops:promote",
     "rollback": "automoe.ops:rollback",
     "outcome": "automoe.ops:outcome",
+    "sync": "automoe.ops:sync",
 }
 
 

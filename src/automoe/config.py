@@ -239,9 +239,14 @@ class Resources:
     cpu: str = "2"
     memory: str = "8G"
     gpu: int = 0  # > 0: an accelerator request; training then runs one torchrun worker per GPU
+    nodes: int = 1  # train_supernet > 1: a Kubeflow Trainer TrainJob of this many nodes (automoe/trainjob.py)
     node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
     tolerations: tuple[Toleration, ...] = ()
     shm: str = ""  # a memory-backed /dev/shm of this size, e.g. 2Gi (NCCL, worker processes); "" = the 64 MB default
+
+    def __post_init__(self) -> None:
+        if self.gpu < 0 or self.nodes < 1:
+            raise ValueError(f"gpu must be >= 0 and nodes >= 1, got gpu={self.gpu}, nodes={self.nodes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +266,7 @@ class PipelineConfig:
     # checkpoints of the training stages, durable across task retries and shared by nodes
     # (train/store.py): "" = <pipeline_root>/runs when that is on S3, "none" = in the pod only
     run_store: str = ""
+    trainer_runtime: str = "torch-distributed"  # the Kubeflow Trainer ClusterTrainingRuntime of multi-node training
     resources: dict[str, Resources] = dataclasses.field(default_factory=dict)  # per stage
     image_pull_secrets: tuple[str, ...] = ()  # Secrets to pull the project image from a private registry
 

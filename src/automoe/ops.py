@@ -138,3 +138,15 @@ def outcome(argv: list[str] | None = None) -> None:
     print(f"translate:        echo 'A dog runs.' | .venv/bin/automoe translate --model {uri}")
     if not r.get("promoted"):
         print(f"this run's model: echo 'A dog runs.' | .venv/bin/automoe translate --model models:/{name}/{version}")
+
+
+@guarded
+def sync(argv: list[str] | None = None) -> None:
+    """sync: copy a folder to an S3 prefix, or an S3 prefix to a folder (AWS_* from the environment)."""
+    from automoe.train.store import sync as copy
+
+    parser = argparse.ArgumentParser(prog="automoe sync", description=sync.__doc__)
+    parser.add_argument("source", help="a folder or s3://bucket/prefix")
+    parser.add_argument("target", help="s3://bucket/prefix or a folder")
+    args = parser.parse_args(argv)
+    print(f"sync: {copy(args.source, args.target)} file(s) from {args.source} to {args.target}", file=sys.stderr)

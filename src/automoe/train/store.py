@@ -46,12 +46,12 @@ class RunStore:
         uri = os.environ.get(ENV, "").strip()
         if not uri:
             return None
-        bucket, _, root = uri.removeprefix("s3://").partition("/")
-        if not uri.startswith("s3://") or not bucket:
+        if not uri.startswith("s3://") or not uri.removeprefix("s3://").partition("/")[0]:
             raise ConfigError(f"{ENV}={uri}: expected s3://bucket/prefix")
+        bucket, root = split_uri(uri)
         run = os.environ.get("KFP_RUN_ID", "").strip() or "local"
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return cls(bucket, "/".join(p for p in (root.strip("/"), run, stage, digest) if p))
+        return cls(bucket, "/".join(p for p in (root, run, stage, digest) if p))
 
     @property
     def uri(self) -> str:
@@ -114,3 +114,47 @@ class RunStore:
             return fn(self._client())
         except (BotoCoreError, ClientError) as exc:
             raise DataError(f"run store {self.uri}: {what} failed ({type(exc).__name__}: {exc})") from None
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """s3://bucket/prefix -> (bucket, prefix without slashes at its ends)."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not bucket:
+        raise ConfigError(f"{uri}: expected s3://bucket/prefix")
+    return bucket, prefix.strip("/")
+
+
+def sync(source: str, target: str) -> int:
+    """Copy a folder to an S3 prefix or an S3 prefix to a folder, recursively (files only,
+    each written atomically on the local side); returns the number of files copied. What a
+    multi-node TrainJob uses to take its input artifact and hand its output back."""
+    from automoe.data.sources import s3_client
+
+    client = s3_client()
+    if source.startswith("s3://") and not target.startswith("s3://"):
+        bucket, prefix = split_uri(source)
+        out = Path(target)
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        if not keys:
+            raise DataError(f"{source}: nothing there")
+        for key in keys:
+            path = out / key[len(prefix) + 1 :]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+            os.close(fd)
+            try:
+                client.download_file(bucket, key, tmp)
+                os.replace(tmp, path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        return len(keys)
+    if target.startswith("s3://") and not source.startswith("s3://"):
+        bucket, prefix = split_uri(target)
+        files = [p for p in sorted(Path(source).rglob("*")) if p.is_file()]
+        if not files:
+            raise DataError(f"{source}: no files to copy")
+        for path in files:
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(source).as_posix()}")
+        return len(files)
+    raise ConfigError(f"sync {source} {target}: one side must be s3://, the other a folder")
