@@ -98,7 +98,13 @@ def tiny_pipeline_params(mirror: Path) -> dict[str, dict]:
             "budget": {"kind": "gflops", "value": 0.8},
         },
         "retrain": {"space": TINY_SPACE, "train": dict(TINY_TRAIN)},
-        "evaluate": {"max_sentences": 20, "latency_repeats": 2, "latency_warmup": 1, "flops_sentences": 3},
+        "evaluate": {
+            "max_sentences": 20,
+            "latency_repeats": 2,
+            "latency_warmup": 1,
+            "latency_rounds": 2,
+            "flops_sentences": 3,
+        },
         # toy models do not translate: no floor here, so the plumbing of promotion is exercised
         # (tests/test_registry.py tests the floor)
         "register": {"min_bleu": 0.0, "min_chrf": 0.0},

@@ -53,7 +53,7 @@ def _toy_params(path, multi30k) -> None:
         p[stage]["train"].update(warmup_updates=1, log_interval=2)
     p["measure_latency"].update(n_archs=10, repeats=1, warmup=1, sources=2)  # the real 30+30 protocol
     p["search"].update(population=6, parents=2, mutations=2, crossovers=2, iterations=1, valid_sentences=20)
-    p["evaluate"].update(max_sentences=20, latency_repeats=1, latency_warmup=1, flops_sentences=3)
+    p["evaluate"].update(max_sentences=20, latency_repeats=1, latency_warmup=1, latency_rounds=2, flops_sentences=3)
     path.write_text(yaml.safe_dump(p, sort_keys=False))
 
 
