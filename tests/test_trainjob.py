@@ -158,3 +158,36 @@ def test_a_supernet_on_several_nodes_compiles_to_a_trainjob_launcher(tmp_path):
     params["pipeline"]["resources"]["retrain"] |= {"nodes": 2}
     with pytest.raises(ConfigError, match="only train_supernet runs on several nodes"):
         pipeline.build(params)
+
+
+def test_pod_logs_are_followed_in_windows_without_repeats_and_conditions_read():
+    """The launcher reads each pod's last minute of log per poll (not the whole log of a
+    days-long run); lines seen in the previous window are not printed again."""
+    from types import SimpleNamespace
+
+    from automoe import trainjob
+
+    class Core:  # the two calls of the Kubernetes API the follower makes, answering in windows
+        windows = ["a\nb", "a\nb\nc\nd", "c\nd\ne", "x"]
+
+        def list_namespaced_pod(self, namespace, label_selector):
+            assert label_selector == "jobset.sigs.k8s.io/jobset-name=job"
+            return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(name="job-node-0-0"))])
+
+        def read_namespaced_pod_log(self, name, namespace, container, since_seconds):
+            return self.windows.pop(0)
+
+    printed, seen, core = [], {}, Core()
+    for _ in range(4):
+        trainjob._print_new_logs(core, "ns", "job", seen, printed.append)
+    assert printed == [f"[job-node-0-0] {x}" for x in "abcdex"]
+    done = {
+        "status": {
+            "conditions": [
+                {"type": "Created", "status": "True"},
+                {"type": "Failed", "status": "True", "message": "OOMKilled"},
+            ]
+        }
+    }
+    assert trainjob.condition(done) == ("Failed", "OOMKilled")
+    assert trainjob.condition({"status": {"conditions": [{"type": "Complete", "status": "False"}]}}) is None

@@ -163,7 +163,7 @@ def condition(job: dict[str, Any]) -> tuple[str, str] | None:
 def launch(
     body: dict[str, Any],
     namespace: str | None = None,
-    poll_s: float = 15.0,
+    poll_s: float = 15.0,  # the log window (60 s) must stay longer
     say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> None:
     """Create the TrainJob (or find it: a retried task), follow it to its end; raise on failure."""
@@ -191,7 +191,7 @@ def launch(
             raise AutomoeError(f"trainjob {name}: the Kubernetes API refused ({exc.status} {exc.reason})") from None
         api.create_namespaced_custom_object(*args, body)
         say(f"trainjob {name}: created in {namespace} ({body['spec']['trainer']['numNodes']} nodes)")
-    seen: dict[str, int] = {}
+    seen: dict[str, list[str]] = {}
     while True:
         _print_new_logs(core, namespace, name, seen, say)
         state = condition(api.get_namespaced_custom_object(*args, name))
@@ -216,20 +216,34 @@ def _exists(api, args, name: str) -> bool:
         raise
 
 
-def _print_new_logs(core, namespace: str, job: str, seen: dict[str, int], say) -> None:
-    """The lines each of the job's pods logged since the last call, prefixed by the pod."""
+def _print_new_logs(core, namespace: str, job: str, seen: dict[str, list[str]], say, window_s: int = 60) -> None:
+    """What each of the job's pods logged since the last call, prefixed by the pod: the
+    last `window_s` seconds are read (not the whole log of a days-long run each time) and
+    the lines already printed from the previous window are skipped."""
     from kubernetes.client.rest import ApiException
 
     pods = core.list_namespaced_pod(namespace, label_selector=f"jobset.sigs.k8s.io/jobset-name={job}").items
     for pod in pods:
-        try:
-            text = core.read_namespaced_pod_log(pod.metadata.name, namespace, container="node")
-        except ApiException:
-            continue  # not started yet
+        pod_name = pod.metadata.name
+        text = None
+        for container in ("node", None):  # the torch runtime's trainer container, else the pod's only one
+            try:
+                text = core.read_namespaced_pod_log(pod_name, namespace, container=container, since_seconds=window_s)
+                break
+            except ApiException:
+                continue  # not started yet, or another container name
+        if text is None:
+            continue
+        before = seen.get(pod_name, [])
         lines = text.splitlines()
-        for line in lines[seen.get(pod.metadata.name, 0) :]:
-            say(f"[{pod.metadata.name}] {line}")
-        seen[pod.metadata.name] = len(lines)
+        start = 0  # where the new lines begin: after the longest overlap with what was printed
+        for n in range(min(len(before), len(lines)), 0, -1):
+            if before[-n:] == lines[:n]:
+                start = n
+                break
+        for line in lines[start:]:
+            say(f"[{pod_name}] {line}")
+        seen[pod_name] = lines
 
 
 def component_main(stage: str, params: str, data_uri: str, out_path: str, metrics: Any, **job: Any) -> None:
