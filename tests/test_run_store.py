@@ -71,7 +71,7 @@ def test_a_retried_task_on_a_fresh_pod_resumes_from_the_run_store(s3, prepared, 
     keys = set()
     for run, identity in (("run-1", {"a": 1}), ("run-2", {"a": 1}), ("run-1", {"a": 2})):
         monkeypatch.setenv("KFP_RUN_ID", run)
-        keys.add(RunStore.from_env("train_supernet", identity).prefix)
+        keys.add(RunStore.from_env("train_supernet", lambda i=identity: i).prefix)
     assert len(keys) == 3
 
 

@@ -58,16 +58,11 @@ def trimmed_mean(values: list[float] | np.ndarray, low: float = 10.0, high: floa
 def fingerprint(device: torch.device, precision: str = "fp32") -> dict[str, str | int]:
     """What the latency figures are valid for: the machine and the serving layout measured
     (`precision` only when not fp32, so tables measured before int8 existed keep their id)."""
+    info: dict[str, str | int] = {"torch": torch.__version__, "device": device.type}
     if device.type == "cuda":  # the GPU, not the host's CPU, is what the figures are valid for
-        info: dict[str, str | int] = {"torch": torch.__version__, "device": "cuda"} | gpu_fingerprint(device)
+        info |= gpu_fingerprint(device)
     else:
-        info = {
-            "cpu_model": cpu_model(),
-            "cpu_cores": os.cpu_count() or 0,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "device": device.type,
-        }
+        info |= {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count() or 0, "threads": torch.get_num_threads()}
     if precision != "fp32":
         info["precision"] = precision
     if precision == "int8":  # 7- or 8-bit inputs: what this CPU's int8 kernel can sum (model/inference.py)

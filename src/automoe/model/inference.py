@@ -117,15 +117,18 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
         self.activation = activation
         self.small_rows = small_rows(self.weight, self.packed, self.bias)
+        self._run = self._bind()  # built once: the module path and the fused step both call it
 
     def forward(self, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
         if out_features not in (None, self.out_features) or x.shape[-1] != self.in_features:
             raise ValueError("a packed linear layer runs at its full size only (compact models)")
-        return self.kernel()(x)
+        return self._run(x)
 
     def kernel(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """This layer as one call, its GEMM choice by rows included: the module path and the
-        fused decoder step (model/fused.py) both run it."""
+        """This layer as one call, its GEMM choice by rows included (model/fused.py)."""
+        return self._run
+
+    def _bind(self) -> Callable[[torch.Tensor], torch.Tensor]:
         op, packed, bias, act = torch.ops.mkldnn._linear_pointwise, self.packed, self.bias, self.activation
         weight, small = self.weight, self.small_rows * self.in_features  # up to `small` elements: the default GEMM
         if act == "relu":

@@ -12,7 +12,6 @@ the model was initialised (`automoe.init`: scratch or supernet). Output folder: 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from automoe import registry, tracking
 from automoe.config import load_section
 from automoe.data.dataset import PreparedData
 from automoe.errors import AutomoeError, ConfigError, DataError
-from automoe.io import atomic_write_json
+from automoe.io import atomic_write_json, file_sha256
 from automoe.model import kernels
 from automoe.model.inference import Precision
 from automoe.stages._cli import cli_run, component_run, guarded, stage_parser
@@ -114,7 +113,7 @@ def version_tags(
             "set evaluate.decode.precision and register.precision alike"
         )
     return {
-        "automoe.model_sha256": _sha256(inputs.model / "model.pt"),  # with the pipeline run: a retry's key
+        "automoe.model_sha256": file_sha256(inputs.model / "model.pt"),  # with the pipeline run: a retry's key
         "automoe.precision": precision,
         "automoe.device": str(ev.get("searched_device", "cpu")),  # where it was evaluated and is served
         "automoe.init": initialisation(training_record(inputs.model)),
@@ -196,14 +195,6 @@ def run(cfg: RegisterConfig, inputs: RegisterInputs, out_dir: Path, run: trackin
         what = {"model_name": name, "budget": tags["automoe.budget"], "gate": result["verdict"]}
         tracking.end_workspace_parent("FINISHED", headline, what | {"git_commit": tags["automoe.git_commit"]})
     return {"version": float(version), "promoted": float(promoted)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_config(params: Any, overrides: Any = None) -> RegisterConfig:

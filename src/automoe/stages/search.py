@@ -18,7 +18,6 @@ cannot carry the winner over the budget the promotion gate checks on measurement
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from automoe.config import load_section, to_dict
 from automoe.data.dataset import PreparedData, TokenBatchSampler
 from automoe.errors import ConfigError
-from automoe.io import atomic_write_json, atomic_write_text
+from automoe.io import atomic_write_json, atomic_write_text, file_sha256
 from automoe.latency import measure as m
 from automoe.latency.predictor import LatencyPredictor
 from automoe.model import kernels
@@ -192,7 +191,7 @@ def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, flo
     budget, dense_cost, floor = absolute_budget(cfg, cost, space, supernet.space, reference)
     fitness = ValidLoss(supernet, data, cfg.valid_sentences, cfg.max_tokens, search_device(cfg.device))
     out_dir.mkdir(parents=True, exist_ok=True)
-    store = RunStore.from_env(NAME, _identity(cfg, data, inputs))  # a retried task resumes the search from it
+    store = RunStore.from_env(NAME, lambda: _identity(cfg, data, inputs))  # a retried task resumes from it
     if store is not None:
         fetched = store.pull(out_dir)
         print(f"{NAME}: run store {store.uri}: {len(fetched)} file(s) fetched", file=sys.stderr)
@@ -238,15 +237,17 @@ def run(cfg: SearchConfig, inputs: SearchInputs, out_dir: Path) -> dict[str, flo
 
 def _identity(cfg: SearchConfig, data: PreparedData, inputs: SearchInputs) -> dict[str, Any]:
     """What a stored search state must match to be resumed: the config, the data and the supernet."""
-    digest = hashlib.sha256(artifact_file(inputs.supernet, "supernet.pt").read_bytes()).hexdigest()
-    return {"config": to_dict(cfg), "data": data.manifest["data_sha256"], "supernet": digest}
+    supernet = file_sha256(artifact_file(inputs.supernet, "supernet.pt"))
+    return {"config": to_dict(cfg), "data": data.manifest["data_sha256"], "supernet": supernet}
 
 
 def search_device(device: str) -> torch.device:
     """Where fitness runs: `auto` takes the task's GPU when it has one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("search.device: cuda was asked for but no GPU is visible")
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+    return torch.device(device)
 
 
 def _use_kernel_plan(inputs: SearchInputs) -> tuple[str, torch.device]:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,16 +42,15 @@ class RunStore:
     prefix: str  # no leading or trailing slash
 
     @classmethod
-    def from_env(cls, stage: str, identity: dict[str, Any]) -> RunStore | None:
-        """The store of this stage's work, or None when AUTOMOE_RUN_STORE is unset."""
+    def from_env(cls, stage: str, identity: Callable[[], dict[str, Any]]) -> RunStore | None:
+        """The store of this stage's work, or None when AUTOMOE_RUN_STORE is unset (then
+        `identity` is not computed: it may hash a large file)."""
         uri = os.environ.get(ENV, "").strip()
         if not uri:
             return None
-        if not uri.startswith("s3://") or not uri.removeprefix("s3://").partition("/")[0]:
-            raise ConfigError(f"{ENV}={uri}: expected s3://bucket/prefix")
-        bucket, root = split_uri(uri)
+        bucket, root = split_uri(uri, ENV)
         run = os.environ.get("KFP_RUN_ID", "").strip() or "local"
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(json.dumps(identity(), sort_keys=True, default=str).encode()).hexdigest()[:16]
         return cls(bucket, "/".join(p for p in (root, run, stage, digest) if p))
 
     @property
@@ -69,30 +69,16 @@ class RunStore:
 
     def names(self) -> list[str]:
         """File names the store holds for this work."""
-
-        def keys(client) -> list[str]:
-            pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + "/")
-            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-
-        return sorted(key.rsplit("/", 1)[1] for key in self._call("list", keys))
+        return sorted(key.rsplit("/", 1)[1] for key in self._call("list", lambda c: _keys(c, self.bucket, self.prefix)))
 
     def pull(self, folder: Path) -> list[str]:
         """Download every file the store holds that `folder` lacks (atomically: temp + rename)."""
-        folder.mkdir(parents=True, exist_ok=True)
         fetched = []
         for name in self.names():
-            target = folder / name
-            if target.exists():
-                continue
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
-            os.close(fd)
-            try:
-                key = f"{self.prefix}/{name}"
-                self._call(f"download {name}", lambda c, k=key, t=tmp: c.download_file(self.bucket, k, t))
-                os.replace(tmp, target)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-            fetched.append(name)
+            if not (folder / name).exists():
+                key, path = f"{self.prefix}/{name}", folder / name
+                self._call(f"download {name}", lambda c, k=key, p=path: _download(c, self.bucket, k, p))
+                fetched.append(name)
         return fetched
 
     def push(self, path: Path) -> None:
@@ -116,12 +102,29 @@ class RunStore:
             raise DataError(f"run store {self.uri}: {what} failed ({type(exc).__name__}: {exc})") from None
 
 
-def split_uri(uri: str) -> tuple[str, str]:
+def split_uri(uri: str, what: str = "") -> tuple[str, str]:
     """s3://bucket/prefix -> (bucket, prefix without slashes at its ends)."""
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     if not uri.startswith("s3://") or not bucket:
-        raise ConfigError(f"{uri}: expected s3://bucket/prefix")
+        raise ConfigError(f"{what + '=' if what else ''}{uri}: expected s3://bucket/prefix")
     return bucket, prefix.strip("/")
+
+
+def _keys(client, bucket: str, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+def _download(client, bucket: str, key: str, path: Path) -> None:
+    """One object to `path`, atomically (temp file beside it, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        client.download_file(bucket, key, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def sync(source: str, target: str) -> int:
@@ -133,21 +136,11 @@ def sync(source: str, target: str) -> int:
     client = s3_client()
     if source.startswith("s3://") and not target.startswith("s3://"):
         bucket, prefix = split_uri(source)
-        out = Path(target)
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        keys = _keys(client, bucket, prefix)
         if not keys:
             raise DataError(f"{source}: nothing there")
         for key in keys:
-            path = out / key[len(prefix) + 1 :]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-            os.close(fd)
-            try:
-                client.download_file(bucket, key, tmp)
-                os.replace(tmp, path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            _download(client, bucket, key, Path(target) / key[len(prefix) + 1 :])
         return len(keys)
     if target.startswith("s3://") and not source.startswith("s3://"):
         bucket, prefix = split_uri(target)

@@ -198,7 +198,7 @@ def train(
 ) -> TrainResult:
     """Train (or resume) in `work_dir`; returns the final weights and summary metrics."""
     torch.set_num_threads(cfg.threads)
-    store = RunStore.from_env(re.sub(r"[^A-Za-z0-9_.-]+", "_", desc), identity)
+    store = RunStore.from_env(re.sub(r"[^A-Za-z0-9_.-]+", "_", desc), lambda: identity)
     ckpt_dir = work_dir / "checkpoints" if store is None else store.cache()  # a store: outside the output
     if store is not None:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per node; its workers share the files
@@ -316,11 +316,11 @@ def train(
             is_best = best is None or valid["mean"] < best["mean"]
             if is_best:
                 best = {"update": done, **valid}
-            _checkpoint(
+            saved = _checkpoint(
                 ckpt_dir, done, model, opt, sampler, history, valid_history, best, identity, cfg, world, is_best, scaler
             )
-            if store is not None and world.is_main:  # durable before training goes on
-                store.push(checkpoint.listing(ckpt_dir)[0])
+            if store is not None and saved is not None:  # rank 0: durable before training goes on
+                store.push(saved)
                 if is_best:
                     store.push(ckpt_dir / checkpoint.BEST)
                 store.keep_only({p.name for p in checkpoint.listing(ckpt_dir)}, checkpoint.PATTERN)
@@ -394,7 +394,8 @@ def validate(
 
 def _checkpoint(
     ckpt_dir, done, model, opt, sampler, history, valid_history, best, identity, cfg, world, is_best, scaler
-):
+) -> Path | None:
+    """Rank 0 writes the checkpoint (every rank's RNG states in it); returns its path there."""
     cuda = world.device.type == "cuda"
     mine = (torch.get_rng_state(), torch.cuda.get_rng_state(world.device) if cuda else None)
     states = [mine]
@@ -423,6 +424,7 @@ def _checkpoint(
         if is_best:
             checkpoint.save_best(ckpt_dir, path)
     world.barrier()
+    return path if world.is_main else None
 
 
 def _resume(ckpt_dir: Path, identity: dict[str, Any], world: World) -> dict[str, Any] | None:
