@@ -25,7 +25,13 @@ ifeq ($(origin TORCH_INDEX_URL),file)
 TORCH_LOCAL_FIRST := $(BIN)/pip install -q --no-deps --no-index torch==$(TORCH_VERSION) 2>/dev/null ||
 endif
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.decoder
+
+# the compiled decoder (src/automoe/model/compiled.py; g++ and ninja, about a minute).
+# Without a compiler decoding takes the Python path, with one warning line.
+$(VENV)/.decoder: $(VENV)/.installed src/automoe/model/csrc/decoder.cpp
+	$(BIN)/python -m automoe.model.compiled || echo "compiled decoder not built: decoding takes the Python path"
+	touch $@
 
 $(VENV)/.installed: requirements.lock requirements-dev.lock pyproject.toml
 	@mkdir -p $(TMPDIR)

@@ -1,10 +1,13 @@
 """The CPU serving layout (oneDNN-packed weights) and the CTranslate2 export of dense models."""
 
 import copy
+import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,7 +19,8 @@ from conftest import subprocess_env
 from automoe import ct2
 from automoe.cpu import int8_kernel, int8_reduce_range
 from automoe.errors import AutomoeError
-from automoe.model import kernels
+from automoe.latency import measure
+from automoe.model import compiled, kernels
 from automoe.model.decode import beam_search, greedy
 from automoe.model.inference import (
     Int8Linear,
@@ -109,6 +113,7 @@ def test_fused_decoder_step_equals_the_module_step(models, precision):
         pytest.skip("no FBGEMM int8 kernels")
     for model in models:
         served = for_inference(model, precision)
+        served.compiled = None  # the Python path: fused steps (the compiled decoder is tested below)
         modules = copy.copy(served)  # the same weights, every step through the modules
         modules.fused_step = None
         src, tgt = sources(1), shift_right(sources(2, s=20), 2, 0)
@@ -122,6 +127,73 @@ def test_fused_decoder_step_equals_the_module_step(models, precision):
         assert [h.tokens for h in a] == [h.tokens for h in b]
         np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5)
         assert greedy(modules, src, max_len_b=25) == greedy(served, src, max_len_b=25)
+
+
+needs_compiled = pytest.mark.skipif(
+    not compiled.active() and not os.environ.get("CI"), reason="the compiled decoder is not built (make install)"
+)
+
+
+@needs_onednn
+@needs_compiled
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_compiled_decoder_equals_the_python_path(models, precision):
+    """Dense and MoE (top-1, top-2), pre- and post-LN: the same tokens as the Python path for
+    beam 1, 4 and 5, with padded sources, finished hypotheses, a minimum length and the
+    length limit; scores within 1e-5 in fp32 and within int8's own rounding in int8."""
+    if precision == "int8" and not int8_available(models[0]):
+        pytest.skip("no FBGEMM int8 kernels")
+    assert compiled.active(), "make install builds the compiled decoder (CI needs it)"
+    top2 = extract_top2(models[-1])
+    for model in [*models, top2]:
+        served = for_inference(model, precision)
+        assert served.compiled is not None
+        python = copy.copy(served)
+        python.compiled = None
+        for beam, options in ((4, {}), (1, {}), (5, {"min_len": 6}), (3, {"max_len_a": 0.0, "max_len_b": 4})):
+            src = sources(beam)
+            a, b = beam_search(python, src, beam=beam, **options), beam_search(served, src, beam=beam, **options)
+            assert [h.tokens for h in a] == [h.tokens for h in b], (model.arch.decoder_ffn, beam, options)
+            tol = 1e-5 if precision == "fp32" else 0.02
+            np.testing.assert_allclose([h.score for h in b], [h.score for h in a], rtol=0, atol=tol)
+            if "max_len_b" in options:
+                assert max(len(h.tokens) for h in b) <= 4
+            if "min_len" in options:
+                assert min(len(h.tokens) for h in b) >= 6
+
+
+def extract_top2(model: SubTransformer) -> SubTransformer:
+    """The same compact MoE model routing each token to its two best experts."""
+    arch = dataclasses.replace(model.arch, top_k=2)
+    out = SubTransformer(arch=arch, args=model.args)
+    out.load_state_dict(model.state_dict())
+    return out.eval()
+
+
+@needs_onednn
+def test_decoding_takes_the_python_path_with_one_warning_without_the_extension(models, tmp_path, monkeypatch):
+    src = sources(5)
+    expected = [h.tokens for h in beam_search(models[2], src, beam=4)]
+    monkeypatch.setenv("AUTOMOE_DECODER", str(tmp_path / "nothing-built-here"))
+    compiled.reset()
+    try:
+        with pytest.warns(UserWarning, match="compiled decoder is not built") as caught:
+            served = for_inference(models[2])
+            again = for_inference(models[3])
+        assert len([w for w in caught if "compiled decoder" in str(w.message)]) == 1  # one line per process
+        assert served.compiled is None and again.compiled is None and not compiled.active()
+        assert [h.tokens for h in beam_search(served, src, beam=4)] == expected
+        assert "decoder" not in measure.fingerprint(torch.device("cpu"))  # a table says which engine timed it
+        monkeypatch.setenv("AUTOMOE_DECODER", "off")
+        compiled.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # off: asked for, so no warning
+            assert for_inference(models[2]).compiled is None
+    finally:
+        monkeypatch.undo()
+        compiled.reset()
+    if compiled.active():
+        assert measure.fingerprint(torch.device("cpu"))["decoder"] == "compiled"
 
 
 @needs_onednn

@@ -32,6 +32,7 @@ import torch
 from automoe.cpu import cpu_model, int8_kernel
 from automoe.data.corpus import EOS
 from automoe.data.dataset import ParallelSplit
+from automoe.model import compiled
 from automoe.model.decode import beam_search
 from automoe.model.inference import Precision, for_inference
 
@@ -63,6 +64,8 @@ def fingerprint(device: torch.device, precision: str = "fp32") -> dict[str, str 
         info |= gpu_fingerprint(device)
     else:
         info |= {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count() or 0, "threads": torch.get_num_threads()}
+        if compiled.active() and precision in ("fp32", "int8"):  # the engine that timed it (model/compiled.py)
+            info["decoder"] = "compiled"
     if precision != "fp32":
         info["precision"] = precision
     if precision == "int8":  # 7- or 8-bit inputs: what this CPU's int8 kernel can sum (model/inference.py)

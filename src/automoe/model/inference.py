@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from automoe.cpu import int8_reduce_range
-from automoe.model import kernels
+from automoe.model import compiled, kernels
 from automoe.model.attention import KV, Attention, split_heads
 from automoe.model.fused import FusedStep
 from automoe.model.layers import ElasticLinear, SharedEmbedding, sinusoid
@@ -313,6 +313,7 @@ def for_inference(model: nn.Module, precision: Precision = "fp32", reduce_range:
     out.packed_for_inference = precision
     out.serving_layout = layout
     out.fused_step = FusedStep(out.core, out.arch)  # incremental steps as direct kernel calls (model/fused.py)
+    out.compiled = compiled.engine(out)  # beam search in one C++ loop where the extension is built
     return out
 
 
