@@ -1,13 +1,15 @@
 """Where batch-1 decoding time goes: torch.profiler over the paper's latency protocol
-(beam 5, 30-token source, 30 decoder steps) of the translate_vs_marian model, in the
-serving layout and in the plain one. Prints the top operators and the share of time in
-GEMMs vs everything else (per-step operator and Python overhead).
+(beam 5, 30-token source, 30 decoder steps) of the translate_vs_marian model: plain eager,
+the serving layout on the Python path (fused steps) and on the compiled decoder. Prints the
+top operators and the share of time in GEMMs vs everything else (per-step operator and
+Python overhead).
     python bench/profile_decode.py [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -32,7 +34,13 @@ def main() -> None:
     src = torch.randint(4, VOCAB, (1, 30))
     src[:, -1] = 3
     rows = {}
-    for name, model in (("plain", plain), ("serving", for_inference(plain))):
+    served = for_inference(plain)
+    python = copy.copy(served)  # the same serving layout on the Python path (fused steps)
+    python.compiled = None
+    variants = [("plain", plain), ("serving", python)]
+    if served.compiled is not None:
+        variants.append(("compiled", served))
+    for name, model in variants:
 
         def run(m=model):
             beam_search(m, src, beam=5, max_len_a=0.0, max_len_b=29, min_len=29)
@@ -61,6 +69,8 @@ def main() -> None:
             f"{name}_non_gemm_ms": wall * (1 - gemm / total),
         }
     rows["speedup_serving_over_plain"] = rows["plain_ms"] / rows["serving_ms"]
+    if "compiled_ms" in rows:
+        rows["speedup_compiled_over_python"] = rows["serving_ms"] / rows["compiled_ms"]
     report("profile_decode", rows, args.json)
 
 

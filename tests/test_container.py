@@ -58,6 +58,19 @@ def test_image_runs_as_non_root_with_labels_and_lineage(image):
     assert proc.stdout.strip() == "10001"
 
 
+def test_image_decodes_on_the_compiled_decoder_without_a_compiler(image):
+    """The image built the extension for its own torch and Python, and left no compiler behind."""
+    script = (
+        "import shutil, warnings; warnings.simplefilter('error'); "
+        "from automoe.model import compiled; assert compiled.active(), 'not built'; "
+        "assert shutil.which('g++') is None and shutil.which('ninja') is None, 'a compiler stayed'; print('ok')"
+    )
+    proc = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "python", image, "-c", script], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 def test_stage_without_a_writable_tracking_store_is_a_one_line_error(image, multi30k, tmp_path):
     data = volume(tmp_path)
     proc = run_stage(image, data, multi30k, "prepare_data", *prep_args("/data/prepared", "/mirror"))
