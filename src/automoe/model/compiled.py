@@ -109,7 +109,15 @@ def active() -> bool:
 
 
 class Engine:
-    """A serving-layout SubTransformer's decoder as the extension's Engine (see the module doc)."""
+    """A serving-layout SubTransformer's decoder as the extension's Engine (see the module doc).
+
+    `max_rows`: the most batch x beam rows it decodes. Its attention and layer-norm loops are
+    scalar, so at many rows PyTorch's vectorised kernels win: on a 2-core AVX2 CPU (the
+    bench model, beam 4) it was faster at 8 and 16 rows (32.6 vs 43.1, 51.3 vs 60.4 ms) and
+    slower at 32 and 64 (91.2 vs 86.9, 182.1 vs 166.2 ms); larger batches take the Python
+    path (BENCHMARKS.md 11)."""
+
+    max_rows = 24
 
     def __init__(self, model, ext: ModuleType):
         from automoe.model.inference import Int8Linear

@@ -78,7 +78,7 @@ def beam_search(
     enc = (model.encode(src, arch) if encoded is None else encoded).repeat_interleave(beam)
     last = torch.full((batch * beam, 1), args.bos_id, dtype=torch.long, device=device)  # each row's newest token
     engine = getattr(model, "compiled", None)  # a CPU serving layout's compiled decoder (model/compiled.py)
-    if engine is not None and int(per_sentence.max()) < engine.positions:
+    if engine is not None and batch * beam <= engine.max_rows and int(per_sentence.max()) < engine.positions:
         logits, cache = model.decode(last, enc, arch, None)  # step 0 on the module path: the encoder keys/values
         found = engine.beam_search(logits[:, -1], cache, per_sentence.tolist(), beam, length_penalty, min_len, args)
         return [Hypothesis(tokens, score) for tokens, score in found]
