@@ -25,6 +25,18 @@ from automoe.space import load_space
 VOCAB = 5000
 
 
+def step_weights(model) -> int:
+    """Weights one incremental step reads: the decoder's layers and the output projection."""
+    d = model.arch.decoder_embed_dim
+    layers = sum(
+        p.numel()
+        for i in range(model.arch.decoder_layers)
+        for name, p in model.core.decoder[i].named_parameters()
+        if not name.startswith(("ende_attn.k_proj", "ende_attn.v_proj"))  # projected once, at the first step
+    )
+    return layers + model.args.vocab_size * d
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=20)
@@ -38,7 +50,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     sources = torch.randint(4, VOCAB, (8, 30), generator=g)
     sources[:, -1] = 3
-    rows: dict[str, float | str] = {}
+    rows: dict[str, float | str] = {
+        # what a batch-1 step must read: every decoder weight and the output projection. At 5
+        # rows the products are bound by memory bandwidth, so this ratio is the floor's floor
+        "step_weights_ratio_fastest_over_reference": step_weights(fastest) / step_weights(reference),
+    }
     for engine in ("compiled", "python"):
         if engine == "python":
             os.environ["AUTOMOE_DECODER"] = "off"

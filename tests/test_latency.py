@@ -6,13 +6,14 @@ import numpy as np
 import torch
 
 from automoe.latency import measure as m
+from automoe.model import compiled
 from automoe.model import moe as moe_module
 from automoe.model.subnet import SubTransformer
 from automoe.model.transformer import ModelArgs
 from automoe.space import load_space
 
 
-def test_protocol_spreads_beam_hypotheses_over_experts(monkeypatch):
+def test_protocol_spreads_beam_hypotheses_over_experts(monkeypatch, request):
     """Under the protocol the beam's hypotheses diverge as in real decoding, so a decoder MoE
     layer with 4 experts sees more than one expert at most steps (identical rows, as the
     old protocol decoded them, would all go to one expert at every step)."""
@@ -32,6 +33,9 @@ def test_protocol_spreads_beam_hypotheses_over_experts(monkeypatch):
         return out, stats
 
     monkeypatch.setattr(moe_module.MoE, "forward", recording)
+    monkeypatch.setenv("AUTOMOE_DECODER", "off")  # the Python path, whose MoE layers can be watched
+    compiled.reset()
+    request.addfinalizer(compiled.reset)
     sources = torch.from_numpy(np.random.default_rng(0).integers(4, 300, (2, 30)))
     latency = m.measure(model, sources, beam=beam, steps=steps, warmup=0, repeats=2)
     assert latency.encoder_ms > 0 and latency.decoder_ms > 0

@@ -1,10 +1,10 @@
 """The compiled decoder: beam search over a CPU serving-layout model in one C++ loop.
 
-`beam_search` (model/decode.py) on a model from `for_inference` runs the first step on the
-module path (it projects the encoder keys/values) and hands the rest to `Engine`
-(csrc/decoder.cpp): every later incremental step and all of the beam bookkeeping (log-
-softmax, top-k over beam x vocabulary, finished hypotheses, length penalty, cache
-reorders) with no Python per operator. Its products are the serving layout's own kernels
+`beam_search` (model/decode.py) on a model from `for_inference` encodes, projects each
+decoder layer's encoder keys/values once per sentence (the serving layout's products) and
+hands the rest to `Engine` (csrc/decoder.cpp): every incremental step and all of the beam
+bookkeeping (log-softmax, top-k over beam x vocabulary, finished hypotheses, length
+penalty, cache reorders) with no Python per operator. Its products are the serving layout's own kernels
 with the same per-shape choice (model/kernels.py), so it times and serves the engine the
 latency table measured; the rest are loops over the rows. The architecture is data: an
 Engine is built from a model's weights in milliseconds, nothing is compiled per arch.
@@ -23,6 +23,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import shutil
 import sys
 import sysconfig
 import warnings
@@ -64,9 +65,13 @@ def build(verbose: bool = False) -> Path:
         return lib
     work = folder.with_name(folder.name + f".tmp{os.getpid()}")
     work.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=NAME, sources=[str(SOURCE)], build_directory=str(work), extra_cflags=["-O3"], verbose=verbose
-    )
+    try:
+        cpp_extension.load(
+            name=NAME, sources=[str(SOURCE)], build_directory=str(work), extra_cflags=["-O3"], verbose=verbose
+        )
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # no half-built folder left behind
+        raise
     try:
         work.rename(folder)  # atomic: a half-built folder is never taken for a build
     except OSError:  # another process finished first
@@ -109,15 +114,7 @@ def active() -> bool:
 
 
 class Engine:
-    """A serving-layout SubTransformer's decoder as the extension's Engine (see the module doc).
-
-    `max_rows`: the most batch x beam rows it decodes. Its attention and layer-norm loops are
-    scalar, so at many rows PyTorch's vectorised kernels win: on a 2-core AVX2 CPU (the
-    bench model, beam 4) it was faster at 8 and 16 rows (32.6 vs 43.1, 51.3 vs 60.4 ms) and
-    slower at 32 and 64 (91.2 vs 86.9, 182.1 vs 166.2 ms); larger batches take the Python
-    path (BENCHMARKS.md 11)."""
-
-    max_rows = 24
+    """A serving-layout SubTransformer's decoder as the extension's Engine (see the module doc)."""
 
     def __init__(self, model, ext: ModuleType):
         from automoe.model.inference import Int8Linear
@@ -159,25 +156,28 @@ class Engine:
                 [linear(e.fc2) for e in experts],
                 None if router is None else router.weight.detach()[: len(experts), :d].float().contiguous(),
             )
+        self.core, self.arch, self.args = core, arch, args  # the encoder keys/values are projected per search
         self.positions = len(embed.positions)
+        self.vocab = args.vocab_size
 
-    def beam_search(self, first_logits, cache, limits, beam, length_penalty, min_len, args):
-        """(tokens, score) per sentence from step 0's logits (B x beam, V) and cache."""
-        ende_k = [k for k, _ in cache.ende_kv]
-        ende_v = [v for _, v in cache.ende_kv]
+    def usable(self, beam: int, longest: int) -> bool:
+        """Whether it decodes this search: up to `longest` target tokens, 2 x beam candidates."""
+        return longest < self.positions and self.vocab >= 2 * beam
+
+    def beam_search(self, enc, limits, beam, length_penalty, min_len):
+        """(tokens, score) per sentence from the encoder's output (one row per sentence)."""
+        ende_k, ende_v, masks = [], [], []
+        no_padding = bool(enc.mask.all())
+        for i in range(self.arch.decoder_layers):
+            span = self.arch.decoder_ende_span[i]
+            memory = torch.cat(enc.states[-span:], dim=1)  # (B, span * S, d_enc)
+            k, v = self.core.decoder[i].ende_attn.project_kv(memory, self.arch.decoder_ende_heads[i])  # (B, H, S', Dh)
+            ende_k.append(k)
+            ende_v.append(v)
+            masks.append(None if no_padding else enc.mask.repeat(1, 1, 1, span))  # (B, 1, 1, span * S)
+        args = self.args
         return self.engine.beam_search(
-            first_logits,
-            cache.self_kv,
-            ende_k,
-            ende_v,
-            list(cache.ende_mask),
-            limits,
-            beam,
-            length_penalty,
-            min_len,
-            args.bos_id,
-            args.eos_id,
-            args.pad_id,
+            ende_k, ende_v, masks, limits, beam, length_penalty, min_len, args.bos_id, args.eos_id, args.pad_id
         )
 
 

@@ -75,13 +75,14 @@ def beam_search(
     batch, device = src.shape[0], src.device
     per_sentence = max_lengths(src, args.pad_id, max_len_a, max_len_b)  # (B,)
     limits = per_sentence.repeat_interleave(beam)  # (B * beam,)
-    enc = (model.encode(src, arch) if encoded is None else encoded).repeat_interleave(beam)
-    last = torch.full((batch * beam, 1), args.bos_id, dtype=torch.long, device=device)  # each row's newest token
+    enc = model.encode(src, arch) if encoded is None else encoded
     engine = getattr(model, "compiled", None)  # a CPU serving layout's compiled decoder (model/compiled.py)
-    if engine is not None and batch * beam <= engine.max_rows and int(per_sentence.max()) < engine.positions:
-        logits, cache = model.decode(last, enc, arch, None)  # step 0 on the module path: the encoder keys/values
-        found = engine.beam_search(logits[:, -1], cache, per_sentence.tolist(), beam, length_penalty, min_len, args)
+    if engine is not None and engine.usable(beam, int(per_sentence.max())):
+        model._own(arch)
+        found = engine.beam_search(enc, per_sentence.tolist(), beam, length_penalty, min_len)
         return [Hypothesis(tokens, score) for tokens, score in found]
+    enc = enc.repeat_interleave(beam)
+    last = torch.full((batch * beam, 1), args.bos_id, dtype=torch.long, device=device)  # each row's newest token
     scores = torch.zeros(batch, beam, device=device)
     scores[:, 1:] = -torch.inf  # all beams start identical: keep one alive at step 0
     # back-pointers instead of growing token tensors: after step i, row r holds token

@@ -20,6 +20,10 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
@@ -81,25 +85,118 @@ struct Layer {
   Tensor router;  // (n, d) fp32; undefined for a dense layer
 };
 
+// Vector loops: AVX2 + FMA where the CPU has them (chosen at run time, so one build serves
+// every x86 CPU), plain loops elsewhere.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AUTOMOE_AVX2 1
+#define AVX2_FN __attribute__((target("avx2,fma")))
+
+AVX2_FN inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+AVX2_FN float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  float s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+AVX2_FN void axpy_avx2(float* y, float w, const float* x, int64_t n) {  // y += w x
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += w * x[i];
+}
+
+AVX2_FN void add_avx2(float* y, const float* x, int64_t n) {  // y += x
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(x + i)));
+  for (; i < n; ++i) y[i] += x[i];
+}
+
+AVX2_FN void norm_row_avx2(const float* x, float* y, int64_t d, const float* w, const float* b, float eps) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + i));
+  float sum = hsum(acc);
+  for (; i < d; ++i) sum += x[i];
+  const float mean = sum / d;
+  const __m256 mv = _mm256_set1_ps(mean);
+  acc = _mm256_setzero_ps();
+  for (i = 0; i + 8 <= d; i += 8) {
+    const __m256 c = _mm256_sub_ps(_mm256_loadu_ps(x + i), mv);
+    acc = _mm256_fmadd_ps(c, c, acc);
+  }
+  float var = hsum(acc);
+  for (; i < d; ++i) var += (x[i] - mean) * (x[i] - mean);
+  const float inv = 1.0f / std::sqrt(var / d + eps);
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (i = 0; i + 8 <= d; i += 8) {
+    const __m256 c = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv), iv);
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(c, _mm256_loadu_ps(w + i), _mm256_loadu_ps(b + i)));
+  }
+  for (; i < d; ++i) y[i] = (x[i] - mean) * inv * w[i] + b[i];
+}
+
+const bool kAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+constexpr bool kAvx2 = false;
+#endif
+
+inline float dot(const float* a, const float* b, int64_t n) {
+#ifdef AUTOMOE_AVX2
+  if (kAvx2) return dot_avx2(a, b, n);
+#endif
+  float s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float* y, float w, const float* x, int64_t n) {
+#ifdef AUTOMOE_AVX2
+  if (kAvx2) return axpy_avx2(y, w, x, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+}
+
+void add_(float* y, const float* x, int64_t n) {
+#ifdef AUTOMOE_AVX2
+  if (kAvx2) return add_avx2(y, x, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
 // LN over each row of x (N, d) into out (may alias x).
 void layer_norm(const float* x, float* out, int64_t rows, int64_t d, const Norm& p) {
+  RECORD_FUNCTION("automoe::layer_norm", std::vector<c10::IValue>());
   const float* w = p.weight.data_ptr<float>();
   const float* b = p.bias.data_ptr<float>();
+  const float eps = static_cast<float>(p.eps);
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
     float* yr = out + r * d;
-    double mean = 0, var = 0;
+#ifdef AUTOMOE_AVX2
+    if (kAvx2) {
+      norm_row_avx2(xr, yr, d, w, b, eps);
+      continue;
+    }
+#endif
+    float mean = 0, var = 0;
     for (int64_t j = 0; j < d; ++j) mean += xr[j];
     mean /= d;
     for (int64_t j = 0; j < d; ++j) var += (xr[j] - mean) * (xr[j] - mean);
-    const float inv = static_cast<float>(1.0 / std::sqrt(var / d + p.eps));
-    const float m = static_cast<float>(mean);
-    for (int64_t j = 0; j < d; ++j) yr[j] = (xr[j] - m) * inv * w[j] + b[j];
+    const float inv = 1.0f / std::sqrt(var / d + eps);
+    for (int64_t j = 0; j < d; ++j) yr[j] = (xr[j] - mean) * inv * w[j] + b[j];
   }
-}
-
-void add_(float* x, const float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
 // One query row against `len` keys: out = softmax(q k^T / sqrt(dh), masked) v.
@@ -113,10 +210,7 @@ inline void attend_one(const float* q, const float* k, const float* v, int64_t s
       scores[j] = kNegInf;
       continue;
     }
-    const float* kj = k + j * stride;
-    float s = 0;
-    for (int64_t c = 0; c < dh; ++c) s += q[c] * kj[c];
-    scores[j] = s * scale;
+    scores[j] = dot(q, k + j * stride, dh) * scale;
     top = std::max(top, scores[j]);
   }
   float total = 0;
@@ -125,16 +219,91 @@ inline void attend_one(const float* q, const float* k, const float* v, int64_t s
     total += scores[j];
   }
   std::fill(out, out + dh, 0.0f);
-  for (int64_t j = 0; j < len; ++j) {
-    if (scores[j] == 0.0f) continue;
-    const float w = scores[j] / total;
-    const float* vj = v + j * stride;
-    for (int64_t c = 0; c < dh; ++c) out[c] += w * vj[c];
+  const float inv = 1.0f / total;
+  for (int64_t j = 0; j < len; ++j)
+    if (scores[j] != 0.0f) axpy(out, scores[j] * inv, v + j * stride, dh);
+}
+
+#ifdef AUTOMOE_AVX2
+// e^x for x <= 0 (Cephes' polynomial, as avx_mathfun): about 1e-7 relative error.
+AVX2_FN inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+AVX2_FN float log_sum_exp_avx2(const float* x, int64_t n) {
+  __m256 m8 = _mm256_set1_ps(kNegInf);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(x + i));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  float top = std::max(_mm_cvtss_f32(m4), _mm_cvtss_f32(_mm_shuffle_ps(m4, m4, 1)));
+  for (; i < n; ++i) top = std::max(top, x[i]);
+  const __m256 t8 = _mm256_set1_ps(top);
+  __m256 acc = _mm256_setzero_ps();
+  for (i = 0; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), t8)));
+  double total = hsum(acc);
+  for (; i < n; ++i) total += std::exp(x[i] - top);
+  return top + static_cast<float>(std::log(total));
+}
+
+// Calls take(tok) for every tok in [from, n) whose x[tok] + offset > threshold, in order;
+// take returns the new threshold. Returns n.
+template <typename Take>
+AVX2_FN int64_t skip_scan_avx2(const float* x, int64_t from, int64_t n, float offset, float threshold, Take&& take) {
+  int64_t i = from;
+  for (; i < n && (i & 7); ++i)
+    if (x[i] + offset > threshold) threshold = take(i);
+  const __m256 off = _mm256_set1_ps(offset);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + i), off);
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(threshold), _CMP_GT_OQ));
+    while (mask) {
+      const int bit = __builtin_ctz(mask);
+      mask &= mask - 1;
+      if (x[i + bit] + offset > threshold) threshold = take(i + bit);
+    }
   }
+  for (; i < n; ++i)
+    if (x[i] + offset > threshold) threshold = take(i);
+  return n;
+}
+#endif
+
+// log(sum(exp(x))) of a row: the log-softmax's normaliser.
+float log_sum_exp(const float* x, int64_t n) {
+#ifdef AUTOMOE_AVX2
+  if (kAvx2) return log_sum_exp_avx2(x, n);
+#endif
+  const float top = *std::max_element(x, x + n);
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) total += std::exp(x[i] - top);
+  return top + static_cast<float>(std::log(total));
+}
+
+template <typename Take>
+int64_t skip_scan(const float* x, int64_t from, int64_t n, float offset, float threshold, Take&& take) {
+#ifdef AUTOMOE_AVX2
+  if (kAvx2) return skip_scan_avx2(x, from, n, offset, threshold, take);
+#endif
+  for (int64_t i = from; i < n; ++i)
+    if (x[i] + offset > threshold) threshold = take(i);
+  return n;
 }
 
 // Work per parallel task large enough to be worth a thread.
-int64_t grain(int64_t work_per_task) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_task)); }
+int64_t grain(int64_t work_per_task) { return std::max<int64_t>(1, 262144 / std::max<int64_t>(1, work_per_task)); }
 
 struct Hyp {
   std::vector<int64_t> tokens;
@@ -171,18 +340,16 @@ class Engine {
     layers_.push_back(std::move(l));
   }
 
-  // Beam search from the first step's logits and cache (the module path ran step 0: it
-  // projected the encoder keys/values). Returns (tokens, score) per sentence, as
+  // Beam search from the encoder's keys/values, per layer (B, H, S', Dh) and the padding
+  // masks (B, 1, 1, S') or none. Returns (tokens, score) per sentence, as
   // model/decode.py's beam_search.
   std::vector<std::pair<std::vector<int64_t>, double>> beam_search(
-      Tensor first_logits, Tensor self_kv, std::vector<Tensor> ende_k, std::vector<Tensor> ende_v,
-      std::vector<std::optional<Tensor>> ende_mask, std::vector<int64_t> limits, int64_t beam, double length_penalty,
-      int64_t min_len, int64_t bos, int64_t eos, int64_t pad) {
+      std::vector<Tensor> ende_k, std::vector<Tensor> ende_v, std::vector<std::optional<Tensor>> ende_mask,
+      std::vector<int64_t> limits, int64_t beam, double length_penalty, int64_t min_len, int64_t bos, int64_t eos,
+      int64_t pad) {
     const int64_t batch = static_cast<int64_t>(limits.size());
     const int64_t n = batch * beam;
     const int64_t layers = static_cast<int64_t>(layers_.size());
-    TORCH_CHECK(first_logits.dim() == 2 && first_logits.size(0) == n, "first logits: expected (batch x beam, V)");
-    TORCH_CHECK(self_kv.dim() == 5 && self_kv.size(0) == layers && self_kv.size(2) == n, "cache: unexpected shape");
     const int64_t max_limit = *std::max_element(limits.begin(), limits.end());
     const int64_t first_limit = *std::min_element(limits.begin(), limits.end());
     const int64_t positions = max_limit + 1;
@@ -191,21 +358,14 @@ class Engine {
 
     // keys/values, [layer][row][position][k | v]; reorder gathers into the second buffer
     std::vector<float> kv(layers * n * kv_row), spare(kv.size());
-    {
-      Tensor first = self_kv.select(3, 0).to(at::kFloat).contiguous();  // (L, 2, N, qkv): position 0
-      const float* src = first.data_ptr<float>();
-      for (int64_t l = 0; l < layers; ++l)
-        for (int64_t s = 0; s < 2; ++s)
-          for (int64_t r = 0; r < n; ++r)
-            std::memcpy(kv.data() + (l * n + r) * kv_row + s * qkv_dim_, src + ((l * 2 + s) * n + r) * qkv_dim_,
-                        qkv_dim_ * sizeof(float));
-    }
     std::vector<Tensor> ek(layers), ev(layers), em(layers);
     for (int64_t l = 0; l < layers; ++l) {
-      ek[l] = ende_k.at(l).to(at::kFloat).contiguous();  // (N, H, S', Dh)
+      ek[l] = ende_k.at(l).to(at::kFloat).contiguous();  // (B, H, S', Dh): one per sentence, its beams share it
       ev[l] = ende_v.at(l).to(at::kFloat).contiguous();
-      if (ende_mask.at(l).has_value()) em[l] = ende_mask[l]->to(at::kBool).reshape({n, -1}).contiguous();  // (N, S')
+      TORCH_CHECK(ek[l].dim() == 4 && ek[l].size(0) == batch, "encoder keys: expected (batch, H, S', Dh)");
+      if (ende_mask.at(l).has_value()) em[l] = ende_mask[l]->to(at::kBool).reshape({batch, -1}).contiguous();
     }
+    beam_ = beam;
 
     std::vector<float> scores(n, kNegInf);
     for (int64_t b = 0; b < batch; ++b) scores[b * beam] = 0.0f;  // all beams start identical: one alive
@@ -220,23 +380,23 @@ class Engine {
     std::vector<float> top_scores(batch * k2);
     std::vector<int64_t> top_idx(batch * k2);
 
-    Tensor logits = first_logits.to(at::kFloat).contiguous();
     for (int64_t step = 0; step < positions; ++step) {
-      if (step > 0) logits = decode_step(last, step, kv, positions, ek, ev, em);
+      const Tensor logits = decode_step(last, step, kv, positions, ek, ev, em);
       const int64_t vocab = logits.size(1);
-      Tensor lse = at::logsumexp(logits, {1}).contiguous();  // (N,)
       const float* lg = logits.data_ptr<float>();
-      const float* ls = lse.data_ptr<float>();
-      // per sentence: the best 2 x beam of beam x vocabulary candidates, best first
-      at::parallel_for(0, batch, grain(beam * vocab), [&](int64_t lo, int64_t hi) {
+      // per sentence: the best 2 x beam of beam x vocabulary candidates by score + log-softmax,
+      // best first (the log-softmax's normaliser per row, then one scan that skips what
+      // cannot enter the list)
+      at::parallel_for(0, batch, grain(beam * vocab * 8), [&](int64_t lo, int64_t hi) {
+        RECORD_FUNCTION("automoe::beam_topk", std::vector<c10::IValue>());
         std::vector<std::pair<float, int64_t>> best;
         for (int64_t b = lo; b < hi; ++b) {
           const bool at_limit = step >= limits[b];
           best.clear();
           for (int64_t j = 0; j < beam; ++j) {
             const int64_t row = b * beam + j;
-            const float offset = scores[row] - ls[row];
             const float* x = lg + row * vocab;
+            const float offset = scores[row] - log_sum_exp(x, vocab);
             auto offer = [&](int64_t tok, float value) {
               if (static_cast<int64_t>(best.size()) == k2 && !(value > best.back().first)) return;
               auto place = std::upper_bound(best.begin(), best.end(), value,
@@ -248,11 +408,16 @@ class Engine {
               for (int64_t tok = 0; tok < vocab; ++tok) offer(tok, tok == eos ? x[tok] + offset : kNegInf);
               continue;
             }
-            for (int64_t tok = 0; tok < vocab; ++tok) {
-              float value = x[tok] + offset;
-              if (tok == pad || tok == bos || (tok == eos && step < min_len)) value = kNegInf;
-              offer(tok, value);
-            }
+            auto consider = [&](int64_t tok) {
+              offer(tok, tok == pad || tok == bos || (tok == eos && step < min_len) ? kNegInf : x[tok] + offset);
+            };
+            int64_t tok = 0;
+            while (static_cast<int64_t>(best.size()) < k2 && tok < vocab) consider(tok++);
+            // most tokens cannot enter: skip them 8 at a time against the list's last score
+            tok = skip_scan(x, tok, vocab, offset, best.back().first, [&](int64_t t) {
+              consider(t);
+              return best.back().first;
+            });
           }
           for (int64_t i = 0; i < k2; ++i) {
             top_scores[b * k2 + i] = best[i].first;
@@ -290,13 +455,33 @@ class Engine {
             ++j;
           }
       }
-      // row r continues row origin[r]: gather the keys/values of positions 0..step
-      const int64_t used = (step + 1) * 2 * qkv_dim_;
-      for (int64_t l = 0; l < layers; ++l)
+      // row r continues row origin[r]: its keys/values of positions 0..step become origin[r]'s.
+      // In place: only rows that move are written, from a saved copy where their source is
+      // itself overwritten (the spare buffer holds those copies)
+      {
+        RECORD_FUNCTION("automoe::cache_reorder", std::vector<c10::IValue>());
+        const int64_t used = (step + 1) * 2 * qkv_dim_;
+        std::vector<int64_t> moved, saved, slot(n, -1);
+        std::vector<char> overwritten(n, 0);
         for (int64_t r = 0; r < n; ++r)
-          std::memcpy(spare.data() + (l * n + r) * kv_row, kv.data() + (l * n + origin[r]) * kv_row,
-                      used * sizeof(float));
-      kv.swap(spare);
+          if (origin[r] != r) moved.push_back(r), overwritten[r] = 1;
+        for (int64_t r : moved)
+          if (overwritten[origin[r]] && slot[origin[r]] < 0) slot[origin[r]] = static_cast<int64_t>(saved.size()), saved.push_back(origin[r]);
+        const int64_t n_saved = static_cast<int64_t>(saved.size()), n_moved = static_cast<int64_t>(moved.size());
+        at::parallel_for(0, layers * n_saved, grain(used), [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i) {
+            const int64_t l = i / n_saved, j = i % n_saved;
+            std::memcpy(spare.data() + (l * n + j) * kv_row, kv.data() + (l * n + saved[j]) * kv_row, used * sizeof(float));
+          }
+        });
+        at::parallel_for(0, layers * n_moved, grain(used), [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i) {
+            const int64_t l = i / n_moved, r = moved[i % n_moved], from = origin[r];
+            const float* src = slot[from] >= 0 ? spare.data() + (l * n + slot[from]) * kv_row : kv.data() + (l * n + from) * kv_row;
+            std::memcpy(kv.data() + (l * n + r) * kv_row, src, used * sizeof(float));
+          }
+        });
+      }
       last = tokens;
       chosen.push_back(std::move(tokens));
       came_from.push_back(std::move(origin));
@@ -358,6 +543,7 @@ class Engine {
       for (int64_t r = 0; r < n; ++r)
         std::memcpy(layer_kv + r * kv_row + t * 2 * qkv, qp + r * 3 * qkv + qkv, 2 * qkv * sizeof(float));
       {
+        RECORD_FUNCTION("automoe::self_attention", std::vector<c10::IValue>());
         const int64_t heads = L.self_heads, dh = qkv / heads;
         at::parallel_for(0, n * heads, grain((t + 1) * dh * 2), [&](int64_t lo, int64_t hi) {
           std::vector<float> sc(t + 1);
@@ -373,6 +559,7 @@ class Engine {
       // encoder-decoder attention over the encoder's keys/values
       Tensor q = L.ende_q(sublayer_input(L.norms[1])).contiguous();  // (N, qkv)
       {
+        RECORD_FUNCTION("automoe::ende_attention", std::vector<c10::IValue>());
         const float* qe = q.data_ptr<float>();
         const int64_t heads = L.ende_heads, dh = qkv / heads, len = ek[i].size(2);
         const float* kp = ek[i].data_ptr<float>();
@@ -382,8 +569,9 @@ class Engine {
           std::vector<float> sc(len);
           for (int64_t task = lo; task < hi; ++task) {
             const int64_t r = task / heads, hd = task % heads;
-            const int64_t off = (r * heads + hd) * len * dh;  // (N, H, S', Dh)
-            attend_one(qe + r * qkv + hd * dh, kp + off, vp + off, dh, len, dh, mp ? mp + r * len : nullptr,
+            const int64_t sentence = r / beam_;
+            const int64_t off = (sentence * heads + hd) * len * dh;  // (B, H, S', Dh)
+            attend_one(qe + r * qkv + hd * dh, kp + off, vp + off, dh, len, dh, mp ? mp + sentence * len : nullptr,
                        sc.data(), ap + r * qkv + hd * dh);
           }
         });
@@ -434,11 +622,7 @@ class Engine {
       Tensor idx = at::from_blob(rows[e].data(), {m}, at::TensorOptions().dtype(at::kLong));
       Tensor y = L.fc2[e](L.fc1[e](src.index_select(0, idx))).contiguous();  // (m, d)
       const float* yp = y.data_ptr<float>();
-      for (int64_t j = 0; j < m; ++j) {
-        float* o = op + rows[e][j] * d;
-        const float g = gates[e][j];
-        for (int64_t c = 0; c < d; ++c) o[c] += yp[j * d + c] * g;
-      }
+      for (int64_t j = 0; j < m; ++j) axpy(op + rows[e][j] * d, gates[e][j], yp + j * d, d);
     }
     return out;
   }
@@ -450,6 +634,7 @@ class Engine {
   bool pre_norm_;
   int64_t top_k_;
   std::vector<Layer> layers_;
+  int64_t beam_ = 1;  // rows per sentence in the running search
 };
 
 Linear fp32_linear(Tensor weight, Tensor packed, std::optional<Tensor> bias, int64_t small, bool relu) {
