@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -139,8 +140,8 @@ needs_compiled = pytest.mark.skipif(
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_compiled_decoder_equals_the_python_path(models, precision):
     """Dense and MoE (top-1, top-2), pre- and post-LN: the same tokens as the Python path for
-    beam 1, 4 and 5, with padded sources, finished hypotheses, a minimum length and the
-    length limit; scores within 1e-5 in fp32 and within int8's own rounding in int8."""
+    beam 1, 4 and 5 and greedy, with padded sources, finished hypotheses, a minimum length
+    and the length limit; scores within 1e-5 in fp32 and within int8's own rounding in int8."""
     if precision == "int8" and not int8_available(models[0]):
         pytest.skip("no FBGEMM int8 kernels")
     assert compiled.active(), "make install builds the compiled decoder (CI needs it)"
@@ -160,6 +161,40 @@ def test_compiled_decoder_equals_the_python_path(models, precision):
                 assert max(len(h.tokens) for h in b) <= 4
             if "min_len" in options:
                 assert min(len(h.tokens) for h in b) >= 6
+        src = sources(7)
+        assert greedy(served, src, max_len_b=25) == greedy(python, src, max_len_b=25)  # finished rows padded
+
+
+@needs_onednn
+@needs_compiled
+def test_compiled_decoder_plain_loops_equal_the_vector_ones(tmp_path):
+    """The loops CPUs without AVX2 run (forced here) give the Python path's tokens too."""
+    script = tmp_path / "scalar.py"
+    script.write_text(
+        "import copy, sys, numpy as np\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_inference import make, dense_arch, sources, extract_top2\n"
+        "from automoe.model.decode import beam_search\n"
+        "from automoe.model.inference import for_inference\n"
+        "from automoe.model.subnet import extract\n"
+        "from automoe.model.supernet import SuperTransformer\n"
+        "from automoe.model.transformer import ModelArgs\n"
+        "from automoe.space import load_space\n"
+        "import torch\n"
+        "space = load_space('small'); torch.manual_seed(1)\n"
+        "net = SuperTransformer(space=space, args=ModelArgs(vocab_size=64, qkv_dim=space.qkv_dim, max_embed_dim=256))\n"
+        "arch = next(a for a in (space.sample(np.random.default_rng(3)) for _ in range(20)) if not a.is_dense)\n"
+        "for model in (make(dense_arch(), pre_norm=True), extract_top2(extract(net.eval(), arch))):\n"
+        "    served = for_inference(model); python = copy.copy(served); python.compiled = None\n"
+        "    assert served.compiled is not None\n"
+        "    a, b = beam_search(python, sources(4), beam=4), beam_search(served, sources(4), beam=4)\n"
+        "    assert [h.tokens for h in a] == [h.tokens for h in b]\n"
+        "    assert max(abs(x.score - y.score) for x, y in zip(a, b)) < 1e-5\n"
+        "print('same')\n"
+    )
+    env = subprocess_env() | {"AUTOMOE_DECODER_SCALAR": "1"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "same", proc.stderr[-2000:]
 
 
 def extract_top2(model: SubTransformer) -> SubTransformer:
@@ -193,7 +228,8 @@ def test_decoding_takes_the_python_path_with_one_warning_without_the_extension(m
         monkeypatch.undo()
         compiled.reset()
     if compiled.active():
-        assert measure.fingerprint(torch.device("cpu"))["decoder"] == "compiled"
+        assert measure.fingerprint(torch.device("cpu"))["decoder"] == compiled.version()
+        assert compiled.version().startswith("compiled ")
 
 
 @needs_onednn

@@ -65,7 +65,7 @@ def fingerprint(device: torch.device, precision: str = "fp32") -> dict[str, str 
     else:
         info |= {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count() or 0, "threads": torch.get_num_threads()}
         if compiled.active() and precision in ("fp32", "int8"):  # the engine that timed it (model/compiled.py)
-            info["decoder"] = "compiled"
+            info["decoder"] = compiled.version()
     if precision != "fp32":
         info["precision"] = precision
     if precision == "int8":  # 7- or 8-bit inputs: what this CPU's int8 kernel can sum (model/inference.py)

@@ -14,7 +14,8 @@ The extension is built once per torch and Python version and source (`make insta
 `<sys.prefix>/share/automoe/`; `AUTOMOE_DECODER` names another folder, or `off` for the
 Python path. Where no build is there, decoding takes the Python path (the fused step,
 model/fused.py) with one warning line; the latency fingerprint records which engine timed
-a table (`decoder: compiled`), so a table is not reused across the two.
+a table (`decoder: compiled <tag>`, the tag of its source and build), so a table is not
+reused by another engine.
 """
 
 from __future__ import annotations
@@ -106,6 +107,13 @@ def module() -> ModuleType | None:
 def reset() -> None:
     """Look for the extension again (tests)."""
     _STATE.update(loaded=False, module=None)
+
+
+def version() -> str:
+    """What a latency table records: "compiled <source and build tag>" (another source times
+    another engine)."""
+    folder = build_dir()
+    return f"compiled {folder.name.removeprefix('decoder-')}" if folder is not None else "python"
 
 
 def active() -> bool:

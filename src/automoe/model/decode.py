@@ -35,6 +35,10 @@ def greedy(
     args = model.args
     limits = max_lengths(src, args.pad_id, max_len_a, max_len_b)
     enc = model.encode(src, arch)
+    engine = getattr(model, "compiled", None)  # greedy is beam 1: the same path, the same tokens
+    if engine is not None and engine.usable(1, int(limits.max())):
+        model._own(arch)
+        return [tokens for tokens, _ in engine.beam_search(enc, limits.tolist(), 1, 1.0, 0)]
     batch = src.shape[0]
     out = torch.empty(batch, 0, dtype=torch.long, device=src.device)
     last = torch.full((batch, 1), args.bos_id, dtype=torch.long, device=src.device)

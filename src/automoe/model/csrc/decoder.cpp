@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <utility>
@@ -147,7 +148,9 @@ AVX2_FN void norm_row_avx2(const float* x, float* y, int64_t d, const float* w, 
   for (; i < d; ++i) y[i] = (x[i] - mean) * inv * w[i] + b[i];
 }
 
-const bool kAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+// AUTOMOE_DECODER_SCALAR (tests): the plain loops on any CPU
+const bool kAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                   std::getenv("AUTOMOE_DECODER_SCALAR") == nullptr;
 #else
 constexpr bool kAvx2 = false;
 #endif
