@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -163,6 +164,19 @@ def test_compiled_decoder_equals_the_python_path(models, precision):
                 assert min(len(h.tokens) for h in b) >= 6
         src = sources(7)
         assert greedy(served, src, max_len_b=25) == greedy(python, src, max_len_b=25)  # finished rows padded
+
+
+@needs_onednn
+@needs_compiled
+def test_compiled_decoder_serves_concurrent_searches(models):
+    """Searches in several threads at once on one model (the engine releases the GIL and
+    keeps no state between calls) give what they give one at a time."""
+    served = for_inference(models[3])
+    jobs = [(sources(seed), beam) for seed in range(6) for beam in (2, 5)]
+    alone = [[h.tokens for h in beam_search(served, src, beam=beam)] for src, beam in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda job: [h.tokens for h in beam_search(served, job[0], beam=job[1])], jobs))
+    assert together == alone
 
 
 @needs_onednn

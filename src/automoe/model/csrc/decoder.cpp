@@ -349,7 +349,7 @@ class Engine {
   std::vector<std::pair<std::vector<int64_t>, double>> beam_search(
       std::vector<Tensor> ende_k, std::vector<Tensor> ende_v, std::vector<std::optional<Tensor>> ende_mask,
       std::vector<int64_t> limits, int64_t beam, double length_penalty, int64_t min_len, int64_t bos, int64_t eos,
-      int64_t pad) {
+      int64_t pad) const {
     const int64_t batch = static_cast<int64_t>(limits.size());
     const int64_t n = batch * beam;
     const int64_t layers = static_cast<int64_t>(layers_.size());
@@ -368,7 +368,6 @@ class Engine {
       TORCH_CHECK(ek[l].dim() == 4 && ek[l].size(0) == batch, "encoder keys: expected (batch, H, S', Dh)");
       if (ende_mask.at(l).has_value()) em[l] = ende_mask[l]->to(at::kBool).reshape({batch, -1}).contiguous();
     }
-    beam_ = beam;
 
     std::vector<float> scores(n, kNegInf);
     for (int64_t b = 0; b < batch; ++b) scores[b * beam] = 0.0f;  // all beams start identical: one alive
@@ -384,7 +383,7 @@ class Engine {
     std::vector<int64_t> top_idx(batch * k2);
 
     for (int64_t step = 0; step < positions; ++step) {
-      const Tensor logits = decode_step(last, step, kv, positions, ek, ev, em);
+      const Tensor logits = decode_step(last, beam, step, kv, positions, ek, ev, em);
       const int64_t vocab = logits.size(1);
       const float* lg = logits.data_ptr<float>();
       // per sentence: the best 2 x beam of beam x vocabulary candidates by score + log-softmax,
@@ -511,8 +510,10 @@ class Engine {
 
  private:
   // One incremental step for every row: writes position t's keys/values, returns (N, V) logits.
-  Tensor decode_step(const std::vector<int64_t>& tokens, int64_t t, std::vector<float>& kv, int64_t positions,
-                     const std::vector<Tensor>& ek, const std::vector<Tensor>& ev, const std::vector<Tensor>& em) {
+  // (No state on the engine: searches may run in several threads at once.)
+  Tensor decode_step(const std::vector<int64_t>& tokens, int64_t beam, int64_t t, std::vector<float>& kv,
+                     int64_t positions, const std::vector<Tensor>& ek, const std::vector<Tensor>& ev,
+                     const std::vector<Tensor>& em) const {
     const int64_t n = static_cast<int64_t>(tokens.size());
     const int64_t d = table_.size(1), qkv = qkv_dim_;
     const int64_t kv_row = positions * 2 * qkv;
@@ -572,7 +573,7 @@ class Engine {
           std::vector<float> sc(len);
           for (int64_t task = lo; task < hi; ++task) {
             const int64_t r = task / heads, hd = task % heads;
-            const int64_t sentence = r / beam_;
+            const int64_t sentence = r / beam;
             const int64_t off = (sentence * heads + hd) * len * dh;  // (B, H, S', Dh)
             attend_one(qe + r * qkv + hd * dh, kp + off, vp + off, dh, len, dh, mp ? mp + sentence * len : nullptr,
                        sc.data(), ap + r * qkv + hd * dh);
@@ -594,7 +595,7 @@ class Engine {
 
   // Softmax router over the layer's experts, top-k, each expert on its rows (in expert
   // order, rows ascending), outputs scaled by their gate and summed (model/moe.py).
-  Tensor moe(const Layer& L, const Tensor& in) {
+  Tensor moe(const Layer& L, const Tensor& in) const {
     const int64_t n = in.size(0), d = in.size(1), experts = static_cast<int64_t>(L.fc1.size());
     const int64_t k = std::min<int64_t>(top_k_, experts);
     Tensor logits = at::linear(in, L.router).contiguous();  // (N, n)
@@ -637,7 +638,6 @@ class Engine {
   bool pre_norm_;
   int64_t top_k_;
   std::vector<Layer> layers_;
-  int64_t beam_ = 1;  // rows per sentence in the running search
 };
 
 Linear fp32_linear(Tensor weight, Tensor packed, std::optional<Tensor> bias, int64_t small, bool relu) {
