@@ -27,7 +27,7 @@ endif
 
 install: $(VENV)/.installed $(VENV)/.decoder
 
-# the compiled decoder (src/automoe/model/compiled.py; g++ and ninja, about a minute).
+# the compiled decoder (src/automoe/model/compiled.py; g++ and ninja, about 40 s).
 # Without a compiler decoding takes the Python path, with one warning line.
 $(VENV)/.decoder: $(VENV)/.installed src/automoe/model/csrc/decoder.cpp
 	$(BIN)/python -m automoe.model.compiled || echo "compiled decoder not built: decoding takes the Python path"

@@ -20,6 +20,7 @@ reused by another engine.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -38,16 +39,20 @@ NAME = "automoe_decoder"
 _STATE: dict[str, ModuleType | None | bool] = {"loaded": False, "module": None}
 
 
+@functools.cache
+def _tag() -> str:
+    """This source, torch and Python ABI (read once per process)."""
+    key = SOURCE.read_bytes() + torch.__version__.encode() + sysconfig.get_config_var("SOABI").encode()
+    return hashlib.sha256(key).hexdigest()[:12]
+
+
 def build_dir() -> Path | None:
     """Where this source, torch and Python's build lives (None: `AUTOMOE_DECODER=off`)."""
     env = os.environ.get("AUTOMOE_DECODER", "")
     if env.lower() == "off":
         return None
-    tag = hashlib.sha256(
-        SOURCE.read_bytes() + torch.__version__.encode() + sysconfig.get_config_var("SOABI").encode()
-    ).hexdigest()[:12]
     base = Path(env) if env else Path(sys.prefix) / "share" / "automoe"
-    return base / f"decoder-{tag}"
+    return base / f"decoder-{_tag()}"
 
 
 def _library(folder: Path) -> Path | None:
@@ -56,7 +61,7 @@ def _library(folder: Path) -> Path | None:
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile the extension (g++ and ninja; about a minute) unless this version is built."""
+    """Compile the extension (g++ and ninja; about 40 s) unless this version is built."""
     from torch.utils import cpp_extension
 
     folder = build_dir()
@@ -112,8 +117,7 @@ def reset() -> None:
 def version() -> str:
     """What a latency table records: "compiled <source and build tag>" (another source times
     another engine)."""
-    folder = build_dir()
-    return f"compiled {folder.name.removeprefix('decoder-')}" if folder is not None else "python"
+    return f"compiled {_tag()}" if build_dir() is not None else "python"
 
 
 def active() -> bool:
@@ -136,33 +140,29 @@ class Engine:
             small = layer.small_rows * layer.in_features
             return ext.fp32_linear(layer.weight, layer.packed, layer.bias, small, relu)
 
-        embed = core.embed  # PackedEmbedding
+        embed, step = core.embed, model.fused_step  # the fused step's tables, norms and plans, as they are
         if embed.int8:
             head = ext.int8_linear(*torch.ops.quantized.linear_unpack(embed.packed), False, embed.reduce_range)
         else:
             head = ext.fp32_linear(embed.weight, embed.packed, None, embed.small_rows * embed.dim, False)
-        table = (embed.table.weight.detach()[:, :d] * d**0.5).contiguous()  # as embed() scales
-        norm = core.decoder_norm  # pre-LN's final norm
-        final = [] if norm is None else [norm.weight.detach(), norm.bias.detach()]
-        eps = 0.0 if norm is None else norm.eps
-        self.engine = ext.Engine(table, embed.positions, head, final, eps, args.qkv_dim, args.pre_norm, arch.top_k)
-        for i in range(arch.decoder_layers):
+        final = [] if step.final_norm is None else list(step.final_norm[:2])
+        eps = 0.0 if step.final_norm is None else step.final_norm[2]
+        self.engine = ext.Engine(step.table, step.positions, head, final, eps, args.qkv_dim, args.pre_norm, arch.top_k)
+        for i, plan in enumerate(step.layers):
             layer = core.decoder[i]
-            norms = (layer.self_attn_norm, layer.ende_attn_norm, layer.ffn_norm)
-            experts = layer.moe.experts[: len(arch.decoder_ffn[i])]
-            router = layer.moe.router
+            experts = layer.moe.experts[: len(plan.experts)]
             self.engine.add_layer(
                 linear(layer.self_attn.qkv),
                 linear(layer.self_attn.out_proj),
-                arch.decoder_self_heads[i],
+                plan.self_heads,
                 linear(layer.ende_attn.q_proj),
                 linear(layer.ende_attn.out_proj),
-                arch.decoder_ende_heads[i],
-                [t.detach() for ln in norms for t in (ln.weight, ln.bias)],
-                [ln.eps for ln in norms],
+                plan.ende_heads,
+                [t for norm in plan.norms for t in norm[:2]],
+                [norm[2] for norm in plan.norms],
                 [linear(e.fc1, relu=True) for e in experts],
                 [linear(e.fc2) for e in experts],
-                None if router is None else router.weight.detach()[: len(experts), :d].float().contiguous(),
+                None if plan.moe is None else plan.moe.router.weight.detach()[: len(experts), :d].float().contiguous(),
             )
         self.core, self.arch, self.args = core, arch, args  # the encoder keys/values are projected per search
         self.positions = len(embed.positions)

@@ -354,7 +354,6 @@ class Engine {
     const int64_t n = batch * beam;
     const int64_t layers = static_cast<int64_t>(layers_.size());
     const int64_t max_limit = *std::max_element(limits.begin(), limits.end());
-    const int64_t first_limit = *std::min_element(limits.begin(), limits.end());
     const int64_t positions = max_limit + 1;
     TORCH_CHECK(positions <= positions_.size(0), "more target positions than the position table holds");
     const int64_t kv_row = positions * 2 * qkv_dim_;  // one row's keys and values of one layer
