@@ -18,6 +18,7 @@ COMMANDS = {
     "merge_latency": "automoe.stages.measure_latency:merge_cli",
     "export_ct2": "automoe.ct2:main",
     "translate": "automoe.ops:translate",
+    "serve": "automoe.server:main",
     "promote": "automoe.ops:promote",
     "rollback": "automoe.ops:rollback",
     "outcome": "automoe.ops:outcome",

@@ -43,10 +43,9 @@ def translate(argv: list[str] | None = None) -> None:
     if registered:
         from automoe import tracking
 
-        model = tracking.load_translator(args.model)
-
-        def run(lines: list[str]) -> list[str]:
-            return list(model.predict(list(lines)))
+        # the registered model's translator as its pyfunc loads it (precision, device, kernel
+        # plan), without the serving limits: this is a batch tool
+        run = tracking.load_registered_translator(args.model).translate
     elif ct2.is_ct2_folder(args.model):  # a CTranslate2 export (automoe export_ct2)
         compute = {"int8": "int8"}.get(args.precision or "fp32", "default")  # CTranslate2 quantizes when loading
         run = ct2.Ct2Translator(args.model, ct2.Ct2Decode(beam=args.beam, compute_type=compute)).translate

@@ -2,10 +2,16 @@
 and run on load (MLflow executes it and takes what `set_model` names), so the model folder
 holds code as text and no pickle: whoever can write an artifact cannot make `load_model`
 unpickle a class of theirs. Tracking code only (it imports mlflow); `automoe` itself travels
-in the model's `code/` folder."""
+in the model's `code/` folder.
+
+Under `mlflow models serve` it checks each request against the serving limits
+(`automoe.serving.Limits`, set by AUTOMOE_SERVE_* variables) and decodes requests that
+arrive together in one batch (`automoe.serving.Batcher`)."""
 
 import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 
 class TranslatorModel(mlflow.pyfunc.PythonModel):
@@ -13,7 +19,7 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from automoe.model import kernels
-        from automoe.serving import DecodeConfig, Translator
+        from automoe.serving import BatchConfig, Batcher, DecodeConfig, Limits, Translator
 
         config = context.model_config or {}
         precision = config.get("precision", "fp32")  # models registered before: fp32 on the CPU
@@ -22,14 +28,26 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
             kernels.use(context.artifacts["kernels"])
         decode = DecodeConfig(precision=precision, device=device)
         self.translator = Translator.from_files(context.artifacts["model"], context.artifacts["spm"], decode)
+        self.limits = Limits.from_env()
+        self.batcher = Batcher(self.translator.translate_ids, BatchConfig.from_env(), device)
 
     def predict(self, context, model_input, params=None):
+        from automoe.serving import RequestError
+
         if hasattr(model_input, "columns"):
             column = "text" if "text" in model_input.columns else model_input.columns[0]
             lines = model_input[column].tolist()
         else:
             lines = list(model_input)
-        return self.translator.translate(lines)
+        try:
+            lines = self.limits.check(lines)
+            if not self.limits.truncate:
+                cut = self.translator.prepare(lines).cut
+                if cut:
+                    raise RequestError(f"inputs[{cut[0]}]: longer than the model's source length (truncation is off)")
+        except RequestError as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+        return self.translator.translate_reporting(lines, self.batcher.translate_ids)[0]
 
 
 set_model(TranslatorModel())

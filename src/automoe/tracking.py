@@ -375,6 +375,22 @@ def log_translator(
     model, arch, weights, signature, input example, its serving `precision` and `device` as
     model config and the kernel plan it was timed with, when given."""
     import mlflow
+
+    with mlflow.start_run(run_id=run.run_id):
+        info = mlflow.pyfunc.log_model(name="translator", **_pyfunc(model_dir, precision, kernel_plan, device))
+    version = mlflow.register_model(info.model_uri, registered_name, tags=dict(tags))
+    return int(version.version)
+
+
+def save_translator(model_dir: Path, path: Path, precision: str = "fp32", device: str = "cpu") -> Path:
+    """The same pyfunc translator saved to a local folder (`mlflow models serve -m FOLDER`)."""
+    import mlflow
+
+    mlflow.pyfunc.save_model(str(path), **_pyfunc(Path(model_dir), precision, None, device))
+    return path
+
+
+def _pyfunc(model_dir: Path, precision: str, kernel_plan: Path | None, device: str) -> dict:
     from mlflow.models import infer_signature
 
     import automoe
@@ -389,21 +405,16 @@ def log_translator(
         artifacts["kernels"] = str(kernel_plan)
     # an unnamed string column: accepts a list of strings and a DataFrame with a `text` column
     example = list(INPUT_EXAMPLE)
-    signature = infer_signature(example, ["Ein Mann.", "Zwei Hunde."])
-    with mlflow.start_run(run_id=run.run_id):
-        info = mlflow.pyfunc.log_model(
-            name="translator",
-            python_model=str(code / "pyfunc_model.py"),  # models-from-code: no pickled class in the model
-            artifacts=artifacts,
-            code_paths=[str(code)],
-            signature=signature,
-            input_example=example,
-            # the serving layout and device it was measured and evaluated in
-            model_config={"precision": precision, "device": device},
-            pip_requirements=_requirements(),
-        )
-    version = mlflow.register_model(info.model_uri, registered_name, tags=dict(tags))
-    return int(version.version)
+    return dict(
+        python_model=str(code / "pyfunc_model.py"),  # models-from-code: no pickled class in the model
+        artifacts=artifacts,
+        code_paths=[str(code)],
+        signature=infer_signature(example, ["Ein Mann.", "Zwei Hunde."]),
+        input_example=example,
+        # the serving layout and device it was measured and evaluated in
+        model_config={"precision": precision, "device": device},
+        pip_requirements=_requirements(),
+    )
 
 
 def _requirements() -> list[str]:
@@ -572,6 +583,26 @@ def load_translator(uri: str):
     if uri.startswith("models:/"):
         check_registry_uri(client, uri)
     return mlflow.pyfunc.load_model(uri)
+
+
+def resolve_version(uri: str) -> int:
+    """The version a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION) names now."""
+    client = _existing_store_client()
+    check_registry_uri(client, uri)
+    ref = uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return int(client.get_model_version_by_alias(name, alias).version)
+    return int(ref.split("/", 1)[1])
+
+
+def load_registered_translator(uri: str):
+    """The `automoe.serving.Translator` inside a registered pyfunc translator, loaded as the
+    pyfunc loads it (its precision, device and kernel plan)."""
+    model = load_translator(uri).unwrap_python_model()
+    if not hasattr(model, "translator"):
+        raise AutomoeError(f"{uri}: not an automoe translator")
+    return model.translator
 
 
 def check_registry_uri(client, uri: str) -> None:
