@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -362,6 +364,20 @@ def test_register_gate_rollback_and_serving(trained, tracked, tmp_path, capsys, 
         with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 - loopback only
             answer = json.loads(resp.read())
         assert answer["predictions"] == Translator.from_folder(models["b"]).translate(["A man is riding a bike."])
+        # the registered model checks requests' sizes too: a 4xx with a message, not a translation
+        # (numbers it cannot refuse: MLflow's schema enforcement makes them strings before it sees them)
+        for body, message in (
+            ({"inputs": ["A dog."] * 65}, "65 lines, over the limit of 64 per request"),
+            ({"inputs": ["x" * 1001]}, "1001 characters, over the limit of 1000"),
+        ):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=60)  # noqa: S310 - loopback only
+            assert refused.value.code == 400 and message in json.loads(refused.value.read())["message"]
     finally:
         stop(serve)
 
@@ -390,6 +406,60 @@ def test_register_gate_rollback_and_serving(trained, tracked, tmp_path, capsys, 
     assert client.get_model_version(NAME, "4").tags[registry.REVOKED] == "true"
     assert ops.promote(["--name", NAME, "--version", "2"]) == 0 and champion() == 2
     assert client.get_model_version(NAME, "2").tags[registry.PREVIOUS] == "1"
+
+
+def test_the_server_follows_the_champion_alias(trained, tracked, tmp_path):
+    """`automoe serve --model models:/NAME@champion` answers with the champion's translations;
+    promote v2 and it answers with v2's; roll back and with v1's again."""
+    prep, models = trained
+    name = f"{NAME}-serve"
+    assert do_register(prep, models["a"], *fake_results(tmp_path, bleu=20.0, latency=50.0), tmp_path / "r1", name) == 0
+    assert do_register(prep, models["b"], *fake_results(tmp_path, bleu=18.0, latency=50.0), tmp_path / "r2", name) == 0
+    assert tracking.champion_version(tracking.registry_client(), name) == 1
+    lines = ["A man is riding a bike.", "Two children play in the park.", "A dog runs through the snow."]
+    translations = {v: Translator.from_folder(models[m]).translate(lines) for v, m in ((1, "a"), (2, "b"))}
+    assert translations[1] != translations[2]
+    port = free_port()
+    cmd = [sys.executable, "-m", "automoe.cli", "serve", "--model", f"models:/{name}@champion", "--port", str(port)]
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        cmd += ["--follow", "0.5"]
+        serve = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}"
+
+    def answer() -> tuple[int, list[str]]:
+        request = urllib.request.Request(
+            f"{base}/invocations",
+            data=json.dumps({"inputs": lines}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 - loopback only
+            return int(resp.headers["X-Automoe-Model"].rsplit("/", 1)[1]), json.loads(resp.read())["predictions"]
+
+    def serving(version: int) -> None:
+        deadline = time.monotonic() + 120
+        while json.loads(urllib.request.urlopen(f"{base}/version", timeout=10).read())["version"] != version:  # noqa: S310
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+
+    from automoe import ops
+
+    try:
+        wait_http(f"{base}/ready", timeout=180, proc=serve)
+        assert answer() == (1, translations[1])
+        assert ops.promote(["--name", name, "--version", "2"]) == 0
+        serving(2)
+        assert answer() == (2, translations[2])
+        assert ops.rollback(["--name", name]) == 0
+        serving(1)
+        assert answer() == (1, translations[1])
+    finally:
+        stop(serve)
+    text = log.read_text()
+    assert f"models:/{name}@champion moved: {name}/1 -> {name}/2" in text
+    assert f"models:/{name}@champion moved: {name}/2 -> {name}/1" in text
 
 
 def test_champion_survives_a_failure_between_steps(trained, tracked, tmp_path, monkeypatch):
