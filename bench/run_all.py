@@ -103,6 +103,27 @@ def main() -> int:
                 rows.append(
                     ("make run's searched model (ours) / its dense reference on CTranslate2", "failed", "(info)")
                 )
+    if Path("models/retrain/searched/model.pt").is_file() and Path("data/prepared/test.src.txt").is_file():
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:  # serving make run's searched model under load
+            cmd = [sys.executable, str(HERE / "serve_load.py"), "--json", out.name]
+            if subprocess.run(cmd, cwd=HERE.parent).returncode == 0:
+                r = results["serve_load"] = json.loads(Path(out.name).read_text())
+                rows.append((
+                    "serving, concurrency 16: served / offline batched sentences/s (automoe serve)",
+                    f"{r['served_over_offline_c16']:.3f}x", ">= 0.7",
+                ))  # fmt: skip
+                rows.append((
+                    "serving, concurrency 1: p50, batching / each request alone",
+                    f"{r['p50_c1_batched_over_unbatched']:.3f}x", "<= 1.10",
+                ))  # fmt: skip
+                rows.append(("serving: failed requests under the bounded load", str(r["failed"]), "0"))
+                if "mlflow_served_over_offline_c16" in r:
+                    rows.append((
+                        "  the same with mlflow models serve of the registered pyfunc (it batches too)",
+                        f"{r['mlflow_served_over_offline_c16']:.3f}x", "(info)",
+                    ))  # fmt: skip
+            else:
+                rows.append(("serving under load (bench/serve_load.py)", "failed", ">= 0.7"))
     latency = Path(args.latency)
     if (latency / "latency.csv").is_file():
         for name, layers in (("MLP 3x400", 3), ("linear", 0)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import re
 import subprocess
 import sys
@@ -50,7 +51,8 @@ NAMESPACE = "automoe"  # rendered() renders release `rel` into this namespace
 
 
 def chart_container(kind: str, suffix: str) -> dict:
-    docs = rendered("--set", "mlflow.workers=1")  # one worker: the tests' memory budget
+    # one MLflow worker: the tests' memory budget; the server asks the registry every second
+    docs = rendered("--set", "mlflow.workers=1", "--set", "serving.followSeconds=1")
     doc = next(d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix))
     return doc["spec"]["template"]["spec"]["containers"][0]
 
@@ -61,11 +63,15 @@ def service_names(service: str) -> list[str]:
 
 
 def plain_env(container: dict, secrets: dict[str, str]) -> dict[str, str]:
-    """A chart container's env: literal values as rendered, Secret references filled in."""
+    """A chart container's env: literal values as rendered, Secret references filled in, a
+    CPU limit as Kubernetes gives it (rounded up)."""
     env = {}
     for e in container.get("env", []):
         if "value" in e:
             env[e["name"]] = e["value"]
+        elif "resourceFieldRef" in e["valueFrom"]:
+            assert e["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
+            env[e["name"]] = str(math.ceil(float(container["resources"]["limits"]["cpu"])))
         else:  # by Secret and key, or by key alone
             ref = e["valueFrom"]["secretKeyRef"]
             env[e["name"]] = secrets.get(f"{ref['name']}/{ref['key']}", secrets.get(ref["key"]))
@@ -286,6 +292,85 @@ def test_pipeline_in_containers_registers_a_champion_on_s3(image, multi30k, tmp_
         monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")  # README: outside the cluster
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "dl")))
         assert hashlib.sha256((local / "MLmodel").read_bytes()).hexdigest() == digest
+        serve_the_champion_through_promote_and_rollback(net, image, name, local, tmp_path)
+
+
+def serve_the_champion_through_promote_and_rollback(net: str, image: str, name: str, v1: Path, tmp_path: Path):
+    """The chart's server follows models:/NAME@champion: v1's translations; promote v2 (another
+    model, registered here) and it answers with v2's; roll back and with v1's again. No
+    restart: the server follows."""
+    import mlflow
+
+    from automoe import ops, tracking
+
+    spec = chart_container("Deployment", "-serve")
+    assert "--model=models:/automoe-en-de@champion" in spec["args"]
+    args = [a if not a.startswith("--model=") else f"--model=models:/{name}@champion" for a in spec["args"]]
+    env = plain_env(spec, AUTH_SECRETS)
+    assert env["MLFLOW_TRACKING_USERNAME"] == PIPELINE_USER["MLFLOW_TRACKING_USERNAME"] and env["OMP_NUM_THREADS"]
+    port = int(spec["ports"][0]["containerPort"])
+    opts = ["--read-only", "--tmpfs", "/tmp", "--entrypoint", spec["command"][0]]
+    server = start("rel-automoe-serve", net, image, *spec["command"][1:], *args, env=env, ports=(port,), opts=opts)
+    # v2: v1's architecture with other weights (seeded), registered as the pipeline's user: the
+    # pipeline's tiny champion translates these lines to nothing, v2 to something else
+    import shutil
+
+    import torch
+
+    from automoe.model.subnet import SubTransformer
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    model, vocab = SubTransformer.load(next(v1.rglob("model.pt")))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    model.save(v2 / "model.pt", vocab=vocab)
+    for file in ("spm.model", "arch.yaml"):
+        shutil.copyfile(next(v1.rglob(file)), v2 / file)
+    tracking.registry_client()  # MLflow's client on the registry MLFLOW_TRACKING_URI names
+    mlflow.set_experiment("automoe-serving-test")
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="translator", **tracking._pyfunc(v2, "fp32", None, "cpu"))
+    assert mlflow.register_model(info.model_uri, name).version == "2"
+    lines = ["Two dogs play in the snow.", "A man is riding a bike.", "A woman sings on a stage."]
+    expected = {v: tracking.load_registered_translator(f"models:/{name}/{v}").translate(lines) for v in (1, 2)}
+    assert expected[1] != expected[2]
+    base = f"http://127.0.0.1:{host_port(server, port)}"
+
+    def served() -> tuple[str, list[str]]:
+        request = urllib.request.Request(
+            f"{base}/invocations", json.dumps({"inputs": lines}).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as resp:  # noqa: S310 - loopback only
+            return resp.headers["X-Automoe-Model"], json.loads(resp.read())["predictions"]
+
+    def serving(version: int) -> None:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/version", timeout=10) as resp:  # noqa: S310 - loopback only
+                    if json.loads(resp.read())["version"] == version:
+                        return
+            except OSError:
+                pass  # still starting: the model downloads before the server listens
+            assert time.monotonic() < deadline, f"v{version} not served within 180 s:\n{logs(server)}"
+            time.sleep(0.5)
+
+    try:
+        serving(1)
+        wait_for(lambda: answers(f"{base}/ready"), "the chart's server", 120, server)
+        assert served() == (f"{name}/1", expected[1])
+        assert ops.promote(["--name", name, "--version", "2"]) == 0
+        serving(2)
+        assert served() == (f"{name}/2", expected[2])
+        assert ops.rollback(["--name", name]) == 0
+        serving(1)
+        assert served() == (f"{name}/1", expected[1])
+        assert f"{name}/1 -> {name}/2" in logs(server) and f"{name}/2 -> {name}/1" in logs(server)
+    finally:  # an exited container is no longer on the network: network() would not remove it
+        subprocess.run(["docker", "rm", "-f", server], capture_output=True, timeout=120)
 
 
 def test_two_node_torchrun_in_containers_matches_one_process(image, multi30k, tmp_path):

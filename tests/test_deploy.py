@@ -327,3 +327,37 @@ def test_chart_s3_store_is_the_tested_seaweedfs_serving_only_the_secrets_key_pai
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
         log.close()
+
+
+def test_serving_follows_the_champion_with_limits_and_a_translation_for_readiness():
+    docs = rendered("--set", "serving.limits.truncate=false", "--set", "serving.limits.maxLines=8")
+    deploy = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "rel-automoe-serve")
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert "--model=models:/automoe-en-de@champion" in args and "--follow=30" in args
+    assert "--no-truncate" in args and "--max-lines=8" in args and "--max-chars=1000" in args
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"  # a real translation
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"] == "http://rel-automoe-mlflow.automoe.svc.cluster.local:5000"
+    assert env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"  # not the node's cores
+    assert container["resources"]["requests"]["ephemeral-storage"] and container["resources"]["limits"]["cpu"]
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "rel-automoe-serve")
+    assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
+    assert (
+        "--no-truncate"
+        not in next(
+            d for d in rendered() if d["kind"] == "Deployment" and d["metadata"]["name"] == "rel-automoe-serve"
+        )["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    # where KServe is installed: an InferenceService with the same container, no Deployment or Service
+    kserve = rendered(
+        "--set", "serving.kserve=true", "--set", "serving.limits.truncate=false", "--set", "serving.limits.maxLines=8"
+    )
+    isvc = next(d for d in kserve if d["kind"] == "InferenceService")
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    (predictor,) = isvc["spec"]["predictor"]["containers"]
+    assert predictor["name"] == "kserve-container" and predictor["args"] == args
+    assert not [d for d in kserve if d["metadata"]["name"] == "rel-automoe-serve" and d["kind"] != "InferenceService"]
+    assert not [d for d in rendered("--set", "serving.enabled=false") if d["metadata"]["name"].endswith("-serve")]
+    proc = run([helm(), "template", "rel", CHART, "--set", "serving.alias=bad alias"])
+    assert proc.returncode != 0 and "alias" in proc.stderr

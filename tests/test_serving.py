@@ -290,3 +290,21 @@ def test_serve_refuses_a_model_that_is_not_there(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "nowhere: neither models:/NAME@ALIAS nor a model folder" in proc.stderr
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_two_workers_decode_what_one_thread_decodes(folder, path):
+    """Two batches decoding at once on one model (each worker on its own thread, the
+    compiled engine or the Python path) give the tokens each gives alone."""
+    translator = Translator.from_folder(folder[0])
+    if path == "python":
+        translator.model.compiled = None
+    batches = [translator.encode(r) for r in requests_of(folder[1])[:6]]
+    alone = [translator.translate_ids(b) for b in batches]
+    batcher = Batcher(translator.translate_ids, BatchConfig(max_wait_ms=0, workers=2))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for _ in range(3):
+                assert list(pool.map(batcher.translate_ids, batches)) == alone
+    finally:
+        batcher.close()

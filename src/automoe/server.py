@@ -129,10 +129,11 @@ class TranslationServer:
         served = Served(
             label, version, translator, Batcher(translator.translate_ids, self.batching, translator.decode.device)
         )
-        probe = served.translate([READY_SENTENCE])[0]
-        if not probe:
+        try:  # it must translate before it serves (what it translates to is the gate's business)
+            probe = served.translate([READY_SENTENCE])[0]
+        except Exception:
             served.batcher.close()
-            raise AutomoeError(f"{label}: translated the readiness sentence to nothing")
+            raise
         log(f"{label} loaded in {time.monotonic() - t0:.1f} s; ready ({READY_SENTENCE!r} -> {probe!r})")
         return served
 
@@ -223,8 +224,6 @@ def app(server: TranslationServer):
             result = await server.translate([READY_SENTENCE])
         except Exception as e:  # noqa: BLE001 - not ready, and why
             return error(503, f"not ready: {e}")
-        if not result["predictions"][0]:
-            return error(503, "not ready: the readiness sentence translated to nothing")
         return JSONResponse({"status": "ready", "model": result["model"], "translation": result["predictions"][0]})
 
     @api.get("/version")
