@@ -575,16 +575,45 @@ def test_the_readme_commands_run_as_written_after_a_pipeline_run(reproduced, tmp
         if words[0] == "translate":
             out = execute([automoe, *words], "A dog runs through the snow.\n").stdout.splitlines()
             assert len(out) == 1, (words, out)  # a line per line (toy models may say nothing)
+        elif words[0] == "serve":  # a server: started, asked as the README's curl asks, stopped
+            serve_as_written(automoe, words, repo, env, tmp_path)
         else:
             execute([automoe, *words])
         ran.append(words[0])
-    assert ran.count("translate") == 3 and {"retrain", "export_ct2", "register", "promote", "rollback"} <= set(ran)
+    assert ran.count("translate") == 3
+    assert {"retrain", "export_ct2", "register", "promote", "rollback", "serve"} <= set(ran)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     versions = sorted(int(v.version) for v in client.search_model_versions("name='automoe-en-de'"))
     assert versions == [1, 2]  # make run's and the README's register (the experiment's went elsewhere)
     assert tracking.champion_version(client, "automoe-en-de") == 1  # promote v2, then rollback
+
+
+def serve_as_written(automoe: str, words: list[str], repo: Path, env: dict, tmp_path: Path) -> None:
+    """`automoe serve` as the README writes it, on a free port instead of 5001, until it
+    answers the README's request with a translation."""
+    import urllib.request
+
+    from servers import free_port, stop, wait_http
+
+    port = free_port()
+    words = [str(port) if w == "5001" else w for w in words]
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [automoe, *words], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready", timeout=300, proc=proc)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": ["A dog runs."]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as resp:  # noqa: S310 - loopback only
+            assert len(json.loads(resp.read())["predictions"]) == 1
+    finally:
+        stop(proc)
 
 
 def test_the_pipeline_is_built_by_a_function_of_the_params(tmp_path):
