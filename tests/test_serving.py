@@ -308,3 +308,44 @@ def test_two_workers_decode_what_one_thread_decodes(folder, path):
                 assert list(pool.map(batcher.translate_ids, batches)) == alone
     finally:
         batcher.close()
+
+
+def test_a_request_goes_to_the_version_that_serves_when_the_old_one_closes(folder):
+    """The alias moved while a request was between choosing a version and queueing on it:
+    the old version's batcher refuses it and the new version answers; a stopped server
+    answers 503 instead of waiting forever."""
+    from automoe.server import TranslationServer
+    from automoe.serving import BatcherClosed
+
+    server = TranslationServer(str(folder[0]), Limits(), BatchConfig(workers=1), DecodeConfig(), follow_s=0)
+    old = server.served
+    new = server._load(None)
+
+    class Switching:  # what the request reads first, then the version that took over
+        reads = 0
+
+    original = type(server)
+
+    class Racing(original):
+        @property
+        def served(self):
+            Switching.reads += 1
+            return old if Switching.reads == 1 else new
+
+        @served.setter
+        def served(self, value):
+            pass
+
+    server.__class__ = Racing
+    old.batcher.close()
+    with pytest.raises(BatcherClosed):
+        old.batcher.submit(old.translator.encode(["A dog."]))
+    result = asyncio.run(server.translate(["A dog runs."]))
+    assert result["predictions"] == old.translator.translate(["A dog runs."])
+    assert Switching.reads == 3  # the old version, the check that another took over, the new one
+    server.__class__ = original
+    server.served = new
+    server.stop()
+    with pytest.raises(RequestError, match="shutting down") as info:
+        asyncio.run(server.translate(["A dog runs."]))
+    assert info.value.status == 503

@@ -38,7 +38,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from automoe.errors import AutomoeError
-from automoe.serving import BatchConfig, Batcher, DecodeConfig, Limits, RequestError, Translator
+from automoe.serving import BatchConfig, Batcher, BatcherClosed, DecodeConfig, Limits, RequestError, Translator
 from automoe.stages._cli import guarded
 
 READY_SENTENCE = "A man is riding a bike."  # translated by every readiness check and before a new version serves
@@ -175,15 +175,23 @@ class TranslationServer:
     # -- a request --
     async def translate(self, lines: list) -> dict:
         lines = self.limits.check(lines)
-        served = self.served  # one version answers the whole request
-        prepared = served.translator.prepare(lines)
-        if prepared.cut and not self.limits.truncate:
-            raise RequestError(
-                f"inputs[{prepared.cut[0]}]: longer than the model's {served.translator.decode.max_source_len} "
-                "source tokens (truncation is off)",
-                413,
-            )
-        hyps = await asyncio.wrap_future(served.batcher.submit(prepared.sources)) if prepared.sources else []
+        while True:  # one version answers the whole request
+            served = self.served
+            prepared = served.translator.prepare(lines)
+            if prepared.cut and not self.limits.truncate:
+                raise RequestError(
+                    f"inputs[{prepared.cut[0]}]: longer than the model's {served.translator.decode.max_source_len} "
+                    "source tokens (truncation is off)",
+                    413,
+                )
+            try:
+                pending = served.batcher.submit(prepared.sources) if prepared.sources else None
+            except BatcherClosed:
+                if self.served is served:  # stopping
+                    raise RequestError("the server is shutting down", 503) from None
+                continue  # the alias moved between reading and queueing: its successor answers
+            break
+        hyps = await asyncio.wrap_future(pending) if pending is not None else []
         return {
             "predictions": served.translator.finish(prepared, hyps),
             "truncated": prepared.cut,

@@ -6,7 +6,8 @@ pyfunc model and `automoe translate` both use it.
 
 Serving adds two things on top (`automoe.server` and the pyfunc use them):
 `Limits` checks a request (lines, characters per line, strings only) before any work, and
-`Batcher` decodes requests that arrive together in one batch, on one thread.
+`Batcher` decodes requests that arrive together in one batch, on worker threads (one per
+core by default, each single-threaded).
 """
 
 from __future__ import annotations
@@ -244,6 +245,10 @@ def _env_int(name: str, default: int) -> int:
         raise AutomoeError(f"{name}: expected a whole number, got {os.environ[name]!r}") from None
 
 
+class BatcherClosed(RuntimeError):
+    """A request handed to a batcher that is closing (the server then uses its successor)."""
+
+
 class Batcher:
     """Requests that arrive together are decoded together. Callers (any number of threads)
     hand token ids to `translate_ids` and wait. Worker threads (`workers`, each on its share
@@ -267,6 +272,8 @@ class Batcher:
         self._queue: queue.SimpleQueue[tuple[list[np.ndarray], Future] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # one worker collects a batch at a time
         self._count_lock = threading.Lock()
+        self._closing = threading.Lock()  # no request is queued after the end marker
+        self.closed = False
         self.batches = 0  # decoded batches and requests so far (for logs and tests)
         self.requests = 0
         self._last_requests = 0
@@ -278,8 +285,12 @@ class Batcher:
             thread.start()
 
     def submit(self, sources: list[np.ndarray]) -> Future:
+        """Queue a request; BatcherClosed once `close` has begun (nothing queued is dropped)."""
         future: Future = Future()
-        self._queue.put((list(sources), future))
+        with self._closing:
+            if self.closed:
+                raise BatcherClosed("this batcher is closed")
+            self._queue.put((list(sources), future))
         return future
 
     def translate_ids(self, sources: list[np.ndarray]) -> list[list[int]]:
@@ -287,7 +298,9 @@ class Batcher:
 
     def close(self) -> None:
         """Stop after what is queued."""
-        self._queue.put(None)  # each worker that meets it puts it back for the next
+        with self._closing:
+            self.closed = True
+            self._queue.put(None)  # each worker that meets it puts it back for the next
         for thread in self._threads:
             thread.join(timeout=60)
 
