@@ -239,3 +239,15 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         proc.wait()
+
+
+def invocations(base: str, lines: list, timeout: float = 120):
+    """POST {"inputs": lines} to a scoring server's /invocations (MLflow's protocol): its
+    JSON answer and its headers."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{base}/invocations", data=json.dumps({"inputs": lines}).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - loopback only
+        return json.loads(resp.read()), resp.headers  # case-insensitive names

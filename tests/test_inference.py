@@ -464,8 +464,11 @@ def test_ctranslate2_export_refuses_what_it_cannot_run(change, reason):
 
 @pytest.fixture(scope="module")
 def model_folder(multi30k, tmp_path_factory):
+    return make_model_folder(multi30k, tmp_path_factory.mktemp("ct2"))
+
+
+def make_model_folder(multi30k, root):
     """A retrain-style folder (model.pt + spm.model) of a dense model over a real vocabulary."""
-    root = tmp_path_factory.mktemp("ct2")
     prep = root / "prepared"
     sets = ["max_train_pairs=300", "vocab_size=300", f"mirror={multi30k}"]
     assert prepare_data.main(["--out", str(prep), *[a for s in sets for a in ("--set", f"prepare_data.{s}")]]) == 0

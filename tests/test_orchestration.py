@@ -593,9 +593,7 @@ def test_the_readme_commands_run_as_written_after_a_pipeline_run(reproduced, tmp
 def serve_as_written(automoe: str, words: list[str], repo: Path, env: dict, tmp_path: Path) -> None:
     """`automoe serve` as the README writes it, on a free port instead of 5001, until it
     answers the README's request with a translation."""
-    import urllib.request
-
-    from servers import free_port, stop, wait_http
+    from servers import free_port, invocations, stop, wait_http
 
     port = free_port()
     words = [str(port) if w == "5001" else w for w in words]
@@ -605,13 +603,7 @@ def serve_as_written(automoe: str, words: list[str], repo: Path, env: dict, tmp_
         )
     try:
         wait_http(f"http://127.0.0.1:{port}/ready", timeout=300, proc=proc)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": ["A dog runs."]}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=120) as resp:  # noqa: S310 - loopback only
-            assert len(json.loads(resp.read())["predictions"]) == 1
+        assert len(invocations(f"http://127.0.0.1:{port}", ["A dog runs."])[0]["predictions"]) == 1
     finally:
         stop(proc)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TINY_SPACE, TINY_TRAIN, as_overrides, subprocess_env
-from servers import free_port, mlflow_server, stop, wait_http
+from servers import free_port, invocations, mlflow_server, stop, wait_http
 
 from automoe import registry, tracking
 from automoe.registry import Gate, Version, decide
@@ -356,13 +356,7 @@ def test_register_gate_rollback_and_serving(trained, tracked, tmp_path, capsys, 
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", timeout=120, proc=serve)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": ["A man is riding a bike."]}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 - loopback only
-            answer = json.loads(resp.read())
+        answer, _ = invocations(f"http://127.0.0.1:{port}", ["A man is riding a bike."])
         assert answer["predictions"] == Translator.from_folder(models["b"]).translate(["A man is riding a bike."])
         # the registered model checks requests' sizes too: a 4xx with a message, not a translation
         # (numbers it cannot refuse: MLflow's schema enforcement makes them strings before it sees them)
@@ -430,13 +424,8 @@ def test_the_server_follows_the_champion_alias(trained, tracked, tmp_path):
     base = f"http://127.0.0.1:{port}"
 
     def answer() -> tuple[int, list[str]]:
-        request = urllib.request.Request(
-            f"{base}/invocations",
-            data=json.dumps({"inputs": lines}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 - loopback only
-            return int(resp.headers["X-Automoe-Model"].rsplit("/", 1)[1]), json.loads(resp.read())["predictions"]
+        body, headers = invocations(base, lines)
+        return int(headers["X-Automoe-Model"].rsplit("/", 1)[1]), body["predictions"]
 
     def serving(version: int) -> None:
         deadline = time.monotonic() + 120

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -14,30 +13,21 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import subprocess_env
+from conftest import read_gz_lines, subprocess_env
 from servers import free_port, stop, wait_http
-from test_inference import dense_arch, make
+from test_inference import make_model_folder
 
 from automoe.serving import BatchConfig, Batcher, DecodeConfig, Limits, RequestError, Translator
-from automoe.stages import prepare_data
 
 LONG = "A dog runs through the snow and a man in a red hat watches it. " * 30  # > 256 tokens, < 2,000 characters
 
 
 @pytest.fixture(scope="module")
 def folder(multi30k, tmp_path_factory):
-    """A retrain-style folder (model.pt + spm.model) over a real vocabulary, and test sentences."""
-    root = tmp_path_factory.mktemp("serve")
-    prep = root / "prepared"
-    sets = ["max_train_pairs=300", "vocab_size=300", f"mirror={multi30k}"]
-    assert prepare_data.main(["--out", str(prep), *[a for s in sets for a in ("--set", f"prepare_data.{s}")]]) == 0
-    from automoe.data.dataset import PreparedData
-
-    folder = root / "model"
-    folder.mkdir()
-    make(dense_arch(), vocab=300, seed=7).save(folder / "model.pt", vocab=PreparedData.open(prep).vocab_info())
-    shutil.copyfile(prep / "spm.model", folder / "spm.model")
-    return folder, (prep / "test.src.txt").read_text().splitlines()[:40]
+    """A retrain-style folder (a dense model over a real vocabulary), and 40 Multi30k test sentences."""
+    return make_model_folder(multi30k, tmp_path_factory.mktemp("serve")), read_gz_lines(
+        multi30k / "test_2016_flickr.en.gz", 40
+    )
 
 
 @pytest.fixture(scope="module")
