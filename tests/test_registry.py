@@ -403,13 +403,11 @@ def test_register_gate_rollback_and_serving(trained, tracked, tmp_path, capsys, 
 
 
 def test_the_server_follows_the_champion_alias(trained, tracked, tmp_path):
-    """`automoe serve --model models:/NAME@champion` answers with the champion's translations;
-    promote v2 and it answers with v2's; roll back and with v1's again."""
+    """`automoe serve --model models:/NAME@champion`, started before the model exists, waits
+    (not ready) until it does; then answers with the champion's translations; promote v2
+    and it answers with v2's; roll back and with v1's again."""
     prep, models = trained
     name = f"{NAME}-serve"
-    assert do_register(prep, models["a"], *fake_results(tmp_path, bleu=20.0, latency=50.0), tmp_path / "r1", name) == 0
-    assert do_register(prep, models["b"], *fake_results(tmp_path, bleu=18.0, latency=50.0), tmp_path / "r2", name) == 0
-    assert tracking.champion_version(tracking.registry_client(), name) == 1
     lines = ["A man is riding a bike.", "Two children play in the park.", "A dog runs through the snow."]
     translations = {v: Translator.from_folder(models[m]).translate(lines) for v, m in ((1, "a"), (2, "b"))}
     assert translations[1] != translations[2]
@@ -436,7 +434,22 @@ def test_the_server_follows_the_champion_alias(trained, tracked, tmp_path):
     from automoe import ops
 
     try:
-        wait_http(f"{base}/ready", timeout=180, proc=serve)
+        # started before the model exists (a fresh install): it listens, not ready, and waits
+        wait_http(f"{base}/ping", timeout=180, proc=serve)
+        for path in ("/ready", "/invocations"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(  # noqa: S310 - loopback only
+                    urllib.request.Request(f"{base}{path}", data=b'{"inputs": ["A dog."]}' if "inv" in path else None,
+                                           headers={"Content-Type": "application/json"}), timeout=60)  # fmt: skip
+            assert refused.value.code == 503 and "waiting for" in json.loads(refused.value.read())["message"]
+        assert (
+            do_register(prep, models["a"], *fake_results(tmp_path, bleu=20.0, latency=50.0), tmp_path / "r1", name) == 0
+        )
+        assert (
+            do_register(prep, models["b"], *fake_results(tmp_path, bleu=18.0, latency=50.0), tmp_path / "r2", name) == 0
+        )
+        assert tracking.champion_version(tracking.registry_client(), name) == 1
+        serving(1)
         assert answer() == (1, translations[1])
         assert ops.promote(["--name", name, "--version", "2"]) == 0
         serving(2)
@@ -447,6 +460,7 @@ def test_the_server_follows_the_champion_alias(trained, tracked, tmp_path):
     finally:
         stop(serve)
     text = log.read_text()
+    assert f"waiting for models:/{name}@champion" in text and f"models:/{name}@champion exists now" in text
     assert f"models:/{name}@champion moved: {name}/1 -> {name}/2" in text
     assert f"models:/{name}@champion moved: {name}/2 -> {name}/1" in text
 

@@ -19,7 +19,9 @@ Following the alias (`--follow SECONDS`, on for a `models:/NAME@ALIAS` URI): a t
 the registry where the alias points; when it moves (`automoe promote`, `automoe rollback`,
 the gate), the new version is loaded beside the old one, must translate the readiness
 sentence, and then takes the traffic; the old one finishes what it has queued. A version
-that fails to load is logged and the old one keeps serving. `GET /ready` is a real
+that fails to load is logged and the old one keeps serving. Until the alias exists (a
+fresh install has no champion yet) the server listens, `/ready` answers 503, and the first
+version is loaded when it appears. `GET /ready` is a real
 translation through the batcher (the Kubernetes readiness probe); `GET /version` says what
 is served.
 """
@@ -103,8 +105,14 @@ class TranslationServer:
         self.follow_s = follow_s if self.alias else 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.served = self._load(self._resolve())
         self._follower: threading.Thread | None = None
+        self.served: Served | None = None  # None until the alias exists (a fresh install has no champion yet)
+        try:
+            self.served = self._load(self._resolve())
+        except Exception as e:
+            if self.follow_s <= 0:
+                raise
+            log(f"{e}; waiting for {model} (asking every {self.follow_s:g} s; /ready answers 503 meanwhile)")
 
     # -- which version, loaded how --
     def _resolve(self) -> int | None:
@@ -140,16 +148,20 @@ class TranslationServer:
     def follow_once(self) -> bool:
         """Serve the version the alias points at now; True when it changed."""
         version = self._resolve()
-        if version == self.served.version:
-            return False
         old = self.served
+        if old is not None and version == old.version:
+            return False
         try:
             new = self._load(version)
         except Exception as e:  # noqa: BLE001 - keep serving what works, say why
-            log(f"{self.model} moved to v{version}, which did not load ({e}); still serving {old.label}")
+            still = old.label if old else "nothing"
+            log(f"{self.model} points to v{version}, which did not load ({e}); still serving {still}")
             return False
         with self._lock:
             self.served = new
+        if old is None:
+            log(f"{self.model} exists now; serving {new.label}")
+            return True
         old.batcher.close()  # after what it has queued
         log(f"{self.model} moved: {old.label} -> {new.label}; now serving {new.label}")
         return True
@@ -170,13 +182,16 @@ class TranslationServer:
 
     def stop(self) -> None:
         self._stop.set()
-        self.served.batcher.close()
+        if self.served is not None:
+            self.served.batcher.close()
 
     # -- a request --
     async def translate(self, lines: list) -> dict:
         lines = self.limits.check(lines)
         while True:  # one version answers the whole request
             served = self.served
+            if served is None:
+                raise RequestError(f"no model yet: waiting for {self.model} to exist in the registry", 503)
             prepared = served.translator.prepare(lines)
             if prepared.cut and not self.limits.truncate:
                 raise RequestError(
@@ -224,7 +239,7 @@ def app(server: TranslationServer):
     @api.get("/ping")
     @api.get("/health")
     async def ping():
-        return JSONResponse({"status": "ok", "model": server.served.label})
+        return JSONResponse({"status": "ok", "model": server.served.label if server.served else None})
 
     @api.get("/ready")
     async def ready():
@@ -237,7 +252,8 @@ def app(server: TranslationServer):
     @api.get("/version")
     async def version():
         served = server.served
-        return JSONResponse({"model": served.label, "version": served.version, "uri": server.model})
+        label, version = (served.label, served.version) if served else (None, None)
+        return JSONResponse({"model": label, "version": version, "uri": server.model})
 
     return api
 
@@ -284,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     server.start_following()
     import uvicorn
 
-    log(f"{server.served.label} on http://{args.host}:{args.port} (limits {limits}; batching {batching})")
+    what = server.served.label if server.served else f"(waiting for {args.model})"
+    log(f"{what} on http://{args.host}:{args.port} (limits {limits}; batching {batching})")
     try:
         uvicorn.run(app(server), host=args.host, port=args.port, log_level="warning")
     finally:
