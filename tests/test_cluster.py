@@ -329,9 +329,9 @@ def serve_the_champion_through_promote_and_rollback(net: str, image: str, name: 
     model.save(v2 / "model.pt", vocab=vocab)
     for file in ("spm.model", "arch.yaml"):
         shutil.copyfile(next(v1.rglob(file)), v2 / file)
-    tracking.registry_client()  # MLflow's client on the registry MLFLOW_TRACKING_URI names
-    mlflow.set_experiment("automoe-serving-test")
-    with mlflow.start_run():
+    client = tracking.registry_client()  # MLflow's client on the registry MLFLOW_TRACKING_URI names
+    experiment = client.create_experiment("automoe-serving-test")  # not set as the process's active one
+    with mlflow.start_run(experiment_id=experiment):
         info = mlflow.pyfunc.log_model(name="translator", **tracking._pyfunc(v2, "fp32", None, "cpu"))
     assert mlflow.register_model(info.model_uri, name).version == "2"
     lines = ["Two dogs play in the snow.", "A man is riding a bike.", "A woman sings on a stage."]
