@@ -21,9 +21,8 @@ the gate), the new version is loaded beside the old one, must translate the read
 sentence, and then takes the traffic; the old one finishes what it has queued. A version
 that fails to load is logged and the old one keeps serving. Until the alias exists (a
 fresh install has no champion yet) the server listens, `/ready` answers 503, and the first
-version is loaded when it appears. `GET /ready` is a real
-translation through the batcher (the Kubernetes readiness probe); `GET /version` says what
-is served.
+version is loaded when it appears. `GET /ready` is a real translation through the batcher
+(the Kubernetes readiness probe); `GET /version` says what is served.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from automoe.errors import AutomoeError
+from automoe.redact import redact
 from automoe.serving import BatchConfig, Batcher, BatcherClosed, DecodeConfig, Limits, RequestError, Translator
 from automoe.stages._cli import guarded
 
@@ -48,7 +48,7 @@ INPUT_KEYS = ("inputs", "instances", "dataframe_split", "dataframe_records")
 
 
 def log(message: str) -> None:
-    print(f"serve: {message}", flush=True)
+    print(f"serve: {redact(message)}", flush=True)  # a registry error may quote a URL with a credential
 
 
 @dataclass(frozen=True)
