@@ -40,14 +40,14 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         else:
             lines = list(model_input)
         try:
-            lines = self.limits.check(lines)
-            if not self.limits.truncate:
-                cut = self.translator.prepare(lines).cut
-                if cut:
-                    raise RequestError(f"inputs[{cut[0]}]: longer than the model's source length (truncation is off)")
+            prepared = self.translator.prepare(self.limits.check(lines))  # encoded once
+            if prepared.cut and not self.limits.truncate:
+                cut = prepared.cut[0]
+                raise RequestError(f"inputs[{cut}]: longer than the model's source length (truncation is off)")
         except RequestError as e:
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
-        return self.translator.translate_reporting(lines, self.batcher.translate_ids)[0]
+        hyps = self.batcher.translate_ids(prepared.sources) if prepared.sources else []
+        return self.translator.finish(prepared, hyps)
 
 
 set_model(TranslatorModel())
