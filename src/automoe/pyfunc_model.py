@@ -8,6 +8,8 @@ Under `mlflow models serve` it checks each request against the serving limits
 (`automoe.serving.Limits`, set by AUTOMOE_SERVE_* variables) and decodes requests that
 arrive together in one batch (`automoe.serving.Batcher`)."""
 
+import threading
+
 import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
@@ -19,7 +21,7 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from automoe.model import kernels
-        from automoe.serving import BatchConfig, Batcher, DecodeConfig, Limits, Translator
+        from automoe.serving import BatchConfig, DecodeConfig, Limits, Translator
 
         config = context.model_config or {}
         precision = config.get("precision", "fp32")  # models registered before: fp32 on the CPU
@@ -28,8 +30,9 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
             kernels.use(context.artifacts["kernels"])
         decode = DecodeConfig(precision=precision, device=device)
         self.translator = Translator.from_files(context.artifacts["model"], context.artifacts["spm"], decode)
-        self.limits = Limits.from_env()
-        self.batcher = Batcher(self.translator.translate_ids, BatchConfig.from_env(), device)
+        self.limits, self.batching = Limits.from_env(), BatchConfig.from_env()
+        self.batcher = None  # started by the first predict: a model loaded only to be unwrapped runs no threads
+        self._starting = threading.Lock()
 
     def predict(self, context, model_input, params=None):
         from automoe.serving import RequestError
@@ -46,8 +49,16 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
                 raise RequestError(f"inputs[{cut}]: longer than the model's source length (truncation is off)")
         except RequestError as e:
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
-        hyps = self.batcher.translate_ids(prepared.sources) if prepared.sources else []
+        hyps = self._batcher().translate_ids(prepared.sources) if prepared.sources else []
         return self.translator.finish(prepared, hyps)
+
+    def _batcher(self):
+        from automoe.serving import Batcher
+
+        with self._starting:
+            if self.batcher is None:
+                self.batcher = Batcher(self.translator.translate_ids, self.batching, self.translator.decode.device)
+        return self.batcher
 
 
 set_model(TranslatorModel())
