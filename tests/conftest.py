@@ -25,6 +25,16 @@ def _isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     # the machine's kernel plan (model/kernels.py) per test, never the user's ~/.cache
     monkeypatch.setenv("AUTOMOE_KERNEL_CACHE", str(tmp_path / "kernels-cache.json"))
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    yield
+    # MLflow's process-wide URIs (set by tracking code, e.g. tracking._client()) end with the
+    # test, else a later test's MLFLOW_TRACKING_URI would be overridden by this one's store;
+    # monkeypatch then restores the variables MLflow's setters also wrote
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
 
 
 @pytest.fixture(scope="session")
