@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import ROOT, as_overrides, subprocess_env, tiny_pipeline_params
-from containers import git_commit, host_port, logs, needs_docker, network, start
+from containers import docker, git_commit, host_port, logs, needs_docker, network, start
 from servers import weed_binary
 from test_deploy import rendered
 from test_orchestration import ALL_STAGE_RUNS, mlflow_runs
-from test_training import TINY, read_valid_history, sets, tiny_train
+from test_training import TINY, assert_same_weights, read_valid_history, sets, tiny_train
 
 from automoe.stages import prepare_data, train_supernet
 
@@ -371,6 +372,107 @@ def serve_the_champion_through_promote_and_rollback(net: str, image: str, name: 
         assert f"{name}/1 -> {name}/2" in logs(server) and f"{name}/2 -> {name}/1" in logs(server)
     finally:  # an exited container is no longer on the network: network() would not remove it
         subprocess.run(["docker", "rm", "-f", server], capture_output=True, timeout=120)
+
+
+# the pipeline on the chart's S3 store, as the chart's README sets it (pipelineUpload.set)
+PIPELINE_ON_S3 = [
+    "pipeline.s3_secret=automoe-s3-pipeline",
+    f"pipeline.s3_endpoint=http://rel-automoe-s3.{NAMESPACE}.svc.cluster.local:9000",
+    "pipeline.pipeline_root=s3://automoe/kfp",
+]
+
+
+def compiled_task_env(stage: str, tmp_path: Path) -> dict[str, str]:
+    """A task's environment in the pipeline as the chart's upload Job compiles it (on the
+    chart's S3 store): its literal variables, and its Secret references filled in from the
+    Secrets made up here."""
+    docs = rendered("--set-json", f"pipelineUpload.set={json.dumps(PIPELINE_ON_S3)}")
+    upload = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"].endswith("-pipeline-upload-1"))
+    upload = upload["spec"]["template"]["spec"]["containers"][0]
+    sets_ = [a for i, a in enumerate(upload["args"]) if i and upload["args"][i - 1] == "--set"]
+    assert set(PIPELINE_ON_S3) <= set(sets_)
+    out = tmp_path / "pipeline.yaml"
+    cmd = [sys.executable, "pipeline.py", "compile", "--output", str(out), *[a for s in sets_ for a in ("--set", s)]]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spec, platform = yaml.safe_load_all(out.read_text())
+    executor = f"exec-{stage.replace('_', '-')}"
+    env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"][executor]["container"]["env"]}
+    for secret in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][executor]["secretAsEnv"]:
+        for item in secret["keyToEnv"]:
+            env[item["envVar"]] = (S3_SECRETS | AUTH_SECRETS)[f"{secret['secretName']}/{item['secretKey']}"]
+    return env
+
+
+def test_a_killed_training_container_resumes_in_a_fresh_one_from_the_store(image, multi30k, tmp_path):
+    """A retried task is a fresh pod: the training task's container (the project image as the
+    pipeline runs it: non-root, read-only root file system, its output on its own disk, the
+    compiled task's store and S3 identity) is killed once a checkpoint is in the chart's S3
+    store; a fresh container with the same command resumes from it (update > 0) and ends
+    where an uninterrupted run ends."""
+    env = compiled_task_env("train_supernet", tmp_path)
+    assert env["AUTOMOE_RUN_STORE"].startswith("s3://") and env["AWS_ACCESS_KEY_ID"] == S3_IDS["automoe-s3-pipeline"][0]
+    env |= {"KFP_RUN_ID": "run-1", "AUTOMOE_TRACKING": "0", "OMP_NUM_THREADS": "1"}  # the pod label; no MLflow here
+    bucket, prefix = env["AUTOMOE_RUN_STORE"][len("s3://") :].split("/", 1)
+    data = tmp_path / "data"
+    data.mkdir()
+    prep = ["--out", str(data / "prepared")]
+    prep += sets("prepare_data", max_train_pairs=600, vocab_size=300, max_len=48, mirror=str(multi30k))
+    assert prepare_data.main(prep) == 0
+    subprocess.run(["chmod", "-R", "a+rX", str(data)], check=True)
+    extra = {"train__dropout": 0.3, "train__valid_interval": 3, "train__threads": 1}
+    train = ["train_supernet", "--data", str(data / "prepared"), *tiny_train("train_supernet", 12, **extra)]
+    assert train_supernet.main([*train[1:], "--out", str(tmp_path / "uninterrupted")]) == 0
+
+    retry = tmp_path / "retry"  # the retry's output, read back here
+    retry.mkdir()
+    retry.chmod(0o777)
+    space = Path(TINY).parent
+    opts = ["--read-only", "--tmpfs", "/tmp", "-v", f"{data}:{data}:ro", "-v", f"{space}:{space}:ro"]
+    with network() as net:
+        _, s3_port = start_s3(net, image)
+        create_buckets(net, image)
+        import boto3
+
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{s3_port}",
+            region_name="us-east-1",
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        )
+
+        def stored() -> list[str]:
+            return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+
+        first = start(f"train-1-{net[-8:]}", net, image, *train, "--out", "/tmp/out", env=env, opts=opts)
+        second = f"train-2-{net[-8:]}"
+        try:
+            deadline = time.monotonic() + 300
+            while not any(k.endswith("checkpoint_0000006.pt") for k in stored()):
+                running = docker("inspect", "-f", "{{.State.Running}}", first).stdout.strip()
+                assert running == "true", f"it ended before it could be killed:\n{logs(first)}"
+                assert time.monotonic() < deadline, logs(first)
+                time.sleep(0.2)
+            docker("kill", first)
+            assert docker("wait", first).stdout.strip() == "137"  # SIGKILL: nothing of it ran to an end
+            assert all(k.startswith(f"{prefix}/run-1/train_supernet/") for k in stored())
+
+            start(second, net, image, *train, "--out", str(retry), env=env, opts=[*opts, "-v", f"{retry}:{retry}"])
+            done, said = docker("wait", second), docker("logs", second)
+            assert done.stdout.strip() == "0", said.stderr[-4000:]
+            assert re.search(r"resuming at update (6|9)\b", said.stderr), said.stderr[-4000:]
+            kept = stored()
+        finally:  # an exited container is no longer on the network: network() would not remove it
+            subprocess.run(["docker", "rm", "-f", first, second], capture_output=True, timeout=120)
+    one = np.loadtxt(tmp_path / "uninterrupted" / "curves.csv", delimiter=",", skiprows=1)
+    resumed = np.loadtxt(retry / "curves.csv", delimiter=",", skiprows=1)
+    assert len(one) == len(resumed) == 12
+    np.testing.assert_allclose(resumed[:, 1], one[:, 1], rtol=1e-4)  # loss per update
+    assert_same_weights(tmp_path / "uninterrupted" / "supernet.pt", retry / "supernet.pt", tol=1e-4)
+    assert not (retry / "checkpoints").exists()  # the output holds the final weights only
+    names = [k.rsplit("/", 1)[1] for k in kept]  # the store is pruned as the local folder is (keep_last)
+    assert "checkpoint_best.pt" in names and len([n for n in names if n != "checkpoint_best.pt"]) <= 3
 
 
 def test_two_node_torchrun_in_containers_matches_one_process(image, multi30k, tmp_path):

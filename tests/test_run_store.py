@@ -3,16 +3,13 @@ retried task on a fresh pod resumes from it, a retried search takes its state, a
 nodes of a TrainJob (automoe/trainjob.py), which share no folder, train and resume alike."""
 
 import json
-import os
-import signal
 import subprocess
-import time
 
 import pytest
 from conftest import ROOT, subprocess_env
 from servers import free_port, seaweedfs
 from test_search import tiny_supernet  # noqa: F401 - fixture
-from test_training import assert_same_weights, cli, prepared, run_to_end, tiny_train  # noqa: F401 - fixture
+from test_training import assert_same_weights, prepared  # noqa: F401 - fixture
 from test_trainjob import spec
 
 from automoe.stages import search
@@ -33,46 +30,18 @@ def stored(s3) -> list[str]:
     return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
 
-def test_a_retried_task_on_a_fresh_pod_resumes_from_the_run_store(s3, prepared, tmp_path, monkeypatch):  # noqa: F811
-    train = tiny_train("train_supernet", 12, train__dropout=0.3, train__valid_interval=3)
-    common = ["train_supernet", "--data", str(prepared), *train]
-    run_to_end(common + ["--out", str(tmp_path / "a")], subprocess_env(AUTOMOE_TRACKING="0"))
-
-    def pod(name: str, **extra: str) -> dict[str, str]:  # its own local disk, the store, a KFP run id
-        return subprocess_env(
-            **(s3.env() | {"AUTOMOE_TRACKING": "0", "AUTOMOE_RUN_STORE": STORE, "KFP_RUN_ID": "run-1"} | extra),
-            AUTOMOE_SCRATCH=str(tmp_path / name),
-        )
-
-    first = tmp_path / "pod1-out"
-    proc = subprocess.Popen(
-        cli(*common, "--out", str(first)), env=pod("pod1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 300
-    while not any(k.endswith("checkpoint_0000006.pt") for k in stored(s3)):
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before it could be killed"
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (first / "supernet.pt").exists() and not (first / "checkpoints").exists()
-    assert all(k.startswith("runs/run-1/train_supernet/") for k in stored(s3))
-
-    retry = tmp_path / "pod2-out"  # a fresh pod: nothing of the first one's disk
-    resumed = run_to_end(common + ["--out", str(retry)], pod("pod2"))
-    assert "resuming at update 6" in resumed.stderr or "resuming at update 9" in resumed.stderr
-    assert_same_weights(tmp_path / "a" / "supernet.pt", retry / "supernet.pt")
-    assert (tmp_path / "a" / "curves.csv").read_text() == (retry / "curves.csv").read_text()
-    assert not (retry / "checkpoints").exists()  # the output holds the final weights only
-    names = [k.rsplit("/", 1)[1] for k in stored(s3)]
-    assert "checkpoint_best.pt" in names and len([n for n in names if n != "checkpoint_best.pt"]) <= 3  # keep_last
-
-    # another pipeline run, or other work, has a key of its own: it starts from zero
+def test_each_pipeline_run_and_each_work_has_a_store_key_of_its_own(monkeypatch):
+    """A retried task resumes from its own key only (tests/test_cluster.py kills a training
+    container and resumes it in a fresh one): another pipeline run, or other work (another
+    identity), starts from zero."""
     monkeypatch.setenv("AUTOMOE_RUN_STORE", STORE)
     keys = set()
     for run, identity in (("run-1", {"a": 1}), ("run-2", {"a": 1}), ("run-1", {"a": 2})):
         monkeypatch.setenv("KFP_RUN_ID", run)
         keys.add(RunStore.from_env("train_supernet", lambda i=identity: i).prefix)
     assert len(keys) == 3
+    monkeypatch.delenv("AUTOMOE_RUN_STORE")
+    assert RunStore.from_env("train_supernet", lambda: {"a": 1}) is None  # no store: checkpoints stay in the output
 
 
 def test_a_retried_search_takes_its_state_from_the_store(s3, tiny_supernet, tmp_path, monkeypatch, capsys):  # noqa: F811
