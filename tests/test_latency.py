@@ -43,3 +43,26 @@ def test_protocol_spreads_beam_hypotheses_over_experts(monkeypatch, request):
     assert len(experts_per_step) == per_layer_steps  # exactly `steps` decoder steps per run
     later = np.array(experts_per_step).reshape(2, steps, arch.decoder_layers)[:, 1:]  # after the first step
     assert (later > 1).mean() > 0.5, experts_per_step
+
+
+def test_models_are_timed_in_an_order_that_turns_around_every_run(monkeypatch):
+    """measure_many alternates run by run and reverses the order each run (A B C C B A ...):
+    no model always runs first, after the others' cache traffic."""
+    calls: list[str] = []
+
+    class Model:
+        def __init__(self, name: str):
+            self.name = name
+
+        def parameters(self):
+            yield torch.zeros(1)
+
+        def encode(self, src):
+            calls.append(self.name)
+
+    monkeypatch.setattr(m, "for_inference", lambda model, precision: model)
+    monkeypatch.setattr(m, "beam_search", lambda *a, **k: None)
+    sources = torch.zeros(3, 30, dtype=torch.long)
+    latencies = m.measure_many([Model("A"), Model("B"), Model("C")], sources, warmup=1, repeats=3)
+    assert "".join(calls) == "ABC" + "CBA" + "ABC" + "CBA"
+    assert len(latencies) == 3

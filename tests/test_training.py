@@ -152,6 +152,21 @@ def test_retrain_learns_a_synthetic_copy_task(tmp_path, capsys):
     assert sum(p.numel() for p in model.parameters()) == compact
 
 
+def test_a_fine_tuned_model_reports_expert_loads_under_the_layers_they_belong_to(prepared, tmp_path):
+    """A fine-tuned model carries its own arch (no arch is passed per update): its MoE layers'
+    loads are named by side and index (TINY_ARCH: encoder layer 0 and decoder layer 0)."""
+    from conftest import ROOT
+
+    (tmp_path / "arch.yaml").write_text(TINY_ARCH)
+    overrides = [a for a in tiny_train("retrain", 2, train__valid_interval=2, train__log_interval=1) if a != "--set"]
+    cfg = retrain.load_config(ROOT / "params.yaml", overrides)
+    seen: dict[str, float] = {}
+    inputs = retrain.RetrainInputs(prepared, str(tmp_path / "arch.yaml"))
+    retrain.run(cfg, inputs, tmp_path / "out", on_metrics=lambda metrics, step: seen.update(metrics))
+    loads = sorted(k for k in seen if k.startswith("expert_load_max/"))
+    assert loads == ["expert_load_max/dec0", "expert_load_max/enc0"]
+
+
 def run_to_end(args: list[str], env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run(cli(*args), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -325,12 +340,24 @@ def test_mismatched_vocab_is_refused(prepared, multi30k, tmp_path, capsys):
                 *common,
                 "--out",
                 str(tmp_path / "ok"),
-                *tiny_train("retrain", 2, init_from_supernet="true", train__norm="post"),
+                *tiny_train(
+                    "retrain",
+                    2,
+                    init_from_supernet="true",
+                    train__norm="post",
+                    train__dropout=0.25,
+                    train__attention_dropout=0.05,
+                ),
             ]
         )
         == 0
     )
     assert json.loads((tmp_path / "ok" / "metrics.json").read_text())["init_from_supernet"] == 1.0
+    # the supernet's weights, the fine-tuning's regularisation (the supernet trained without dropout)
+    tuned, _ = SubTransformer.load(tmp_path / "ok" / "model.pt")
+    supernet, _ = SuperTransformer.load(net / "supernet.pt")
+    assert (supernet.args.dropout, supernet.args.attention_dropout) == (0.0, 0.0)
+    assert (tuned.args.dropout, tuned.args.attention_dropout) == (0.25, 0.05)
 
 
 @pytest.mark.parametrize(

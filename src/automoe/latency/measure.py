@@ -8,11 +8,13 @@ layers route them to different experts, and the search's own per-step work (log-
 top candidates, cache reorder) is timed with the model. Warm-up runs, then repeated runs;
 each figure is the mean of the runs between the 10th and 90th percentile.
 
-`measure_many` times several models in alternation, run by run (A, B, C, A, B, C, ...):
-a machine whose speed drifts for seconds at a time (a shared cloud host: +-15% phases
-seen on a 2-core AMD EPYC) then slows all of them alike, so their ratios hold where
-back-to-back figures would not. measure_latency times each chunk of archs beside the
-dense reference this way; the search's confirmation and evaluate do the same.
+`measure_many` times several models in alternation, run by run, in an order that turns
+around every run (A, B, C, C, B, A, A, B, C, ...): a machine whose speed drifts for seconds
+at a time (a shared cloud host: +-15% phases seen on a 2-core AMD EPYC) then slows all of
+them alike, so their ratios hold where back-to-back figures would not; and no model is
+always the one that runs first (after another model's cache traffic) or last.
+measure_latency times each chunk of archs beside the dense reference this way; the
+search's confirmation and evaluate do the same.
 """
 
 from __future__ import annotations
@@ -140,7 +142,9 @@ def measure_many(
     devices = [next(model.parameters()).device for model in served]
     times = [([], []) for _ in served]
     for run in range(warmup + repeats):
-        for model, device, (enc_times, dec_times) in zip(served, devices, times, strict=True):
+        order = range(len(served)) if run % 2 == 0 else range(len(served) - 1, -1, -1)  # ABBA
+        for i in order:
+            model, device, (enc_times, dec_times) = served[i], devices[i], times[i]
             src = sources[run % len(sources)].unsqueeze(0).to(device)  # (1, S)
             t0 = _now(device)
             enc = model.encode(src)

@@ -81,10 +81,15 @@ class SubTransformer(nn.Module):
 
 
 @torch.no_grad()
-def extract(supernet: SuperTransformer, arch: ArchConfig) -> SubTransformer:
-    """Copy the front slices `arch` uses into a standalone SubTransformer."""
+def extract(supernet: SuperTransformer, arch: ArchConfig, args: ModelArgs | None = None) -> SubTransformer:
+    """Copy the front slices `arch` uses into a standalone SubTransformer (with `args`, e.g. the
+    fine-tuning's dropout, else the supernet's; the shapes must be the supernet's)."""
     arch.validate(supernet.space)
-    sub = SubTransformer(arch=arch, args=supernet.args)
+    args = supernet.args if args is None else args
+    shaped = ("vocab_size", "qkv_dim", "max_embed_dim", "pre_norm", "pad_id", "bos_id", "eos_id")
+    if any(getattr(args, f) != getattr(supernet.args, f) for f in shaped):
+        raise ValueError(f"extract: {args} does not match the supernet's {supernet.args} beyond regularisation")
+    sub = SubTransformer(arch=arch, args=args)
     source = supernet.state_dict()
     for name, target in sub.state_dict().items():
         weight = source[name]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,9 @@ def run(
     try:
         args = setup.model_args(space, data.vocab_size, cfg.train)
         if supernet is not None:
-            model = extract(supernet, arch)
+            # the supernet's shapes, the fine-tuning's regularisation (retrain.train.dropout, attention_dropout)
+            tuned = replace(supernet.args, dropout=cfg.train.dropout, attention_dropout=cfg.train.attention_dropout)
+            model = extract(supernet, arch, tuned)
             del supernet
         else:
             model = setup.seeded(cfg.train.seed, lambda: SubTransformer(arch=arch, args=args))

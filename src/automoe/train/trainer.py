@@ -274,7 +274,8 @@ def train(
                 total = (loss + aux * b_tokens) / n_tokens
                 scaler.scale(total).backward()
                 sums += np.array([loss.item(), nll.item(), float(aux) * b_tokens])
-                loads = _expert_load(stats, arch) if routed else loads
+                shape = arch if arch is not None else model.arch  # a SubTransformer carries its own
+                loads = _expert_load(stats, shape.decoder_layers) if routed else loads
         synced = _sum_gradients(world, params)  # every worker then holds the same grads: one scaler decision
         scaler.unscale_(opt)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm if cfg.clip_norm > 0 else math.inf))
@@ -328,7 +329,7 @@ def train(
 
     weights = _final_weights(ckpt_dir, cfg) if world.is_main else {}  # only rank 0 writes the output
     summary = {
-        "updates": float(cfg.max_updates),
+        "updates": float(history[-1]["update"]) if history else 0.0,  # run (resumed ones included), not asked for
         "final_train_loss": history[-1]["loss"] if history else math.nan,
         "best_valid_loss": best["mean"] if best else math.nan,
         "best_update": float(best["update"]) if best else math.nan,
@@ -349,10 +350,11 @@ def _sum_gradients(world: World, params: list[torch.nn.Parameter]) -> int:
     return world.sum_gradients(params)
 
 
-def _expert_load(stats, arch: ArchConfig | None) -> dict[str, float]:
-    """Share of assignments taken by the busiest expert, per MoE layer (1/n is perfectly balanced)."""
+def _expert_load(stats, decoder_layers: int) -> dict[str, float]:
+    """Share of assignments taken by the busiest expert, per MoE layer (1/n is perfectly
+    balanced); `stats` has the encoder's layers, then the decoder's."""
     out = {}
-    n_enc = len(stats) - (arch.decoder_layers if arch is not None else 0)
+    n_enc = len(stats) - decoder_layers
     for i, s in enumerate(stats):
         if s is not None:
             name = f"enc{i}" if i < n_enc else f"dec{i - n_enc}"
