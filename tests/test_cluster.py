@@ -382,6 +382,17 @@ PIPELINE_ON_S3 = [
 ]
 
 
+def containers_data(multi30k: Path, tmp_path: Path) -> Path:
+    """A small prepared corpus in tmp_path/data/prepared, readable by the image's non-root user."""
+    data = tmp_path / "data"
+    data.mkdir()
+    prep = ["--out", str(data / "prepared")]
+    prep += sets("prepare_data", max_train_pairs=600, vocab_size=300, max_len=48, mirror=str(multi30k))
+    assert prepare_data.main(prep) == 0
+    subprocess.run(["chmod", "-R", "a+rX", str(data)], check=True)
+    return data
+
+
 def compiled_task_env(stage: str, tmp_path: Path) -> dict[str, str]:
     """A task's environment in the pipeline as the chart's upload Job compiles it (on the
     chart's S3 store): its literal variables, and its Secret references filled in from the
@@ -414,12 +425,7 @@ def test_a_killed_training_container_resumes_in_a_fresh_one_from_the_store(image
     assert env["AUTOMOE_RUN_STORE"].startswith("s3://") and env["AWS_ACCESS_KEY_ID"] == S3_IDS["automoe-s3-pipeline"][0]
     env |= {"KFP_RUN_ID": "run-1", "AUTOMOE_TRACKING": "0", "OMP_NUM_THREADS": "1"}  # the pod label; no MLflow here
     bucket, prefix = env["AUTOMOE_RUN_STORE"][len("s3://") :].split("/", 1)
-    data = tmp_path / "data"
-    data.mkdir()
-    prep = ["--out", str(data / "prepared")]
-    prep += sets("prepare_data", max_train_pairs=600, vocab_size=300, max_len=48, mirror=str(multi30k))
-    assert prepare_data.main(prep) == 0
-    subprocess.run(["chmod", "-R", "a+rX", str(data)], check=True)
+    data = containers_data(multi30k, tmp_path)
     extra = {"train__dropout": 0.3, "train__valid_interval": 3, "train__threads": 1}
     train = ["train_supernet", "--data", str(data / "prepared"), *tiny_train("train_supernet", 12, **extra)]
     assert train_supernet.main([*train[1:], "--out", str(tmp_path / "uninterrupted")]) == 0
@@ -478,13 +484,8 @@ def test_a_killed_training_container_resumes_in_a_fresh_one_from_the_store(image
 def test_two_node_torchrun_in_containers_matches_one_process(image, multi30k, tmp_path):
     """The README's two-node command, one worker per node, each node a container with its
     own address; rendezvous at node 0 by name."""
-    data = tmp_path / "data"
-    data.mkdir()
-    data.chmod(0o777)
-    prep = ["--out", str(data / "prepared")]
-    prep += sets("prepare_data", max_train_pairs=600, vocab_size=300, max_len=48, mirror=str(multi30k))
-    assert prepare_data.main(prep) == 0
-    subprocess.run(["chmod", "-R", "a+rX", str(data)], check=True)
+    data = containers_data(multi30k, tmp_path)
+    data.chmod(0o777)  # the nodes write their output here
     extra = {"train__dropout": 0.0, "train__attention_dropout": 0.0, "train__threads": 1}
     train = ["train_supernet", "--data", str(data / "prepared"), *tiny_train("train_supernet", 6, **extra)]
     one_process = sets("train_supernet", train__update_freq=2)  # what two workers do with the defaults
