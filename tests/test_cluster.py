@@ -51,11 +51,17 @@ AUTH_SECRETS |= {f"automoe-mlflow-pipeline/{k}": v for k, v in PIPELINE_USER.ite
 NAMESPACE = "automoe"  # rendered() renders release `rel` into this namespace
 
 
-def chart_container(kind: str, suffix: str) -> dict:
+def chart_container(kind: str, suffix: str, *values: str) -> dict:
     # one MLflow worker: the tests' memory budget; the server asks the registry every second
-    docs = rendered("--set", "mlflow.workers=1", "--set", "serving.followSeconds=1")
+    docs = rendered("--set", "mlflow.workers=1", "--set", "serving.followSeconds=1", *values)
     doc = next(d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix))
     return doc["spec"]["template"]["spec"]["containers"][0]
+
+
+def compiled_sets(*values: str) -> list[str]:
+    """The `--set`s the chart's upload Job compiles the pipeline with."""
+    args = chart_container("Job", "-pipeline-upload-1", *values)["args"]
+    return [args[i + 1] for i, a in enumerate(args) if a == "--set"]
 
 
 def service_names(service: str) -> list[str]:
@@ -107,6 +113,14 @@ def start_s3(net: str, image: str) -> tuple[str, int]:
     probe = spec["readinessProbe"]["httpGet"]["path"]
     wait_for(lambda: answers(f"http://127.0.0.1:{port}{probe}"), "the chart's S3 store", 120, name)
     return name, port
+
+
+def s3_client(port: int, key: str, secret: str, **kw):
+    """A client of the chart's S3 store from this machine, as one identity."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id=key,
+                        aws_secret_access_key=secret, region_name="us-east-1", **kw)  # fmt: skip
 
 
 def create_buckets(net: str, image: str) -> str:
@@ -171,10 +185,7 @@ def http_status(url: str, login: tuple[str, str] | None = None, data: dict | Non
 
 
 def test_pipeline_in_containers_registers_a_champion_on_s3(image, multi30k, tmp_path, monkeypatch):
-    import boto3
-
-    upload = chart_container("Job", "-pipeline-upload-1")
-    compiled = [upload["args"][i + 1] for i, a in enumerate(upload["args"]) if a == "--set"]
+    compiled = compiled_sets()
     tracking_uri = next(s.split("=", 1)[1] for s in compiled if s.startswith("pipeline.mlflow_tracking_uri="))
     assert tracking_uri == f"http://rel-automoe-mlflow.{NAMESPACE}.svc.cluster.local:5000"
     with network() as net:
@@ -233,10 +244,7 @@ def test_pipeline_in_containers_registers_a_champion_on_s3(image, multi30k, tmp_
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", PIPELINE_USER["MLFLOW_TRACKING_USERNAME"])
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PIPELINE_USER["MLFLOW_TRACKING_PASSWORD"])
         # the model's files are in the chart's artifact bucket, and they are what the registry serves
-        s3 = boto3.client(
-            "s3", endpoint_url=f"http://127.0.0.1:{s3_port}", aws_access_key_id=KEY,
-            aws_secret_access_key=SECRET, region_name="us-east-1",
-        )  # fmt: skip
+        s3 = s3_client(s3_port, KEY, SECRET)
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow", Prefix="artifacts/").get("Contents", [])]
         mlmodels = [k for k in keys if k.endswith("/MLmodel")]
         assert mlmodels, keys[:20]
@@ -261,9 +269,7 @@ def test_pipeline_in_containers_registers_a_champion_on_s3(image, multi30k, tmp_
         from botocore.exceptions import ClientError
 
         def as_(key: str, secret: str, **kw):
-            endpoint = f"http://127.0.0.1:{s3_port}"
-            return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
-                                region_name="us-east-1", **kw)  # fmt: skip
+            return s3_client(s3_port, key, secret, **kw)
 
         def refused(call) -> str:
             with pytest.raises(ClientError) as info:
@@ -397,10 +403,7 @@ def compiled_task_env(stage: str, tmp_path: Path) -> dict[str, str]:
     """A task's environment in the pipeline as the chart's upload Job compiles it (on the
     chart's S3 store): its literal variables, and its Secret references filled in from the
     Secrets made up here."""
-    docs = rendered("--set-json", f"pipelineUpload.set={json.dumps(PIPELINE_ON_S3)}")
-    upload = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"].endswith("-pipeline-upload-1"))
-    upload = upload["spec"]["template"]["spec"]["containers"][0]
-    sets_ = [a for i, a in enumerate(upload["args"]) if i and upload["args"][i - 1] == "--set"]
+    sets_ = compiled_sets("--set-json", f"pipelineUpload.set={json.dumps(PIPELINE_ON_S3)}")
     assert set(PIPELINE_ON_S3) <= set(sets_)
     out = tmp_path / "pipeline.yaml"
     cmd = [sys.executable, "pipeline.py", "compile", "--output", str(out), *[a for s in sets_ for a in ("--set", s)]]
@@ -438,15 +441,7 @@ def test_a_killed_training_container_resumes_in_a_fresh_one_from_the_store(image
     with network() as net:
         _, s3_port = start_s3(net, image)
         create_buckets(net, image)
-        import boto3
-
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{s3_port}",
-            region_name="us-east-1",
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        )
+        s3 = s3_client(s3_port, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])  # the pipeline's identity
 
         def stored() -> list[str]:
             return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import ROOT, subprocess_env
 
 from automoe.model.counting import count
 from automoe.model.subnet import SubTransformer
@@ -155,8 +155,6 @@ def test_retrain_learns_a_synthetic_copy_task(tmp_path, capsys):
 def test_a_fine_tuned_model_reports_expert_loads_under_the_layers_they_belong_to(prepared, tmp_path):
     """A fine-tuned model carries its own arch (no arch is passed per update): its MoE layers'
     loads are named by side and index (TINY_ARCH: encoder layer 0 and decoder layer 0)."""
-    from conftest import ROOT
-
     (tmp_path / "arch.yaml").write_text(TINY_ARCH)
     overrides = [a for a in tiny_train("retrain", 2, train__valid_interval=2, train__log_interval=1) if a != "--set"]
     cfg = retrain.load_config(ROOT / "params.yaml", overrides)

@@ -81,14 +81,22 @@ class SubTransformer(nn.Module):
 
 
 @torch.no_grad()
-def extract(supernet: SuperTransformer, arch: ArchConfig, args: ModelArgs | None = None) -> SubTransformer:
-    """Copy the front slices `arch` uses into a standalone SubTransformer (with `args`, e.g. the
-    fine-tuning's dropout, else the supernet's; the shapes must be the supernet's)."""
+def extract(
+    supernet: SuperTransformer,
+    arch: ArchConfig,
+    *,
+    dropout: float | None = None,
+    attention_dropout: float | None = None,
+) -> SubTransformer:
+    """Copy the front slices `arch` uses into a standalone SubTransformer, with the supernet's
+    dropout unless a fine-tuning gives its own."""
     arch.validate(supernet.space)
-    args = supernet.args if args is None else args
-    shaped = ("vocab_size", "qkv_dim", "max_embed_dim", "pre_norm", "pad_id", "bos_id", "eos_id")
-    if any(getattr(args, f) != getattr(supernet.args, f) for f in shaped):
-        raise ValueError(f"extract: {args} does not match the supernet's {supernet.args} beyond regularisation")
+    args = supernet.args
+    args = dataclasses.replace(
+        args,
+        dropout=args.dropout if dropout is None else dropout,
+        attention_dropout=args.attention_dropout if attention_dropout is None else attention_dropout,
+    )
     sub = SubTransformer(arch=arch, args=args)
     source = supernet.state_dict()
     for name, target in sub.state_dict().items():

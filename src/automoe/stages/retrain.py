@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +95,11 @@ def run(
     out_dir = setup.output_dir(out_dir)
     world = init_world(cfg.train.device)
     try:
-        args = setup.model_args(space, data.vocab_size, cfg.train)
-        if supernet is not None:
-            # the supernet's shapes, the fine-tuning's regularisation (retrain.train.dropout, attention_dropout)
-            tuned = replace(supernet.args, dropout=cfg.train.dropout, attention_dropout=cfg.train.attention_dropout)
-            model = extract(supernet, arch, tuned)
+        if supernet is not None:  # the supernet's shapes and weights, the fine-tuning's regularisation
+            model = extract(supernet, arch, dropout=cfg.train.dropout, attention_dropout=cfg.train.attention_dropout)
             del supernet
         else:
+            args = setup.model_args(space, data.vocab_size, cfg.train)
             model = setup.seeded(cfg.train.seed, lambda: SubTransformer(arch=arch, args=args))
         result = train(
             cfg.train,

@@ -263,6 +263,7 @@ def train(
         loads: dict[str, float] = {}
         archs = archs_for_update(update)
         for arch in archs:
+            decoder_layers = (arch if arch is not None else model.arch).decoder_layers  # a SubTransformer: its own
             for idx in mine:
                 src, tgt = (t.to(world.device) for t in train_split.collate(idx))
                 with amp:
@@ -274,8 +275,7 @@ def train(
                 total = (loss + aux * b_tokens) / n_tokens
                 scaler.scale(total).backward()
                 sums += np.array([loss.item(), nll.item(), float(aux) * b_tokens])
-                shape = arch if arch is not None else model.arch  # a SubTransformer carries its own
-                loads = _expert_load(stats, shape.decoder_layers) if routed else loads
+                loads = _expert_load(stats, decoder_layers) if routed else loads
         synced = _sum_gradients(world, params)  # every worker then holds the same grads: one scaler decision
         scaler.unscale_(opt)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm if cfg.clip_norm > 0 else math.inf))
