@@ -38,8 +38,8 @@ $(VENV)/.installed: requirements.lock requirements-dev.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	# torch first, from the chosen index (its dependencies are in requirements.lock)
 	$(TORCH_LOCAL_FIRST) $(BIN)/pip install -q --no-deps --index-url $(TORCH_INDEX_URL) torch==$(TORCH_VERSION)
-	# exactly the locked set (no resolver surprises), then a consistency check
-	$(BIN)/pip install -q --no-deps -r requirements.lock -r requirements-dev.lock
+	# exactly the locked set, every file checked against the lock's hashes, then a consistency check
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements.lock -r requirements-dev.lock
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/pip check
 	touch $@

