@@ -134,6 +134,9 @@ def test_extremes_are_real_archs():
     f = dict(zip(FEATURE_NAMES, SPACES["space0"].features(big), strict=True))
     d, n, k = big.decoder_embed_dim, big.decoder_layers, big.top_k
     assert f["decoder_moe_layers"] == n and f["decoder_width_total"] == n * d
+    assert f["encoder_moe_layers"] == big.encoder_layers
+    dense = dict(zip(FEATURE_NAMES, SPACES["space0"].features(SPACES["space0"].largest_dense()), strict=True))
+    assert dense["encoder_moe_layers"] == dense["decoder_moe_layers"] == 0
     assert f["decoder_ffn_total"] == n * d * k * max(SPACES["space0"].ffn_dim)  # top-k experts of the widest
 
 

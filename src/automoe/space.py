@@ -292,7 +292,13 @@ class SearchSpace:
 # dominate on a CPU), the encoder once (its depth and width enter through its totals).
 # Heads are left out: with a fixed q/k/v width they do not change the work. On the
 # 102-arch Multi30k table (BENCHMARKS.md), 8-fold cross-validated MAPE: linear model
-# 6.3% (8.7% with the earlier per-layer means and totals), the paper's MLP 11.0% (11.5%).
+# 6.3% (8.7% with the earlier per-layer means and totals), the paper's MLP 11.0% (11.5%),
+# before the encoder's MoE count was a feature. Routing costs per MoE layer (router,
+# dispatch, a product per expert used) on both sides: without the encoder's count its MoE
+# cost was spread over every arch and dense encoders were over-predicted (make run's
+# 43-arch table, 8-fold linear: mean error on its 2 dense archs +16.6% -> +8.9%, MAPE
+# over 5 fold orders 9.4% -> 9.0%). An expert's active width is its layer's mean (uniform top-k routing): the
+# table's trained routing is learnt in the coefficients; it is not known per arch.
 FEATURE_NAMES = (
     "decoder_layers",
     "decoder_embed_dim",
@@ -304,6 +310,7 @@ FEATURE_NAMES = (
     "decoder_ende_width_total",  # sum of d x span: encoder-decoder attention length
     "encoder_width_total",
     "encoder_ffn_total",
+    "encoder_moe_layers",
 )
 
 
@@ -324,6 +331,7 @@ def arch_features(arch: ArchConfig) -> np.ndarray:
             sum(d * span for span in arch.decoder_ende_span),
             arch.encoder_layers * d_enc,
             sum(d_enc * active(e) for e in arch.encoder_ffn),
+            sum(len(e) > 1 for e in arch.encoder_ffn),
         ],
         dtype=np.float64,
     )
