@@ -234,6 +234,37 @@ def test_upload_job_compiles_the_clusters_wiring_into_the_pipeline():
     assert "pipeline.image=ghcr.io/automoe/automoe" in sets and any(s.startswith("pipeline.image_tag=") for s in sets)
 
 
+def test_images_are_pinned_by_digest_and_a_tag_alone_is_refused():
+    digest, cuda = "sha256:" + "ab" * 32, "sha256:" + "cd" * 32
+    pinned = re.compile(r"\S+:\S+@sha256:[0-9a-f]{64}")
+
+    def images(docs):
+        for doc in docs:
+            spec = doc.get("spec", {})
+            pod = (
+                spec.get("template", {}).get("spec")
+                or spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec")
+                or spec
+            )
+            for c in pod.get("containers", []) + pod.get("initContainers", []):
+                yield doc["metadata"]["name"], c["image"]
+
+    third_party = {name: image for name, image in images(rendered()) if "automoe:" not in image}
+    assert third_party and all(pinned.fullmatch(image) for image in third_party.values()), third_party
+    docs = rendered("--set", f"image.digest={digest}", "--set", f"image.cudaDigest={cuda}", "--set", "image.tag=1.2.3")
+    ours = [image for _, image in images(docs) if "automoe:" in image]
+    assert ours and set(ours) == {f"ghcr.io/automoe/automoe:1.2.3@{digest}"}
+    job = next(d for d in docs if d["kind"] == "Job" and "upload" in d["metadata"]["name"])
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert f"pipeline.image_digest={digest}" in sets and f"pipeline.image_digest_cuda={cuda}" in sets
+    for bad in ("postgresql.image=postgres:16.4-alpine", "s3.image=chrislusf/seaweedfs:4.48", "image.digest=latest"):
+        proc = run([helm(), "template", "rel", CHART, "--set", bad])
+        assert proc.returncode != 0 and "pattern" in proc.stderr and bad.split("=")[0].split(".")[-1] in proc.stderr, (
+            bad
+        )
+
+
 def test_bucket_job_creates_missing_buckets_and_keeps_existing_ones(tmp_path):
     """The chart's post-install Job, its rendered script run against a real S3 server
     (SeaweedFS): creates what is missing, leaves what exists, and is safe to rerun."""
@@ -277,7 +308,7 @@ def test_chart_s3_store_is_the_tested_seaweedfs_serving_only_the_secrets_key_pai
     sts = next(d for d in rendered() if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "rel-automoe-s3")
     container = sts["spec"]["template"]["spec"]["containers"][0]
     version = run([weed_binary(), "version"]).stdout.split()[2]
-    assert container["image"] == f"chrislusf/seaweedfs:{version}"
+    assert re.fullmatch(rf"chrislusf/seaweedfs:{re.escape(version)}@sha256:[0-9a-f]{{64}}", container["image"])
     refs = {e["name"]: tuple(e["valueFrom"]["secretKeyRef"].values()) for e in container["env"] if "valueFrom" in e}
     assert refs["MLFLOW_KEY"] == ("automoe-s3-mlflow", "AWS_ACCESS_KEY_ID") and len(refs) == 6
     assert container["command"] == ["/bin/sh", "-c"] and "exec weed server" in container["args"][0]

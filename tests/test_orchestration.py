@@ -495,6 +495,19 @@ def test_compile_time_settings_come_from_compile_set_and_runs_cannot_change_them
     train = executors["exec-train-supernet"]["container"]
     assert {"name": "MLFLOW_TRACKING_URI", "value": uri} in train["env"]
     assert train["image"] == "ghcr.io/automoe/automoe:abc123"
+    digest = "sha256:" + "0f" * 32
+    executors = compile_with("pipeline.image_tag=abc123", f"pipeline.image_digest={digest}")
+    assert executors["exec-train-supernet"]["container"]["image"] == f"ghcr.io/automoe/automoe:abc123@{digest}"
+    from automoe.config import PipelineConfig
+
+    both = PipelineConfig(image_tag="t", image_digest=digest, image_digest_cuda="sha256:" + "1e" * 32)
+    assert both.image_for("train_supernet", cuda=True) == "ghcr.io/automoe/automoe:t-cuda@sha256:" + "1e" * 32
+    assert (
+        PipelineConfig(image_tag="t", image_digest=digest).image_for("x", cuda=True) == "ghcr.io/automoe/automoe:t-cuda"
+    )
+    bad = [sys.executable, "pipeline.py", "compile", "--output", str(out), "--set", "pipeline.image_digest=latest"]
+    proc = subprocess.run(bad, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "image_digest" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     # --set=VALUE, argparse's other form, too (it used to start a child that started a child, without end)
     cmd = [sys.executable, "pipeline.py", "compile", "--output", str(out), "--set=pipeline.image_tag=eq1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)

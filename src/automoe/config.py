@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -256,6 +257,8 @@ class PipelineConfig:
     name: str = "automoe"
     image: str = "ghcr.io/automoe/automoe"  # the project image, without tag
     image_tag: str = "0.1.0"  # a release or git-commit tag, so KFP caching follows code changes
+    image_digest: str = ""  # sha256:<64 hex> of the pushed CPU image: tasks then run exactly it
+    image_digest_cuda: str = ""  # the same for the `<tag>-cuda` image
     gpu_accelerator: str = "nvidia.com/gpu"  # accelerator type for stages with resources.gpu > 0
     retries: int = 2  # retries of a failed task (transient node or network failures)
     mlflow_tracking_uri: str = ""  # given to every task as MLFLOW_TRACKING_URI ("" = the image default)
@@ -271,6 +274,9 @@ class PipelineConfig:
     image_pull_secrets: tuple[str, ...] = ()  # Secrets to pull the project image from a private registry
 
     def __post_init__(self) -> None:
+        for name in ("image_digest", "image_digest_cuda"):
+            if getattr(self, name) and not re.fullmatch(r"sha256:[0-9a-f]{64}", getattr(self, name)):
+                raise ValueError(f"{name}: expected sha256:<64 hex digits> or empty, got {getattr(self, name)!r}")
         if self.run_store not in ("", "none") and not self.run_store.startswith("s3://"):
             raise ValueError(f"run_store: expected s3://bucket/prefix, none or empty, got {self.run_store!r}")
 
@@ -286,6 +292,9 @@ class PipelineConfig:
         return self.resources.get(stage, Resources())
 
     def image_for(self, stage: str, cuda: bool | None = None) -> str:
-        """The CUDA image for a stage given GPUs (or `cuda`), else the CPU image."""
+        """The CUDA image for a stage given GPUs (or `cuda`), else the CPU image; pinned by
+        digest where one is set (`name:tag@sha256:...`: the tag for people, the digest for pulls)."""
         cuda = self.resources_of(stage).gpu > 0 if cuda is None else cuda
-        return f"{self.image}:{self.image_tag}-cuda" if cuda else f"{self.image}:{self.image_tag}"
+        ref = f"{self.image}:{self.image_tag}-cuda" if cuda else f"{self.image}:{self.image_tag}"
+        digest = self.image_digest_cuda if cuda else self.image_digest
+        return f"{ref}@{digest}" if digest else ref

@@ -33,7 +33,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{- define "automoe.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}{{ with .Values.image.digest }}@{{ . }}{{ end }}
 {{- end -}}
 
 {{- define "automoe.postgresHost" -}}
