@@ -50,6 +50,7 @@ def test_dockerfiles_build_from_the_lock_as_non_root_with_no_secrets(dockerfile)
     assert not re.search(r"pip install (?!.*(--require-hashes|torch==|--no-deps \.))", text)  # nothing unhashed
     assert "download.pytorch.org/whl/" + ("cu" if "cuda" in dockerfile.name else "cpu") in text
     assert re.search(r"^USER 10001$", text, re.M)
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim-bookworm\n(#.*\n)*FROM \$\{BASE_IMAGE\}$", text, re.M)
     assert not re.search(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY)\w*\s*=", text)
     # dependencies before code: the lock is copied (and installed) before the sources
     assert text.index("COPY requirements.lock") < text.index("COPY src")
