@@ -122,6 +122,28 @@ def test_sampling_is_seeded():
     assert one == two and space.sample(np.random.default_rng(8)) != one[0]
 
 
+def test_sample_is_uniform_per_factor():
+    """Depths uniform over their choices, each decoder layer's span uniform over those its
+    encoder depth allows (redrawing whole genes until the spans fit gave the small space's
+    encoder depth 2 a third of the samples and its decoder depth 3 less than depth 1)."""
+    space, n = SPACES["small"], 6000
+    archs = [space.sample(np.random.default_rng([5, i])) for i in range(n)]
+
+    def share(values, value):
+        return sum(v == value for v in values) / len(values)
+
+    for depths, drawn in (
+        (space.encoder_layers, [a.encoder_layers for a in archs]),
+        (space.decoder_layers, [a.decoder_layers for a in archs]),
+    ):
+        assert all(abs(share(drawn, d) - 1 / len(depths)) < 0.03 for d in depths), depths
+    for enc in space.encoder_layers:
+        spans = [s for a in archs if a.encoder_layers == enc for s in a.decoder_ende_span]
+        allowed = [s for s in space.ende_span if s <= enc]
+        assert set(spans) == set(allowed)
+        assert all(abs(share(spans, s) - 1 / len(allowed)) < 0.03 for s in allowed), (enc, allowed)
+
+
 def test_extremes_are_real_archs():
     for space in SPACES.values():
         big, small, dense = space.largest(), space.smallest(), space.largest_dense()
