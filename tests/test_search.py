@@ -174,6 +174,45 @@ def test_measure_latency_scales_every_chunk_to_one_reference(tiny_supernet, tmp_
     assert reference == pytest.approx(1.0 + synthetic_latency(space.largest_dense()), rel=1e-6)
 
 
+def test_a_resumed_table_keeps_no_row_of_an_arch_it_no_longer_measures(tiny_supernet, tmp_path, monkeypatch, capsys):
+    """The table persists across runs (dvc: persist), so a rerun with another arch list
+    (here another seed; likewise a changed sampler) used to keep every row whose id it had,
+    whatever arch that id now stood for. Now rows are kept only where the arch matches:
+    the table equals a fresh run's, and only what changed is measured again."""
+    from automoe.latency.measure import Latency
+
+    timed = []
+
+    def fake(models, *args, **kwargs):
+        timed.extend(key(x.arch) for x in models[1:])
+        return [Latency(1.0, synthetic_latency(x.arch)) for x in models]
+
+    monkeypatch.setattr(measure_latency.m, "measure_many", fake)
+    prep, net = tiny_supernet
+    out = tmp_path / "lat"
+
+    def measure(seed: int, folder) -> list[dict]:
+        sets = [f"seed={seed}", "n_archs=6", "threads=1"]
+        argv = ["--data", str(prep), "--supernet", str(net), "--out", str(folder)]
+        assert measure_latency.main([*argv, *[a for s in sets for a in ("--set", f"measure_latency.{s}")]]) == 0
+        return read_table(folder)[0]
+
+    measure(1, out)
+    timed.clear()
+    rows = measure(2, out)
+    assert "rows of archs this configuration no longer measures were dropped" in capsys.readouterr().err
+    space = load_space(TINY_SPACE)
+    before, expected = (
+        measure_latency.archs_to_measure(space, measure_latency.MeasureLatencyConfig(seed=seed, n_archs=6))
+        for seed in (1, 2)
+    )
+    assert sorted((r["arch_id"], r["arch"]) for r in rows) == [(i, key(a)) for i, a in enumerate(expected)]
+    changed = [key(b) for a, b in zip(before, expected, strict=True) if a != b]
+    assert len(changed) >= 4 and sorted(timed) == sorted(changed)  # the extremes and the reference were kept
+    fresh = measure(2, tmp_path / "fresh")
+    assert sorted((r["arch_id"], r["arch"]) for r in rows) == sorted((r["arch_id"], r["arch"]) for r in fresh)
+
+
 def test_merging_shards_rescales_them_to_the_first_shards_reference(tmp_path):
     """Each shard scaled its rows to its own timing of the dense reference (100 and 125 ms
     here, the second pod on a slower moment): merged, every row is on the first's scale."""

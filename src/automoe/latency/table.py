@@ -65,6 +65,21 @@ class LatencyTable:
             row["arch_id"] = int(row["arch_id"])
         return rows
 
+    def retain(self, wanted: dict[int, str]) -> int:
+        """Keep only the rows whose (arch_id, arch) is in `wanted` (id -> arch_key), by an
+        atomic rewrite; returns how many rows were dropped. A resumed run whose arch list
+        changed (another seed or count, another sampler) keeps no row of an arch it no
+        longer measures under that id."""
+        with open(self.path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        header, body = rows[0], rows[1:]
+        kept = [r for r in body if wanted.get(int(r[0])) == r[COLUMNS.index("arch")]]
+        if len(kept) < len(body):
+            buf = io.StringIO()
+            csv.writer(buf).writerows([header, *kept])
+            atomic_write_text(self.path, buf.getvalue())
+        return len(body) - len(kept)
+
     def append(self, arch_id: int, arch: ArchConfig, encoder_ms: float, decoder_ms: float) -> None:
         buf = io.StringIO()
         csv.writer(buf).writerow(

@@ -18,6 +18,7 @@ archs over parallel pods and `automoe merge_latency` joins them.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +32,7 @@ from automoe.data.dataset import PreparedData
 from automoe.errors import ConfigError
 from automoe.io import atomic_write_json
 from automoe.latency import measure as m
-from automoe.latency.table import LatencyTable, save_space
+from automoe.latency.table import LatencyTable, arch_key, save_space
 from automoe.model import kernels
 from automoe.model.inference import Precision, device_error
 from automoe.model.subnet import extract
@@ -103,13 +104,13 @@ def run(cfg: MeasureLatencyConfig, inputs: MeasureLatencyInputs, out_dir: Path) 
     table = LatencyTable(out_dir, m.fingerprint(device, cfg.precision))
     save_space(out_dir, supernet.space)
     kernels.use(out_dir / kernels.PLAN_FILE)  # a resumed run keeps the engine its first rows were timed with
+    archs = archs_to_measure(supernet.space, cfg)
+    dropped = table.retain({i: arch_key(a) for i, a in enumerate(archs)})
+    if dropped:
+        print(f"{NAME}: {dropped} rows of archs this configuration no longer measures were dropped", file=sys.stderr)
     done = {row["arch_id"] for row in table.rows()}
     sources = m.source_windows(data.split("valid"), cfg.src_len, cfg.sources)
-    todo = [
-        (i, a)
-        for i, a in enumerate(archs_to_measure(supernet.space, cfg))
-        if i % cfg.num_shards == inputs.shard and i not in done
-    ]
+    todo = [(i, a) for i, a in enumerate(archs) if i % cfg.num_shards == inputs.shard and i not in done]
     reference = extract(supernet, supernet.space.largest_dense()).to(device)
     with tqdm(total=len(todo), desc=NAME, mininterval=5.0) as bar:
         for start in range(0, len(todo), cfg.chunk):
