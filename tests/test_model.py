@@ -211,6 +211,73 @@ def test_moe_active_gflops_follow_the_routing(supernets):
     assert (src_flops.sum() + tgt_flops.sum()) / 1e9 == pytest.approx(routed.gflops, rel=1e-9)
 
 
+def test_counts_at_measured_expert_loads(supernets):
+    """Loads over a corpus (each expert's share of the assignments) give the FLOPs of the
+    routing they were measured from, and active parameters that follow where tokens go:
+    a model whose tokens go to its big experts uses more than uniform routing says."""
+    net = supernets["small"]
+    base = net.space.largest()
+    arch = dataclasses.replace(
+        base,
+        encoder_ffn=((1024, 256),) * base.encoder_layers,
+        decoder_ffn=((256, 1024),) * base.decoder_layers,
+        top_k=1,
+    )
+    src, tgt = batch(11, b=1, s=30, t=30)
+    src = src.clamp(min=4)
+    _, stats = extract(net, arch)(src, tgt)
+    loads = [(s.tokens_per_expert / s.tokens_per_expert.sum()).numpy() for s in stats]
+    routed = count(arch, VOCAB, net.space.qkv_dim, routing=stats)
+    assert count(arch, VOCAB, net.space.qkv_dim, loads=loads).gflops == pytest.approx(routed.gflops, rel=1e-9)
+    n = arch.encoder_layers + arch.decoder_layers
+    big = [np.array([1.0, 0.0])] * arch.encoder_layers + [np.array([0.0, 1.0])] * arch.decoder_layers
+    small = [1 - x for x in big]
+    uniform = count(arch, VOCAB, net.space.qkv_dim)
+    on_big, on_small = (count(arch, VOCAB, net.space.qkv_dim, loads=x) for x in (big, small))
+    assert on_small.params_active < uniform.params_active < on_big.params_active
+    assert on_small.gflops < uniform.gflops < on_big.gflops < uniform.gflops_all_experts
+    # uniform loads are uniform routing
+    assert count(arch, VOCAB, net.space.qkv_dim, loads=[np.full(2, 0.5)] * n) == uniform
+    with pytest.raises(ValueError, match="expert loads for"):
+        count(arch, VOCAB, net.space.qkv_dim, loads=loads[:-1])
+
+
+def test_evaluate_reports_expert_loads_and_gflops_at_the_measured_routing(supernets):
+    """evaluate's loads are the test sentences' routing summed per layer (checked against
+    the router statistics of the same forward passes), named by layer; the GFLOPs at them
+    are test_counts_at_measured_expert_loads'."""
+    from automoe.stages.evaluate import _named_loads, _routed_token_flops
+    from automoe.train.trainer import shift_right
+
+    net = supernets["small"]
+    base = net.space.largest()
+    arch = dataclasses.replace(base, encoder_ffn=((1024, 256, 512),) * base.encoder_layers, top_k=1)
+    model = extract(net, arch).eval()
+
+    class Split:  # what evaluate reads of a prepared split: token ids per sentence
+        src, tgt = [], []
+
+    for seed in range(4):
+        src, tgt = batch(20 + seed, b=1, s=12, t=9)
+        Split.src.append(src[0].clamp(min=4).numpy())
+        Split.tgt.append(tgt[0, 1:].numpy())
+    _, loads = _routed_token_flops(model, Split, 4)
+    summed = [np.zeros(len(e)) for e in arch.encoder_ffn + arch.decoder_ffn]
+    with torch.inference_mode():
+        for src, tgt in zip(Split.src, Split.tgt, strict=True):
+            prev = shift_right(torch.from_numpy(tgt)[None], model.args.bos_id, model.args.pad_id)
+            _, stats = model(torch.from_numpy(src)[None], prev)
+            for layer, st in enumerate(stats):
+                summed[layer] += st.tokens_per_expert.numpy()
+    for layer, load in enumerate(loads):
+        np.testing.assert_allclose(load, summed[layer] / summed[layer].sum(), rtol=1e-12)
+    named = _named_loads(loads, arch.encoder_layers)
+    assert list(named) == [f"enc{i}" for i in range(arch.encoder_layers)] + [
+        f"dec{j}" for j in range(arch.decoder_layers)
+    ]
+    assert all(len(v) == 3 for k, v in named.items() if k.startswith("enc"))
+
+
 def test_heterogeneous_experts_make_per_token_cost_adaptive(supernets):
     net = supernets["small"]
     base = net.space.largest()

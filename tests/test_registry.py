@@ -181,9 +181,13 @@ def test_evaluate_reports_both_models(evaluation):
             "params_total",
             "params_active",
             "params_active_no_embed",
+            "gflops_routed",
+            "params_active_routed",
         ):
             assert f"{side}_{k}" in metrics
         assert len((evaluation / f"hyp.{side}.txt").read_text().splitlines()) == 40
+        # dense models: nothing routes, so the measured routing changes nothing
+        assert metrics[f"{side}_expert_loads"] == {} and metrics[f"{side}_gflops_routed"] == metrics[f"{side}_gflops"]
     # the ratio is taken within each alternating round (test below); its median and range over the rounds
     assert metrics["searched_latency_ratio_low"] <= metrics["searched_latency_ratio"]
     assert metrics["searched_latency_ratio"] <= metrics["searched_latency_ratio_high"]

@@ -178,6 +178,27 @@ def models_table(models: dict[str, dict], curve: list[tuple[float, float]]) -> s
     return "\n".join(lines)
 
 
+def routing(models: dict[str, dict]) -> str:
+    """Every MoE model at the routing measured on the test set (evaluate): GFLOPs and active
+    parameters there against uniform routing's, and how unbalanced each layer is."""
+    lines = [
+        "| model | seed | GFLOPs: uniform / measured routing | params active: uniform / measured "
+        "| busiest expert's share per MoE layer (balanced: 1/n) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in models.items():
+        loads = m.get("expert_loads") or {}
+        if not loads:
+            continue
+        busiest = ", ".join(f"{layer} {max(v):.2f} (1/{len(v)})" for layer, v in loads.items())
+        lines.append(
+            f"| {SEARCHES[m['search']][0] if m['search'] in SEARCHES else name} | {m['seed']} "
+            f"| {m['gflops']:.3f} / {m['gflops_routed']:.3f} "
+            f"| {m['params_active'] / 1e6:.2f}M / {m['params_active_routed'] / 1e6:.2f}M | {busiest} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else "No model routes: every one is dense."
+
+
 def ablation(models: dict[str, dict]) -> str:
     lines = [
         "| space (budget 1/2) | seeds | BLEU mean ± sd | BLEU per seed | chrF mean | latency × reference (mean) |",
@@ -346,6 +367,7 @@ def report(out: Path, models: dict[str, dict], curve: list[tuple[float, float]])
         "## Goals\n\n" + goals(models, curve),
         "## Models (test2016)\n\n" + models_table(models, curve),
         "Dense curve (latency × reference, BLEU): " + ", ".join(f"({x:.3f}, {y:.2f})" for x, y in curve),
+        "## Routing (test2016)\n\n" + routing(models),
         "## Ablation at 1/2 of the reference's latency\n\n" + ablation(models),
         "## Searches\n\n" + searches(out),
         "## Stage wall times\n\n" + times(out),

@@ -3,8 +3,9 @@
 FLOPs count matrix products only (2 * M * N * K), like torch's FlopCounterMode, for one
 sentence: a teacher-forced pass over `src_len` source and `tgt_len` target tokens (the
 paper's 30 + 30). MoE FLOPs are *active* FLOPs: each token pays for the experts it is
-routed to, from the actual routing when router statistics are given, else the
-expectation under uniform routing (top-k of equally likely experts). Units: GFLOPs.
+routed to, from the actual routing when router statistics (one sentence) or expert loads
+(a corpus) are given, else the expectation under uniform routing (top-k of equally likely
+experts); active parameters likewise. Units: GFLOPs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from automoe.space import ArchConfig
 @dataclass(frozen=True)
 class Counts:
     params_total: int  # every tensor of the compact model
-    params_active: int  # used by one token (expected under uniform routing)
+    params_active: int  # used by one token (expected under the given loads, else uniform routing)
     params_total_no_embed: int
     params_active_no_embed: int
     gflops: float  # active, embeddings/output projection included
@@ -44,11 +45,13 @@ def _expert(d: int, h: int) -> int:
     return _linear(d, h) + _linear(h, d)
 
 
-def _moe_params(d: int, experts: tuple[int, ...], top_k: int) -> tuple[int, float]:
-    """(all parameters, parameters one token uses in expectation)."""
+def _moe_params(d: int, experts: tuple[int, ...], top_k: int, load: np.ndarray | None = None) -> tuple[int, float]:
+    """(all parameters, parameters one token uses in expectation: each of its top-k
+    assignments goes to expert i with probability `load[i]`, else uniformly)."""
     router = len(experts) * d if len(experts) > 1 else 0
     total = router + sum(_expert(d, h) for h in experts)
-    active = router + min(top_k, len(experts)) * float(np.mean([_expert(d, h) for h in experts]))
+    share = np.full(len(experts), 1 / len(experts)) if load is None else np.asarray(load, dtype=np.float64)
+    active = router + min(top_k, len(experts)) * float(share @ [_expert(d, h) for h in experts])
     return total, active
 
 
@@ -60,41 +63,52 @@ def count(
     tgt_len: int = 30,
     routing: Sequence[RouterStats | None] | None = None,
     pre_norm: bool = False,
+    loads: Sequence[np.ndarray | None] | None = None,
 ) -> Counts:
     """`routing`: the router stats of a batch-1 forward (encoder layers then decoder layers).
-    `pre_norm`: the model has the final encoder and decoder LayerNorms of pre-LN."""
+    `loads`: per layer (same order), the share of token-expert assignments each expert
+    received over a corpus (sums to 1; None for a dense layer): FLOPs and active parameters
+    at that routing. `pre_norm`: the model has the final encoder and decoder LayerNorms of pre-LN."""
+    if routing is not None and loads is not None:
+        raise ValueError("count: give router stats of one forward or loads over a corpus, not both")
     e, d, q, S, T = arch.encoder_embed_dim, arch.decoder_embed_dim, qkv_dim, src_len, tgt_len
     embed = vocab_size * max(e, d)
     fixed = embed + (2 * e + 2 * d if pre_norm else 0)  # parameters outside the experts
     total_experts, active_experts = 0, 0.0
     flops, flops_all = 0.0, 0.0
-    stats = list(routing) if routing is not None else [None] * (arch.encoder_layers + arch.decoder_layers)
+    n_layers = arch.encoder_layers + arch.decoder_layers
+    stats = list(routing) if routing is not None else [None] * n_layers
+    shares = [None if x is None or len(x) == 1 else np.asarray(x) for x in loads] if loads else [None] * n_layers
+    if len(shares) != n_layers:
+        raise ValueError(f"count: {len(shares)} expert loads for {n_layers} layers")
 
-    def moe_flops(dim: int, tokens: int, experts: tuple[int, ...], layer_stats: RouterStats | None) -> float:
+    def moe_flops(dim: int, tokens: int, experts: tuple[int, ...], layer: int) -> float:
         n = len(experts)
         router = 2 * tokens * dim * n if n > 1 else 0
-        if n > 1 and layer_stats is not None:
-            per_expert = layer_stats.tokens_per_expert.tolist()
+        if n > 1 and stats[layer] is not None:
+            per_expert = stats[layer].tokens_per_expert.tolist()
+        elif n > 1 and shares[layer] is not None:
+            per_expert = (tokens * min(arch.top_k, n) * shares[layer]).tolist()
         else:
             per_expert = [tokens * min(arch.top_k, n) / n] * n
         return router + sum(c * 4 * dim * h for c, h in zip(per_expert, experts, strict=True))
 
     for i, experts in enumerate(arch.encoder_ffn):
         fixed += _attention(e, e, q) + 4 * e  # two LayerNorms
-        tot, act = _moe_params(e, experts, arch.top_k)
+        tot, act = _moe_params(e, experts, arch.top_k, shares[i])
         total_experts, active_experts = total_experts + tot, active_experts + act
         attn = 2 * S * e * q * 4 + 2 * 2 * S * S * q
-        flops += attn + moe_flops(e, S, experts, stats[i])
+        flops += attn + moe_flops(e, S, experts, i)
         flops_all += attn + 2 * S * e * len(experts) * (len(experts) > 1) + sum(4 * S * e * h for h in experts)
 
     for j, experts in enumerate(arch.decoder_ffn):
         memory = arch.decoder_ende_span[j] * S
         fixed += _attention(d, d, q) + _attention(d, e, q) + 6 * d
-        tot, act = _moe_params(d, experts, arch.top_k)
+        tot, act = _moe_params(d, experts, arch.top_k, shares[arch.encoder_layers + j])
         total_experts, active_experts = total_experts + tot, active_experts + act
         self_attn = 2 * T * d * q * 4 + 2 * 2 * T * T * q
         ende = 2 * T * d * q * 2 + 2 * 2 * memory * e * q + 2 * 2 * T * memory * q
-        flops += self_attn + ende + moe_flops(d, T, experts, stats[arch.encoder_layers + j])
+        flops += self_attn + ende + moe_flops(d, T, experts, arch.encoder_layers + j)
         flops_all += self_attn + ende + 2 * T * d * len(experts) * (len(experts) > 1)
         flops_all += sum(4 * T * d * h for h in experts)
 

@@ -49,7 +49,7 @@ class EvaluateConfig:
     latency_repeats: int = 10
     latency_warmup: int = 3
     latency_rounds: int = 5  # alternating rounds; the searched/dense ratio is reported with its range over them
-    flops_sentences: int = 100  # test sentences whose routing gives the per-token FLOPs histogram
+    flops_sentences: int = 100  # test sentences whose routing gives the per-token FLOPs histogram, expert loads, routed GFLOPs
     threads: int = 2
 
     def __post_init__(self) -> None:
@@ -92,14 +92,18 @@ def evaluate_model(
     result = score(hyps, refs)
     args, arch = model.args, model.arch
     counts = count(arch, args.vocab_size, args.qkv_dim, pre_norm=args.pre_norm)
-    tokens = _routed_token_flops(model, split, min(n, cfg.flops_sentences))
+    tokens, loads = _routed_token_flops(model, split, min(n, cfg.flops_sentences))
+    routed = count(arch, args.vocab_size, args.qkv_dim, pre_norm=args.pre_norm, loads=loads)
     result |= {
         "gflops": counts.gflops,
         "gflops_no_embed": counts.gflops_no_embed,
+        "gflops_routed": routed.gflops,  # the same 30 + 30 tokens at the routing measured on the test set
         "params_total": counts.params_total,
         "params_active": counts.params_active,
+        "params_active_routed": routed.params_active,
         "params_total_no_embed": counts.params_total_no_embed,
         "params_active_no_embed": counts.params_active_no_embed,
+        "expert_loads": _named_loads(loads, arch.encoder_layers),
         "sentences": n,
         "split": cfg.split,
         "split_sentences": len(split),
@@ -124,18 +128,34 @@ def _training(folder: Path) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def _routed_token_flops(model, split, n: int) -> list[float]:
-    """Active MFLOPs of every source token of `n` test sentences, from their actual routing."""
+def _routed_token_flops(model, split, n: int) -> tuple[list[float], list[np.ndarray | None]]:
+    """Active MFLOPs of every source token of `n` test sentences, from their actual routing,
+    and each layer's expert loads over them (share of token-expert assignments per expert;
+    None for a dense layer)."""
     out: list[float] = []
     args = model.args
     device = next(model.parameters()).device
+    assigned: list[np.ndarray | None] = [None] * (model.arch.encoder_layers + model.arch.decoder_layers)
     for i in range(n):
         src = torch.from_numpy(split.src[i].astype(np.int64))[None].to(device)
         tgt = torch.from_numpy(split.tgt[i].astype(np.int64))[None].to(device)
         _, stats = model(src, shift_right(tgt, args.bos_id, args.pad_id))
         src_f, _ = per_token_flops(model.arch, args.qkv_dim, src.shape[1], tgt.shape[1], args.vocab_size, stats)
         out += (src_f / 1e6).tolist()
-    return out
+        for layer, s in enumerate(stats):
+            if s is not None:
+                counts = s.tokens_per_expert.double().cpu().numpy()
+                assigned[layer] = counts if assigned[layer] is None else assigned[layer] + counts
+    return out, [None if a is None else a / a.sum() for a in assigned]
+
+
+def _named_loads(loads: list[np.ndarray | None], encoder_layers: int) -> dict[str, list[float]]:
+    """{"enc0": [share per expert], ..., "dec1": [...]} for the layers that route."""
+    return {
+        (f"enc{i}" if i < encoder_layers else f"dec{i - encoder_layers}"): [round(float(x), 4) for x in load]
+        for i, load in enumerate(loads)
+        if load is not None
+    }
 
 
 def latencies(models: dict[str, Any], data: PreparedData, cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
@@ -222,9 +242,11 @@ def report(results: dict[str, dict], data: PreparedData) -> str:
         ("latency (ms, batch 1; median of rounds)", "latency_ms", "{:.1f}"),
         ("  encoder (ms)", "encoder_ms", "{:.1f}"),
         ("  decoder (ms)", "decoder_ms", "{:.1f}"),
-        ("GFLOPs (30+30 tokens)", "gflops", "{:.3f}"),
+        ("GFLOPs (30+30 tokens; uniform routing)", "gflops", "{:.3f}"),
+        ("  at the measured routing", "gflops_routed", "{:.3f}"),
         ("params total", "params_total", "{:,}"),
-        ("params active", "params_active", "{:,}"),
+        ("params active (uniform routing)", "params_active", "{:,}"),
+        ("  at the measured routing", "params_active_routed", "{:,}"),
         ("params active w/o embeddings", "params_active_no_embed", "{:,}"),
         ("test sentences / s (beam search)", "translate_sentences_per_s", "{:.1f}"),
         ("initialisation", "init", "{}"),
@@ -251,6 +273,13 @@ def report(results: dict[str, dict], data: PreparedData) -> str:
             f"Latency ratio searched/dense: {s['latency_ratio']:.3f} (median of {s['latency_rounds']:.0f} alternating "
             f"rounds; range {s['latency_ratio_low']:.3f}-{s['latency_ratio_high']:.3f}).",
         ]
+    for name in names:
+        if results[name]["expert_loads"]:
+            lines += ["", f"Expert loads of {name} (share of token-expert assignments per expert, test set):", ""]
+            lines += [
+                f"- {layer}: " + ", ".join(f"{x:.3f}" for x in load)
+                for layer, load in results[name]["expert_loads"].items()
+            ]
     lines += [
         "",
         f"BLEU signature: `{results['searched']['bleu_signature']}`",
