@@ -435,6 +435,14 @@ def test_search_stage_on_a_tiny_supernet(tiny_supernet, tmp_path, capsys):
     supernet, _ = SuperTransformer.load(net)
     again = search.ValidLoss(supernet, PreparedData.open(prep), 30, 4096)([best])[0]
     assert again == pytest.approx(metrics["best_fitness"], abs=1e-5)
+    # a held-out subset (bench/search_vs_random.py): sentences 10-29 and 0-9 make up 0-29, token-weighted
+    data = PreparedData.open(prep)
+    tokens = data.split("valid").tgt.lengths
+    head, tail = (search.ValidLoss(supernet, data, n, 4096, start=a)([best])[0] for a, n in ((0, 10), (10, 20)))
+    assert head != tail
+    assert (head * tokens[:10].sum() + tail * tokens[10:30].sum()) / tokens[:30].sum() == pytest.approx(again, rel=1e-5)
+    with pytest.raises(ConfigError, match="from sentence 5000"):
+        search.ValidLoss(supernet, data, 10, 4096, start=5000)
     assert count_gflops(best, net) == pytest.approx(metrics["best_cost"], rel=1e-6)
     assert count_gflops(best, net) <= metrics["budget"]
     import csv

@@ -49,7 +49,7 @@ class EvaluateConfig:
     latency_repeats: int = 10
     latency_warmup: int = 3
     latency_rounds: int = 5  # alternating rounds; the searched/dense ratio is reported with its range over them
-    flops_sentences: int = 100  # test sentences whose routing gives the per-token FLOPs histogram, expert loads, routed GFLOPs
+    flops_sentences: int = 100  # test sentences whose routing gives FLOPs per token, expert loads, routed GFLOPs
     threads: int = 2
 
     def __post_init__(self) -> None:

@@ -102,7 +102,8 @@ class SearchInputs:
 
 
 class ValidLoss:
-    """Fitness: per-token NLL of the supernet with an arch on a fixed validation subset."""
+    """Fitness: per-token NLL of the supernet with an arch on a fixed validation subset (the
+    first `sentences`; from sentence `start` for a subset disjoint from the search's)."""
 
     def __init__(
         self,
@@ -111,13 +112,17 @@ class ValidLoss:
         sentences: int,
         max_tokens: int,
         device: torch.device | None = None,
+        start: int = 0,
     ):
         device = device or torch.device("cpu")
         self.net = supernet.eval().to(device)
         split = data.split("valid")
-        n = min(sentences, len(split))
-        lens = np.maximum(split.src.lengths[:n], split.tgt.lengths[:n])
+        first, n = min(start, len(split)), min(start + sentences, len(split))
+        if n <= first:
+            raise ConfigError(f"validation subset from sentence {start}: the valid split has {len(split)}")
+        lens = np.maximum(split.src.lengths[first:n], split.tgt.lengths[first:n])
         plan = TokenBatchSampler(lens, lens, max(max_tokens, int(lens.max())), seed=0, shuffle=False).plan(0)
+        plan = [batch + first for batch in plan]  # sentence indices of the split
         args = supernet.args
         self.batches = [
             (src.to(device), shift_right(tgt, args.bos_id, args.pad_id).to(device), tgt.to(device))
