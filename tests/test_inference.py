@@ -82,8 +82,31 @@ def models():
     space = load_space("small")
     torch.manual_seed(1)
     net = SuperTransformer(space=space, args=ModelArgs(vocab_size=VOCAB, qkv_dim=space.qkv_dim, max_embed_dim=256))
-    rng = np.random.default_rng(3)
-    archs = [a for a in (space.sample(rng) for _ in range(20)) if not a.is_dense][:2]
+    # written out, not sampled: the int8 tolerances below were measured on these two (a change
+    # of the sampler once swapped them for a top-1 pair with a near tie that 7-bit inputs flip)
+    top1 = ArchConfig(
+        encoder_embed_dim=192,
+        decoder_embed_dim=256,
+        encoder_ffn=((512, 1024, 1024, 1024), (512, 1024, 1024)),
+        decoder_ffn=((512, 1024, 256),),
+        encoder_self_heads=(2, 4),
+        decoder_self_heads=(2,),
+        decoder_ende_heads=(4,),
+        decoder_ende_span=(2,),
+        top_k=1,
+    )
+    top2 = ArchConfig(
+        encoder_embed_dim=256,
+        decoder_embed_dim=256,
+        encoder_ffn=((1024, 256), (512, 512, 1024), (512, 256, 256)),
+        decoder_ffn=((512, 256), (256, 512, 1024, 256)),
+        encoder_self_heads=(4, 4, 2),
+        decoder_self_heads=(2, 2),
+        decoder_ende_heads=(2, 4),
+        decoder_ende_span=(1, 2),
+        top_k=2,
+    )
+    archs = [top1.validate(space), top2.validate(space)]
     return [make(dense_arch()), make(dense_arch(), pre_norm=True)] + [extract(net.eval(), a) for a in archs]
 
 
