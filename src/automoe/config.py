@@ -274,9 +274,9 @@ class PipelineConfig:
     image_pull_secrets: tuple[str, ...] = ()  # Secrets to pull the project image from a private registry
 
     def __post_init__(self) -> None:
-        for name in ("image_digest", "image_digest_cuda"):
-            if getattr(self, name) and not re.fullmatch(r"sha256:[0-9a-f]{64}", getattr(self, name)):
-                raise ValueError(f"{name}: expected sha256:<64 hex digits> or empty, got {getattr(self, name)!r}")
+        for name, digest in (("image_digest", self.image_digest), ("image_digest_cuda", self.image_digest_cuda)):
+            if digest and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+                raise ValueError(f"{name}: expected sha256:<64 hex digits> or empty, got {digest!r}")
         if self.run_store not in ("", "none") and not self.run_store.startswith("s3://"):
             raise ValueError(f"run_store: expected s3://bucket/prefix, none or empty, got {self.run_store!r}")
 

@@ -300,8 +300,9 @@ class SearchSpace:
 # dispatch, a product per expert used) on both sides: without the encoder's count its MoE
 # cost was spread over every arch and dense encoders were over-predicted (make run's
 # 43-arch table, 8-fold linear: mean error on its 2 dense archs +16.6% -> +8.9%, MAPE
-# over 5 fold orders 9.4% -> 9.0%). An expert's active width is its layer's mean (uniform top-k routing): the
-# table's trained routing is learnt in the coefficients; it is not known per arch.
+# over 5 fold orders 9.4% -> 9.0%). An expert's active width is its layer's mean (uniform
+# top-k routing): the table's trained routing is learnt in the coefficients; it is not
+# known per arch.
 FEATURE_NAMES = (
     "decoder_layers",
     "decoder_embed_dim",

@@ -45,6 +45,17 @@ def _expert(d: int, h: int) -> int:
     return _linear(d, h) + _linear(h, d)
 
 
+def expert_shares(tokens_per_expert) -> np.ndarray:
+    """Token-expert assignment counts -> each expert's share of them (sums to 1)."""
+    counts = np.asarray(tokens_per_expert, dtype=np.float64)
+    return counts / counts.sum()
+
+
+def layer_name(i: int, encoder_layers: int) -> str:
+    """`enc<i>` / `dec<j>` of the i-th layer in router-stats order (encoder layers first)."""
+    return f"enc{i}" if i < encoder_layers else f"dec{i - encoder_layers}"
+
+
 def _moe_params(d: int, experts: tuple[int, ...], top_k: int, load: np.ndarray | None = None) -> tuple[int, float]:
     """(all parameters, parameters one token uses in expectation: each of its top-k
     assignments goes to expert i with probability `load[i]`, else uniformly)."""
@@ -71,26 +82,23 @@ def count(
     at that routing. `pre_norm`: the model has the final encoder and decoder LayerNorms of pre-LN."""
     if routing is not None and loads is not None:
         raise ValueError("count: give router stats of one forward or loads over a corpus, not both")
+    if routing is not None:  # one forward's routing is its loads (the counts of a 30 + 30 pass)
+        loads = [None if s is None else expert_shares(s.tokens_per_expert) for s in routing]
     e, d, q, S, T = arch.encoder_embed_dim, arch.decoder_embed_dim, qkv_dim, src_len, tgt_len
     embed = vocab_size * max(e, d)
     fixed = embed + (2 * e + 2 * d if pre_norm else 0)  # parameters outside the experts
     total_experts, active_experts = 0, 0.0
     flops, flops_all = 0.0, 0.0
     n_layers = arch.encoder_layers + arch.decoder_layers
-    stats = list(routing) if routing is not None else [None] * n_layers
-    shares = [None if x is None or len(x) == 1 else np.asarray(x) for x in loads] if loads else [None] * n_layers
+    shares = [None if x is None else np.asarray(x, dtype=np.float64) for x in loads] if loads else [None] * n_layers
     if len(shares) != n_layers:
         raise ValueError(f"count: {len(shares)} expert loads for {n_layers} layers")
 
     def moe_flops(dim: int, tokens: int, experts: tuple[int, ...], layer: int) -> float:
         n = len(experts)
         router = 2 * tokens * dim * n if n > 1 else 0
-        if n > 1 and stats[layer] is not None:
-            per_expert = stats[layer].tokens_per_expert.tolist()
-        elif n > 1 and shares[layer] is not None:
-            per_expert = (tokens * min(arch.top_k, n) * shares[layer]).tolist()
-        else:
-            per_expert = [tokens * min(arch.top_k, n) / n] * n
+        share = shares[layer] if n > 1 and shares[layer] is not None else np.full(n, 1 / n)
+        per_expert = tokens * min(arch.top_k, n) * share
         return router + sum(c * 4 * dim * h for c, h in zip(per_expert, experts, strict=True))
 
     for i, experts in enumerate(arch.encoder_ffn):

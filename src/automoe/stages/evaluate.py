@@ -30,7 +30,7 @@ from automoe.errors import DataError
 from automoe.io import atomic_write_json, atomic_write_text, staged_dir
 from automoe.latency import measure as m
 from automoe.model import kernels
-from automoe.model.counting import count, per_token_flops
+from automoe.model.counting import count, expert_shares, layer_name, per_token_flops
 from automoe.plots import figure
 from automoe.serving import DecodeConfig, Translator
 from automoe.stages._cli import cli_run, component_run, guarded, stage_parser
@@ -92,7 +92,7 @@ def evaluate_model(
     result = score(hyps, refs)
     args, arch = model.args, model.arch
     counts = count(arch, args.vocab_size, args.qkv_dim, pre_norm=args.pre_norm)
-    tokens, loads = _routed_token_flops(model, split, min(n, cfg.flops_sentences))
+    tokens, loads = _routing(model, split, min(n, cfg.flops_sentences))
     routed = count(arch, args.vocab_size, args.qkv_dim, pre_norm=args.pre_norm, loads=loads)
     result |= {
         "gflops": counts.gflops,
@@ -128,7 +128,7 @@ def _training(folder: Path) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def _routed_token_flops(model, split, n: int) -> tuple[list[float], list[np.ndarray | None]]:
+def _routing(model, split, n: int) -> tuple[list[float], list[np.ndarray | None]]:
     """Active MFLOPs of every source token of `n` test sentences, from their actual routing,
     and each layer's expert loads over them (share of token-expert assignments per expert;
     None for a dense layer)."""
@@ -146,13 +146,13 @@ def _routed_token_flops(model, split, n: int) -> tuple[list[float], list[np.ndar
             if s is not None:
                 counts = s.tokens_per_expert.double().cpu().numpy()
                 assigned[layer] = counts if assigned[layer] is None else assigned[layer] + counts
-    return out, [None if a is None else a / a.sum() for a in assigned]
+    return out, [None if a is None else expert_shares(a) for a in assigned]
 
 
 def _named_loads(loads: list[np.ndarray | None], encoder_layers: int) -> dict[str, list[float]]:
     """{"enc0": [share per expert], ..., "dec1": [...]} for the layers that route."""
     return {
-        (f"enc{i}" if i < encoder_layers else f"dec{i - encoder_layers}"): [round(float(x), 4) for x in load]
+        layer_name(i, encoder_layers): [round(float(x), 4) for x in load]
         for i, load in enumerate(loads)
         if load is not None
     }

@@ -36,6 +36,7 @@ from automoe.cpu import cpu_flags
 from automoe.data.dataset import ParallelSplit, PreparedData, TokenBatchSampler
 from automoe.errors import AutomoeError
 from automoe.io import atomic_write_text
+from automoe.model.counting import layer_name
 from automoe.model.moe import load_balancing_loss, router_z_loss
 from automoe.plots import figure
 from automoe.space import ArchConfig
@@ -357,9 +358,8 @@ def _expert_load(stats, decoder_layers: int) -> dict[str, float]:
     n_enc = len(stats) - decoder_layers
     for i, s in enumerate(stats):
         if s is not None:
-            name = f"enc{i}" if i < n_enc else f"dec{i - n_enc}"
             counts = s.tokens_per_expert.float()
-            out[f"expert_load_max/{name}"] = float(counts.max() / counts.sum().clamp(min=1))
+            out[f"expert_load_max/{layer_name(i, n_enc)}"] = float(counts.max() / counts.sum().clamp(min=1))
     return out
 
 
