@@ -213,6 +213,53 @@ def test_a_resumed_table_keeps_no_row_of_an_arch_it_no_longer_measures(tiny_supe
     assert sorted((r["arch_id"], r["arch"]) for r in rows) == sorted((r["arch_id"], r["arch"]) for r in fresh)
 
 
+def test_a_table_measured_with_another_supernet_or_protocol_is_measured_afresh(
+    tiny_supernet, tmp_path, monkeypatch, capsys
+):
+    """dvc keeps the folder across runs, and rows used to be kept by arch alone: a rerun
+    after the supernet was retrained (its routers set the MoE archs' latency) or with
+    another timing protocol (here another beam) measured nothing and served the old rows.
+    Now such a rerun measures every row and the reference again; the same supernet at
+    another path, or a resume under the same protocol, keeps them."""
+    from automoe.latency.measure import Latency
+    from automoe.model.supernet import SuperTransformer
+
+    timed = []
+
+    def fake(models, sources, beam, *args, **kwargs):
+        timed.append(len(models) - 1)
+        return [Latency(1.0, synthetic_latency(x.arch) * beam) for x in models]
+
+    monkeypatch.setattr(measure_latency.m, "measure_many", fake)
+    prep, net = tiny_supernet
+    out = tmp_path / "lat"
+
+    def measure(supernet, *sets) -> list[float]:
+        timed.clear()
+        sets = ["n_archs=6", "threads=1", *sets]
+        argv = ["--data", str(prep), "--supernet", str(supernet), "--out", str(out)]
+        assert measure_latency.main([*argv, *[a for s in sets for a in ("--set", f"measure_latency.{s}")]]) == 0
+        return [r["latency_ms"] for r in read_table(out)[0]]
+
+    first = measure(net)
+    assert sum(timed) == 9
+    copy = tmp_path / "copy" / "supernet.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(net.read_bytes())
+    assert measure(copy) == first and timed == []  # same content: nothing to measure
+    assert "afresh" not in capsys.readouterr().err
+    beam4 = measure(net, "beam=4")
+    assert sum(timed) == 9 and "beam: 5 there, 4 here; measuring it afresh" in capsys.readouterr().err
+    assert beam4 == pytest.approx([1 + (x - 1) * 4 / 5 for x in first], rel=1e-3)  # the new protocol, every row
+    model, vocab = SuperTransformer.load(net)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    retrained = tmp_path / "retrained.pt"
+    model.save(retrained, vocab)
+    measure(retrained, "beam=4")
+    assert sum(timed) == 9 and "supernet_sha256" in capsys.readouterr().err
+
+
 def test_merging_shards_rescales_them_to_the_first_shards_reference(tmp_path):
     """Each shard scaled its rows to its own timing of the dense reference (100 and 125 ms
     here, the second pod on a slower moment): merged, every row is on the first's scale."""

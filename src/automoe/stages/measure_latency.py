@@ -6,12 +6,15 @@ sentences. Output folder: `latency.csv` (one row per arch: encoder, decoder and 
 ms, the arch), `hardware.json` (CPU model, cores, threads, torch, device, and the serving precision when
 int8, with the CPU's int8 kernel: measure what will be served), `kernels.json` (the GEMM
 choices every arch was timed with, model/kernels.py: later stages time the same engine),
-`reference.json` (the dense reference's latency the rows are scaled to). Archs are timed
+`reference.json` (the dense reference's latency the rows are scaled to), `protocol.json`
+(what the rows were measured with: the supernet's sha256 and the timing protocol). Archs are timed
 in chunks of `chunk`, each chunk in alternation run by run beside the largest dense arch
 (the budget's reference), and every row is scaled by reference / the chunk's reference:
 a machine whose speed drifts between chunks moves no row against another. Rows are
 appended as they are measured; rerunning after a kill measures only what is missing;
-a table from other hardware is refused. Under Kubeflow, `shard`/`num_shards` split the
+a rerun with another supernet (its trained routing sets the MoE archs' latency) or another
+timing protocol measures the table afresh (dvc keeps the folder across runs: rows of two
+sittings under two protocols are not one table); a table from other hardware is refused. Under Kubeflow, `shard`/`num_shards` split the
 archs over parallel pods and `automoe merge_latency` joins them.
 """
 
@@ -30,7 +33,7 @@ from tqdm import tqdm
 from automoe.config import load_section
 from automoe.data.dataset import PreparedData
 from automoe.errors import ConfigError
-from automoe.io import atomic_write_json
+from automoe.io import atomic_write_json, file_sha256
 from automoe.latency import measure as m
 from automoe.latency.table import LatencyTable, arch_key, save_space
 from automoe.model import kernels
@@ -102,6 +105,9 @@ def run(cfg: MeasureLatencyConfig, inputs: MeasureLatencyInputs, out_dir: Path) 
     supernet, vocab = SuperTransformer.load(artifact_file(inputs.supernet, "supernet.pt"))
     data.check_vocab(vocab, str(inputs.supernet))
     table = LatencyTable(out_dir, m.fingerprint(device, cfg.precision))
+    differs = start_over_unless_same_protocol(out_dir, table, protocol(cfg, inputs.supernet))
+    if differs:
+        print(f"{NAME}: the table was measured with {differs}; measuring it afresh", file=sys.stderr)
     save_space(out_dir, supernet.space)
     kernels.use(out_dir / kernels.PLAN_FILE)  # a resumed run keeps the engine its first rows were timed with
     archs = archs_to_measure(supernet.space, cfg)
@@ -134,6 +140,39 @@ def run(cfg: MeasureLatencyConfig, inputs: MeasureLatencyInputs, out_dir: Path) 
 
 
 REFERENCE = "reference.json"
+PROTOCOL = "protocol.json"
+
+
+def protocol(cfg: MeasureLatencyConfig, supernet: Path) -> dict[str, Any]:
+    """What a row's figure depends on beyond the hardware and the arch: the supernet (its
+    routers) and how it was timed. `n_archs`, `seed` and `chunk` only choose and group
+    the archs (a changed arch list is `LatencyTable.retain`'s business)."""
+    timing = ("beam", "src_len", "tgt_steps", "warmup", "repeats", "sources")
+    return {"supernet_sha256": file_sha256(artifact_file(supernet, "supernet.pt"))} | {
+        k: getattr(cfg, k) for k in timing
+    }
+
+
+def start_over_unless_same_protocol(out_dir: Path, table: LatencyTable, wanted: dict[str, Any]) -> str:
+    """Empty the table and forget its reference when its rows were measured under another
+    protocol; returns what differed ("" when nothing did). The rows go before the new
+    protocol is written, so a kill in between leaves an empty table, never old rows under
+    a new protocol."""
+    path = out_dir / PROTOCOL
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    differs = ""
+    if saved != wanted:
+        if saved is not None or table.rows():  # a table from before protocol.json: its protocol is unknown
+            keys = sorted(set(saved or {}) | set(wanted))
+            differs = "; ".join(
+                f"{k}: {str((saved or {}).get(k, 'unrecorded'))[:12]} there, {str(wanted.get(k))[:12]} here"
+                for k in keys
+                if (saved or {}).get(k) != wanted.get(k)
+            )
+        table.retain({})
+        (out_dir / REFERENCE).unlink(missing_ok=True)
+        atomic_write_json(path, wanted)
+    return differs
 
 
 def reference_ms(out_dir: Path, measured: m.Latency) -> float:
@@ -196,6 +235,8 @@ def merge_main(shard_paths: list[str], out_path: str) -> None:
     n = merge(folders, Path(out_path), scales)
     if refs[0]:
         atomic_write_json(Path(out_path) / REFERENCE, {"arch": "largest_dense", "latency_ms": refs[0]})
+    if (folders[0] / PROTOCOL).is_file():  # every shard ran one compiled config on one supernet
+        atomic_write_json(Path(out_path) / PROTOCOL, json.loads((folders[0] / PROTOCOL).read_text()))
     save_space(Path(out_path), load_space_of(folders[0]))
     for folder in folders:  # the shards' kernel choices, together (same hardware: merge checked it)
         kernels.use(folder / kernels.PLAN_FILE)
