@@ -3,6 +3,7 @@ and the whole run.sh at toy size, killed in the middle and resumed."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -117,6 +118,75 @@ def test_the_report_refuses_evaluations_that_disagree_on_the_reference(tmp_path)
         r.load(tmp_path)
 
 
+def _arm_models(r, runs: dict[str, list[float]]) -> dict[str, dict]:
+    return {
+        f"{search}_s{seed}": {"group": "searched", "search": search, "seed": seed, "ratio": 0.5, "bleu": bleu,
+                              "chrf": 60.0}
+        for search, bleus in runs.items()
+        for seed, bleu in enumerate(bleus, 1)
+    }  # fmt: skip
+
+
+def test_the_ablation_reports_each_arm_with_its_interval_and_each_difference_with_welchs():
+    r = _report_module()
+    models = _arm_models(r, {"het_b50": [36.0, 36.2, 36.4], "hom_b50": [35.0, 35.1, 35.2],
+                             "dense_b50": [35.3, 35.0, 35.1]})  # fmt: skip
+    mean, low, high = r.interval([36.0, 36.2, 36.4])  # t(0.975, 2) = 4.303, sd 0.2, n 3
+    assert (mean, low, high) == pytest.approx((36.2, 36.2 - 0.4969, 36.2 + 0.4969), abs=1e-4)
+    d, dlow, dhigh = r.difference([36.0, 36.2, 36.4], [35.0, 35.1, 35.2])
+    se = (0.04 / 3 + 0.01 / 3) ** 0.5  # Welch: dof 2.94, rounded down to 2 (wider)
+    assert (d, dlow, dhigh) == pytest.approx((1.1, 1.1 - 4.303 * se, 1.1 + 4.303 * se), abs=1e-4)
+    table = r.ablation(models)
+    assert "| heterogeneous | 3 | 36.20 [35.70, 36.70] | 0.20 | 36.00, 36.20, 36.40 |" in table
+    # dense-only's mean (35.13) is above homogeneous's (35.10), by less than their spread: not separated
+    assert "Ordering by mean BLEU: heterogeneous > dense-only (HAT) > homogeneous." in table
+    assert "- heterogeneous vs dense-only (HAT): difference +1.07 BLEU" in table
+    assert "dense-only (HAT) vs homogeneous: difference +0.03 BLEU" in table and "not separated (includes 0)" in table
+    models[r.REF] = {"group": "dense", "search": "", "seed": 1, "ratio": 1.0, "bleu": 37.0}
+    text = r.goals(models, r.dense_curve(models))
+    assert "(the paper's ordering): by the means **not as the paper** (heterogeneous > dense-only (HAT) > " in text
+    assert "1 of 2 adjacent differences separated by their 95% intervals (runs per arm: 3, 3, 3)" in text
+    for m in models.values():
+        if m["search"] == "dense_b50":
+            m["bleu"] -= 1.0
+    assert "by the means **as the paper**" in r.goals(models, r.dense_curve(models))
+    single = _arm_models(r, {"het_b50": [36.0], "hom_b50": [35.0]})
+    assert "not decided (an arm has a single run)" in r.ablation(single)
+
+
+def test_a_refused_one_third_search_names_the_floor_in_the_goals(tmp_path):
+    r = _report_module()
+    models = _arm_models(r, {"het_b50": [36.0, 36.1]})
+    models[r.REF] = {"group": "dense", "search": "", "seed": 1, "ratio": 1.0, "bleu": 37.0}
+    (tmp_path / "search_het_b33_s1.err").write_text("search: 0%|\nsearch.budget: 8.1 ms is below the space's floor\n")
+    text = r.goals(models, r.dense_curve(models), tmp_path)
+    assert "**missed** (no searched model measured at or under 1/3: 0.500x, 0.500x; the 1/3 search was refused: " \
+           "search.budget: 8.1 ms is below the space's floor)" in text  # fmt: skip
+    (tmp_path / "search_het_b33_s1.json").write_text("{}")  # a later rerun searched it: no refusal to report
+    assert "refused" not in r.goals(models, r.dense_curve(models), tmp_path)
+
+
+def test_each_family_fine_tunes_at_the_lr_its_sweep_chose_on_validation(tmp_path):
+    spec = importlib.util.spec_from_file_location("choose_lr", EXPERIMENT / "choose_lr.py")
+    choose_lr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(choose_lr)
+    r = _report_module()
+    for family, losses in {"dense": {"0.0015": 1.9, "0.003": 1.7, "0.006": 1.8},
+                           "het_b50": {"0.0015": 2.0, "0.003": 2.1, "0.006": 2.0}}.items():  # fmt: skip
+        for lr, loss in losses.items():
+            (tmp_path / "sweep" / family / f"lr{lr}").mkdir(parents=True)
+            (tmp_path / "sweep" / family / f"lr{lr}" / "metrics.json").write_text(json.dumps({"best_valid_loss": loss}))
+        (tmp_path / f"lr_{family}.json").write_text(json.dumps(choose_lr.choose(tmp_path / "sweep" / family)))
+    assert choose_lr.choose(tmp_path / "sweep" / "dense")["lr"] == 0.003
+    assert choose_lr.choose(tmp_path / "sweep" / "het_b50")["lr"] == 0.0015  # a tie goes to the smaller LR
+    with pytest.raises(ValueError, match="no finished sweep run"):
+        choose_lr.choose(tmp_path / "sweep" / "hom_b50")
+    assert r.family_lr(tmp_path, {"search": ""}) == 0.003  # every dense model: the reference's choice
+    assert r.family_lr(tmp_path, {"search": "het_b50"}) == 0.0015 and r.family_lr(tmp_path, {"search": "x"}) is None
+    table = r.learning_rates(tmp_path)
+    assert "| dense family (the reference) | 0.0015: 1.900, 0.003: 1.700, 0.006: 1.800 | 0.003 |" in table
+
+
 def _toy_params(path, multi30k) -> None:
     p = yaml.safe_load((EXPERIMENT / "params.yaml").read_text())
     p["prepare_data"].update(max_train_pairs=300, vocab_size=300, mirror=str(multi30k))
@@ -129,8 +199,18 @@ def _toy_params(path, multi30k) -> None:
     path.write_text(yaml.safe_dump(p, sort_keys=False))
 
 
+def r_kind(name: str) -> str:
+    """A retrain folder's LR family: the dense models share the reference's, a searched model its search's."""
+    return "dense" if name.startswith("dense_d") else name.rsplit("_s", 1)[0]
+
+
+TOY_DESIGN = {"SEEDS": "1 2", "LR_GRID": "0.003 0.006", "SWEEP_UPDATES": "2"}
+
+
 def _start(out, params, log):
-    env = subprocess_env(EXPERIMENT_PARAMS=str(params), MLFLOW_TRACKING_URI=f"sqlite:///{out / 'mlflow.db'}")
+    env = subprocess_env(
+        EXPERIMENT_PARAMS=str(params), MLFLOW_TRACKING_URI=f"sqlite:///{out / 'mlflow.db'}", **TOY_DESIGN
+    )
     return subprocess.Popen(
         ["bash", str(EXPERIMENT / "run.sh"), str(out)],
         stdout=open(log, "w"),
@@ -163,12 +243,26 @@ def test_the_experiment_runs_killed_and_resumed_without_redoing_finished_steps(t
     steps = [line.split("\t")[0] for line in (out / "times.tsv").read_text().splitlines()]
     assert len(steps) == len(set(steps)), "a step ran twice"
 
-    # 5 dense models, 7 searched; everything in the report, the figures and MLflow
+    # 3 dense models; 2 runs of each ablation arm (search seed = fine-tuning seed), and the
+    # 1/3 search's model where the toy space's floor allowed it
+    b33 = (out / "search_het_b33_s1.json").is_file()
+    assert b33 or "the 1/3 search was refused" in log
+    n_models = 3 + 6 + b33
     summary = json.loads((out / "report.json").read_text())
-    assert summary["models"] == 12
+    assert summary["models"] == n_models
     report = (out / "report.md").read_text()
-    assert "## Goals" in report and "dense_d256_l3x3_f1024" in report and "± " in report
-    assert report.count("| supernet, 4, ") == 12  # every model inherited and fine-tuned alike:
+    assert "## Goals" in report and "dense_d256_l3x3_f1024" in report and "runs per arm: 2, 2, 2" in report
+    assert report.count("| supernet, 4, ") == n_models  # every model inherited and fine-tuned alike:
+    families = ["dense", "het_b50", "hom_b50", "dense_b50"] + ["het_b33"] * b33
+    for family in families:  # each family's LR: the toy grid's lowest validation loss, used by all its models
+        chosen = json.loads((out / f"lr_{family}.json").read_text())
+        assert set(chosen["valid_loss"]) == {"0.003", "0.006"} and chosen["lr"] in (0.003, 0.006)
+        members = [f for f in (out / "retrain").iterdir() if r_kind(f.name) == family]
+        assert members
+        for folder in members:  # the schedule's peak, as trained (the grid's LRs are a factor 2 apart)
+            with open(folder / "curves.csv") as fh:
+                peak = max(float(row["lr"]) for row in csv.DictReader(fh))
+            assert chosen["lr"] / 2 < peak <= chosen["lr"] * (1 + 1e-6), (folder.name, peak, chosen)
     evaluations = [json.loads(p.read_text()) for p in (out / "evaluate").glob("*/metrics.json")]
     routed = [e for e in evaluations if e["searched_expert_loads"]]  # every MoE model: its routing, measured
     section = report.split("## Routing (test2016)")[1].split("\n## ")[0]
@@ -176,7 +270,7 @@ def test_the_experiment_runs_killed_and_resumed_without_redoing_finished_steps(t
     assert len(rows) == len(routed) and ("No model routes" in section) == (not routed)
     trained = [(e[f"{side}_init"], e[f"{side}_train_updates"], e[f"{side}_train_target_tokens"])
                for e in evaluations for side in ("searched", "dense")]  # fmt: skip
-    assert len(evaluations) == 11 and {t[:2] for t in trained} == {("supernet", 4.0)}  # the updates run
+    assert len(evaluations) == n_models - 1 and {t[:2] for t in trained} == {("supernet", 4.0)}  # the updates run
     tokens = [t[2] for t in trained]  # batches of a token budget: seeds reorder the data, not its amount
     assert max(tokens) <= 1.1 * min(tokens), tokens
     for name in ("bleu_vs_latency", "pareto", "valid_curves"):
@@ -189,7 +283,7 @@ def test_the_experiment_runs_killed_and_resumed_without_redoing_finished_steps(t
 
     third = subprocess.run(
         ["bash", str(EXPERIMENT / "run.sh"), str(out)],
-        env=subprocess_env(EXPERIMENT_PARAMS=str(params)),
+        env=subprocess_env(EXPERIMENT_PARAMS=str(params), **TOY_DESIGN),
         capture_output=True,
         text=True,
         timeout=300,

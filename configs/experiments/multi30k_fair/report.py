@@ -2,7 +2,8 @@
 
     python configs/experiments/multi30k_fair/report.py [OUT] [--figures bench/figures] [--no-mlflow] [--metrics F]
 
-Writes OUT/report.md (models, dense curve, goals, ablation, searches, stage times,
+Writes OUT/report.md (goals, models, dense curve, routing, the LR each family chose on
+validation, the ablation with 95% intervals, searches against random search, stage times,
 hardware), the figures `multi30k_fair_bleu_vs_latency.png`, `multi30k_fair_pareto.png` and
 `multi30k_fair_valid_curves.png` (into OUT/figures, and copied to --figures), and logs them to
 MLflow: a parent run `multi30k_fair` with the report and figures, one child run per model
@@ -29,9 +30,9 @@ from automoe.plots import figure
 from automoe.train.trainer import read_valid_history
 
 REF = "dense_d256_l3x3_f1024"
-SEARCHES = {  # search folder -> (label, budget as a fraction of the reference's measured latency)
+SEARCHES = {  # search (folders search/<search>_s<seed>) -> (label, budget as a fraction of the reference's latency)
+    "het_b33": ("heterogeneous experts, 1/3", 1 / 3),
     "het_b50": ("heterogeneous experts, 1/2", 1 / 2),
-    "het_b75": ("heterogeneous experts, 3/4", 3 / 4),
     "hom_b50": ("homogeneous experts, 1/2", 1 / 2),
     "dense_b50": ("dense-only search (HAT), 1/2", 1 / 2),
 }
@@ -40,12 +41,33 @@ SMALLEST = "dense_d192_l2x1_f256"  # the space's fastest arch: the floor of any 
 FIGURES = ("multi30k_fair_bleu_vs_latency.png", "multi30k_fair_pareto.png", "multi30k_fair_valid_curves.png")
 
 
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+
+
+def t975(dof: float) -> float:
+    """Student's t two-sided 95% quantile; a fractional (Welch) dof rounds down (wider)."""
+    if dof < 1:
+        return float("nan")
+    return T975[max(k for k in T975 if k <= int(dof))] if dof <= 30 else 1.96
+
+
 def kind(name: str) -> tuple[str, str, int]:
-    """(group, search folder or '', seed) of a retrain folder's name."""
+    """(group, search or '', seed) of a retrain folder's name."""
     if name.startswith("dense_d"):
         return "dense", "", 1
     search, seed = name.rsplit("_s", 1)
     return "searched", search, int(seed)
+
+
+def label(search: str) -> str:
+    return SEARCHES[search][0] if search in SEARCHES else search
+
+
+def family_lr(out: Path, m: dict) -> float | None:
+    """The fine-tuning LR of a model's family (the dense models: the reference's), chosen on validation."""
+    path = out / f"lr_{m['search'] or 'dense'}.json"
+    return json.loads(path.read_text())["lr"] if path.is_file() else None
 
 
 def load(out: Path) -> dict[str, dict]:
@@ -81,6 +103,7 @@ def load(out: Path) -> dict[str, dict]:
         m["arch"] = yaml.safe_load(arch.read_text()) if arch.is_file() else {}
         trained = out / "retrain" / name / "metrics.json"  # the validation figure models are chosen by
         m["valid_loss"] = json.loads(trained.read_text())["best_valid_loss"] if trained.is_file() else float("nan")
+        m["lr"] = family_lr(out, m)
     return dict(sorted(models.items(), key=lambda kv: (kv[1]["group"] != "dense", -kv[1]["ratio"], kv[0])))
 
 
@@ -161,19 +184,20 @@ def models_table(models: dict[str, dict], curve: list[tuple[float, float]]) -> s
     lines = [
         "| model | seed | arch (FFN per layer; a/b = experts) | BLEU | chrF | latency (ms) | × reference "
         "| enc / dec (ms) | GFLOPs | params active / total | test sent/s | vs dense curve "
-        "| init, updates, target tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| init, updates, target tokens | fine-tuning LR |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     sd = seed_sd(models)
     for name, m in models.items():
-        label = name if m["group"] == "dense" else SEARCHES[m["search"]][0]
+        title = name if m["group"] == "dense" else label(m["search"])
         vs = "-" if m["group"] == "dense" else f"{above_curve(curve, m)[0]:+.2f} ({versus_curve(curve, m, sd)})"
         lines.append(
-            f"| {label} | {m['seed']} | {describe(m['arch'])} | {m['bleu']:.2f} | {m['chrf']:.2f} "
+            f"| {title} | {m['seed']} | {describe(m['arch'])} | {m['bleu']:.2f} | {m['chrf']:.2f} "
             f"| {m['latency_ms']:.1f} | {m['ratio']:.3f} | {m['encoder_ms']:.1f} / {m['decoder_ms']:.1f} "
             f"| {m['gflops']:.3f} | {m['params_active'] / 1e6:.2f}M / {m['params_total'] / 1e6:.2f}M "
             f"| {m['translate_sentences_per_s']:.0f} | {vs} "
-            f"| {m['init']}, {m['train_updates']:.0f}, {m['train_target_tokens'] / 1e6:.2f}M |"
+            f"| {m['init']}, {m['train_updates']:.0f}, {m['train_target_tokens'] / 1e6:.2f}M "
+            f"| {m['lr'] if m.get('lr') is not None else '-'} |"
         )
     return "\n".join(lines)
 
@@ -192,32 +216,111 @@ def routing(models: dict[str, dict]) -> str:
             continue
         busiest = ", ".join(f"{layer} {max(v):.2f} (1/{len(v)})" for layer, v in loads.items())
         lines.append(
-            f"| {SEARCHES[m['search']][0] if m['search'] in SEARCHES else name} | {m['seed']} "
+            f"| {label(m['search']) if m['search'] else name} | {m['seed']} "
             f"| {m['gflops']:.3f} / {m['gflops_routed']:.3f} "
             f"| {m['params_active'] / 1e6:.2f}M / {m['params_active_routed'] / 1e6:.2f}M | {busiest} |"
         )
     return "\n".join(lines) if len(lines) > 2 else "No model routes: every one is dense."
 
 
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean's 95% Student-t interval (nan bounds for a single value)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def difference(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), low, high): Welch's 95% interval of the difference of the means."""
+    d = statistics.mean(a) - statistics.mean(b)
+    if len(a) < 2 or len(b) < 2:
+        return d, float("nan"), float("nan")
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return d, d, d
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = t975(dof) * math.sqrt(va + vb)
+    return d, d - half, d + half
+
+
+def arms(models: dict[str, dict]) -> dict[str, list[float]]:
+    """The ablation's BLEU per arm, one value per independent run (search and fine-tuning seed)."""
+    return {
+        arm: [m["bleu"] for m in models.values() if m["search"] == search]
+        for search, arm in ARMS.items()
+        if any(m["search"] == search for m in models.values())
+    }
+
+
 def ablation(models: dict[str, dict]) -> str:
     lines = [
-        "| space (budget 1/2) | seeds | BLEU mean ± sd | BLEU per seed | chrF mean | latency × reference (mean) |",
-        "|---|---|---|---|---|---|",
+        "| space (budget 1/2) | runs | BLEU mean [95% interval] | sd | BLEU per run (seed 1, 2, ...) | chrF mean "
+        "| latency × reference (mean) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for search, arm in ARMS.items():
-        ms = [m for m in models.values() if m["search"] == search]
+        ms = sorted((m for m in models.values() if m["search"] == search), key=lambda m: m["seed"])
         if not ms:
             continue
         b = [m["bleu"] for m in ms]
+        mean, low, high = interval(b)
         sd = statistics.stdev(b) if len(b) > 1 else float("nan")
         lines.append(
-            f"| {arm} | {len(ms)} | {statistics.mean(b):.2f} ± {sd:.2f} | {', '.join(f'{x:.2f}' for x in b)} "
+            f"| {arm} | {len(ms)} | {mean:.2f} [{low:.2f}, {high:.2f}] | {sd:.2f} | {', '.join(f'{x:.2f}' for x in b)} "
             f"| {statistics.mean(m['chrf'] for m in ms):.2f} | {statistics.mean(m['ratio'] for m in ms):.3f} |"
         )
+    return "\n".join(lines) + "\n\n" + ordering(models)
+
+
+def ordering(models: dict[str, dict]) -> str:
+    """The arms ranked by mean BLEU, each adjacent pair's difference with its Welch 95%
+    interval, and whether the arms' own intervals overlap."""
+    per_arm = arms(models)
+    ranked = sorted(per_arm, key=lambda a: -statistics.mean(per_arm[a]))
+    if len(ranked) < 2:
+        return "Ordering: fewer than two arms."
+    lines = ["Ordering by mean BLEU: " + " > ".join(ranked) + "."]
+    for a, b in zip(ranked, ranked[1:], strict=False):
+        d, low, high = difference(per_arm[a], per_arm[b])
+        (_, la, _), (_, _, hb) = interval(per_arm[a]), interval(per_arm[b])
+        if math.isnan(low):
+            verdict = "not decided (an arm has a single run)"
+        else:
+            overlap = "overlap" if la <= hb else "do not overlap"
+            verdict = (
+                f"difference {d:+.2f} BLEU [{low:+.2f}, {high:+.2f}]: "
+                + ("separated (excludes 0)" if low > 0 else "not separated (includes 0)")
+                + f"; the arms' intervals {overlap}"
+            )
+        lines.append(f"- {a} vs {b}: {verdict}.")
     return "\n".join(lines)
 
 
-def goals(models: dict[str, dict], curve: list[tuple[float, float]]) -> str:
+def learning_rates(out: Path) -> str:
+    """Each family's sweep (validation loss by LR) and the LR it chose."""
+    rows = []
+    for path in sorted(out.glob("lr_*.json")):
+        chosen = json.loads(path.read_text())
+        family = path.stem.removeprefix("lr_")
+        losses = ", ".join(f"{lr}: {loss:.3f}" for lr, loss in chosen["valid_loss"].items())
+        title = "dense family (the reference)" if family == "dense" else label(family)
+        rows.append(f"| {title} | {losses} | {chosen['lr']} |")
+    if not rows:
+        return "No LR sweep."
+    return "| family (sweep model) | validation loss by LR | chosen |\n|---|---|---|\n" + "\n".join(rows)
+
+
+def floor(out: Path) -> str:
+    """Why there is no 1/3 search, when the search refused it (its one-line error names the floor)."""
+    err = out / "search_het_b33_s1.err"
+    lines = [line for line in err.read_text().splitlines() if line.strip()] if err.is_file() else []
+    refused = lines and not (out / "search_het_b33_s1.json").is_file()
+    return f"; the 1/3 search was refused: {lines[-1].strip()}" if refused else ""
+
+
+def goals(models: dict[str, dict], curve: list[tuple[float, float]], out: Path | None = None) -> str:
     if REF not in models:
         return "(no evaluation yet)"
     ref = models[REF]
@@ -236,6 +339,7 @@ def goals(models: dict[str, dict], curve: list[tuple[float, float]]) -> str:
             else "**missed** (no searched model measured at or under 1/3: "
             + ", ".join(f"{m['ratio']:.3f}x" for m in searched)
             + (f"; the space's fastest arch measured {models[SMALLEST]['ratio']:.3f}x" if SMALLEST in models else "")
+            + (floor(out) if out else "")
             + ")."
         ),
     ]
@@ -244,7 +348,7 @@ def goals(models: dict[str, dict], curve: list[tuple[float, float]]) -> str:
     if fastest:
         lines.append(
             f"- The fastest searched model within 0.5 BLEU of the reference: {fastest['ratio']:.3f}x its latency "
-            f"({SEARCHES[fastest['search']][0]}, seed {fastest['seed']}, {fastest['bleu']:.2f} BLEU)."
+            f"({label(fastest['search'])}, seed {fastest['seed']}, {fastest['bleu']:.2f} BLEU)."
         )
     sd = seed_sd(models)
     where = [versus_curve(curve, m, sd) for m in searched]
@@ -260,29 +364,57 @@ def goals(models: dict[str, dict], curve: list[tuple[float, float]]) -> str:
             f" ({where.count('above')} above, {where.count('within noise')} within noise, {where.count('below')} "
             f"below, of {len(where)}; noise: ±{1.96 * math.sqrt(2) * sd:.2f} BLEU, 1.96·√2 × the seed sd {sd:.2f})."
         )
+    per_arm = arms(models)
+    if len(per_arm) > 1:
+        ranked = sorted(per_arm, key=lambda a: -statistics.mean(per_arm[a]))
+        paper = [a for a in ARMS.values() if a in per_arm]  # the paper's: heterogeneous > homogeneous > dense-only
+        separated = [difference(per_arm[a], per_arm[b])[1] > 0 for a, b in zip(ranked, ranked[1:], strict=False)]
+        lines.append(
+            f"- Heterogeneous > homogeneous > dense-only (the paper's ordering): by the means "
+            f"**{'as the paper' if ranked == paper else 'not as the paper'}** ({' > '.join(ranked)}); "
+            f"{sum(separated)} of {len(separated)} adjacent differences separated by their 95% intervals "
+            f"(runs per arm: {', '.join(str(len(v)) for v in per_arm.values())})."
+        )
     return "\n".join(lines)
 
 
 def searches(out: Path) -> str:
     lines = [
-        "| search | evaluations | budget (ms) | winner predicted (ms) | winner valid loss | random search best "
-        "| winner measured in evaluate (× reference, seed 1) |",
-        "|---|---|---|---|---|---|---|",
+        "| search | seed | evaluations | budget (ms) | winner predicted (ms) | winner valid loss | random search best "
+        "| evolution − random (nats) | winner measured in evaluate (× reference) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, (label, _) in SEARCHES.items():
-        path = out / "search" / name / "metrics.json"
-        if path.is_file():
-            m = json.loads(path.read_text())
-            ev = out / "evaluate" / f"{name}_s1" / "metrics.json"
-            measured = "-"
-            if ev.is_file():
-                e = json.loads(ev.read_text())
-                measured = f"{e['searched_latency_ms'] / e['dense_latency_ms']:.3f}"
-            lines.append(
-                f"| {label} | {m['evaluations']:.0f} | {m['budget']:.1f} | {m['best_cost']:.1f} "
-                f"| {m['best_fitness']:.3f} | {m.get('random_best_fitness', float('nan')):.3f} | {measured} |"
-            )
-    return "\n".join(lines)
+    gains: dict[str, list[float]] = {}
+    for folder in sorted((out / "search").glob("*_s*"), key=lambda f: (f.name.rsplit("_s", 1)[0], f.name)):
+        path = folder / "metrics.json"
+        if not path.is_file():
+            continue
+        search, seed = folder.name.rsplit("_s", 1)
+        m = json.loads(path.read_text())
+        ev = out / "evaluate" / folder.name / "metrics.json"
+        measured = "-"
+        if ev.is_file():
+            e = json.loads(ev.read_text())
+            measured = f"{e['searched_latency_ms'] / e['dense_latency_ms']:.3f}"
+        random_best = m.get("random_best_fitness", float("nan"))
+        gain = random_best - m["best_fitness"]  # lower loss is better: > 0 where evolution found the better arch
+        if not math.isnan(gain):
+            gains.setdefault(search, []).append(gain)
+        lines.append(
+            f"| {label(search)} | {seed} | {m['evaluations']:.0f} | {m['budget']:.1f} | {m['best_cost']:.1f} "
+            f"| {m['best_fitness']:.3f} | {random_best:.3f} | {gain:+.4f} | {measured} |"
+        )
+    summary = []
+    for search, g in gains.items():
+        mean, low, high = interval(g)
+        spread = (
+            f"over {len(g)} search seeds [{low:+.4f}, {high:+.4f}]"
+            + (" (beyond the seeds' noise)" if low > 0 else " (not beyond the seeds' noise)")
+            if len(g) > 1
+            else "with one search seed (no interval)"
+        )
+        summary.append(f"- {label(search)}: evolution's winner {mean:+.4f} nats better than random search's {spread}")
+    return "\n".join(lines) + ("\n\n" + "\n".join(summary) if summary else "")
 
 
 def times(out: Path) -> str:
@@ -304,8 +436,8 @@ def plots(out: Path, models: dict[str, dict], curve: list[tuple[float, float]], 
         ax.plot([d[0] for d in dense], [d[1] for d in dense], "s-", color="black", label="dense family")
         for x, y, n in dense:
             ax.annotate(n.removeprefix("dense_"), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-        markers = {"het_b50": "o", "het_b75": "D", "hom_b50": "^", "dense_b50": "v"}
-        for search, (label, _) in SEARCHES.items():
+        markers = {"het_b33": "D", "het_b50": "o", "hom_b50": "^", "dense_b50": "v"}
+        for search, (title, _) in SEARCHES.items():
             ms = [m for m in models.values() if m["search"] == search]
             if ms:
                 ax.scatter(
@@ -313,7 +445,7 @@ def plots(out: Path, models: dict[str, dict], curve: list[tuple[float, float]], 
                     [m["bleu"] for m in ms],
                     marker=markers[search],
                     s=50,
-                    label=label + " (each seed)",
+                    label=title + " (each run)",
                 )
         for fraction in sorted({f for _, f in SEARCHES.values()}):
             ax.axvline(fraction * ref_ms, color="grey", ls=":", lw=1)
@@ -322,8 +454,8 @@ def plots(out: Path, models: dict[str, dict], curve: list[tuple[float, float]], 
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     with figure(paths[1], size=(7.5, 4.5)) as ax:
-        for name, (label, _) in SEARCHES.items():
-            s = out / "search" / name
+        for name, (title, _) in SEARCHES.items():
+            s = out / "search" / f"{name}_s1"  # one front per space: the seed-1 search
             if not (s / "pareto.csv").is_file():
                 continue
             rows = []
@@ -338,7 +470,7 @@ def plots(out: Path, models: dict[str, dict], curve: list[tuple[float, float]], 
                 "o-",
                 ms=3,
                 color=dots.get_facecolor()[0][:3],
-                label=label,
+                label=title + " (seed 1)",
             )
             budget = json.loads((s / "metrics.json").read_text())["budget"]
             ax.axvline(budget, color=dots.get_facecolor()[0][:3], ls="--", lw=1)
@@ -364,10 +496,11 @@ def plots(out: Path, models: dict[str, dict], curve: list[tuple[float, float]], 
 def report(out: Path, models: dict[str, dict], curve: list[tuple[float, float]]) -> str:
     parts = [
         "# multi30k_fair\n",
-        "## Goals\n\n" + goals(models, curve),
+        "## Goals\n\n" + goals(models, curve, out),
         "## Models (test2016)\n\n" + models_table(models, curve),
         "Dense curve (latency × reference, BLEU): " + ", ".join(f"({x:.3f}, {y:.2f})" for x, y in curve),
         "## Routing (test2016)\n\n" + routing(models),
+        "## Fine-tuning LR, chosen on validation\n\n" + learning_rates(out),
         "## Ablation at 1/2 of the reference's latency\n\n" + ablation(models),
         "## Searches\n\n" + searches(out),
         "## Stage wall times\n\n" + times(out),
@@ -396,10 +529,10 @@ def log_to_mlflow(out: Path, models: dict[str, dict], figures: list[Path]) -> st
         run.log_artifact(out / "report.md")
         for path in figures:
             run.log_artifact(path, "figures")
-        for search in SEARCHES:
+        for folder in sorted((out / "search").glob("*_s*")):
             for f in ("pareto.csv", "best_arch.yaml", "metrics.json"):
-                if (out / "search" / search / f).is_file():
-                    run.log_artifact(out / "search" / search / f, f"search/{search}")
+                if (folder / f).is_file():
+                    run.log_artifact(folder / f, f"search/{folder.name}")
     for name, m in models.items():
         with tracking.stage_run(name, parent) as run:
             run.log_params({"group": m["group"], "search": m["search"], "seed": m["seed"], "arch": m["arch"]})

@@ -162,12 +162,13 @@ def start_over_unless_same_protocol(out_dir: Path, table: LatencyTable, wanted: 
     saved = json.loads(path.read_text()) if path.is_file() else None
     differs = ""
     if saved != wanted:
-        if saved is not None or table.rows():  # a table from before protocol.json: its protocol is unknown
-            keys = sorted(set(saved or {}) | set(wanted))
+        if saved is None and table.rows():
+            differs = "an unrecorded protocol (no protocol.json)"
+        elif saved is not None:
             differs = "; ".join(
-                f"{k}: {str((saved or {}).get(k, 'unrecorded'))[:12]} there, {str(wanted.get(k))[:12]} here"
-                for k in keys
-                if (saved or {}).get(k) != wanted.get(k)
+                f"{k}: {str(saved.get(k))[:12]} there, {str(wanted.get(k))[:12]} here"
+                for k in sorted(set(saved) | set(wanted))
+                if saved.get(k) != wanted.get(k)
             )
         table.retain({})
         (out_dir / REFERENCE).unlink(missing_ok=True)
