@@ -14,8 +14,9 @@ a machine whose speed drifts between chunks moves no row against another. Rows a
 appended as they are measured; rerunning after a kill measures only what is missing;
 a rerun with another supernet (its trained routing sets the MoE archs' latency) or another
 timing protocol measures the table afresh (dvc keeps the folder across runs: rows of two
-sittings under two protocols are not one table); a table from other hardware is refused. Under Kubeflow, `shard`/`num_shards` split the
-archs over parallel pods and `automoe merge_latency` joins them.
+sittings under two protocols are not one table); a table from other hardware is refused.
+Under Kubeflow, `shard`/`num_shards` split the archs over parallel pods and
+`automoe merge_latency` joins them.
 """
 
 from __future__ import annotations
