@@ -17,7 +17,7 @@
 #   SEEDS="1 2 3"                 runs per ablation arm (search seed = fine-tuning seed)
 #   LR_GRID="0.003 0.006"         fine-tuning LRs each family's sweep tries (3e-3: the earlier choice, made on
 #                                 the searched model alone; every curve was still falling at its end)
-#   SWEEP_UPDATES=250             updates per sweep run (the recipe otherwise; lowest validation loss wins)
+#   SWEEP_UPDATES=200             updates per sweep run (the recipe otherwise; lowest validation loss wins)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 cd "$HERE/../../.."
@@ -25,7 +25,7 @@ cd "$HERE/../../.."
 OUT=${1:-results/experiments/multi30k_fair}
 SEEDS=${SEEDS:-1 2 3}
 LR_GRID=${LR_GRID:-0.003 0.006}
-SWEEP_UPDATES=${SWEEP_UPDATES:-250}
+SWEEP_UPDATES=${SWEEP_UPDATES:-200}
 P="--params ${EXPERIMENT_PARAMS:-$HERE/params.yaml}"   # EXPERIMENT_PARAMS: another params file (the tests: toy sizes)
 export DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true
 mkdir -p "$OUT"
