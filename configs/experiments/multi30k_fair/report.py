@@ -313,11 +313,9 @@ def learning_rates(out: Path) -> str:
 
 
 def floor(out: Path) -> str:
-    """Why there is no 1/3 search, when the search refused it (its one-line error names the floor)."""
-    err = out / "search_het_b33_s1.err"
-    lines = [line for line in err.read_text().splitlines() if line.strip()] if err.is_file() else []
-    refused = lines and not (out / "search_het_b33_s1.json").is_file()
-    return f"; the 1/3 search was refused: {lines[-1].strip()}" if refused else ""
+    """Why there is no 1/3 search, when the search refused it (run.sh keeps its one-line error)."""
+    refused = out / "search_het_b33_s1.refused"
+    return f"; the 1/3 search was refused: {refused.read_text().strip()}" if refused.is_file() else ""
 
 
 def goals(models: dict[str, dict], curve: list[tuple[float, float]], out: Path | None = None) -> str:

@@ -60,9 +60,14 @@ search() {  # search NAME FRACTION SEED [SPACE]
   step "search_$1_s$3" automoe search $P --set "search.budget.value=$2" --set "search.seed=$3" $space $D $S \
     --predictor "$OUT/predictor" --out "$OUT/search/$1_s$3"
 }
-if ! search het_b33 0.33333 1 2> "$OUT/search_het_b33_s1.err"; then
-  echo "== search_het_b33_s1: refused: $(tail -n 1 "$OUT/search_het_b33_s1.err")"
+# a refusal (exit 2: the budget is under the space's floor) is recorded, so a rerun does not ask again
+REFUSED=$OUT/search_het_b33_s1.refused
+if [ ! -f "$REFUSED" ]; then
+  rc=0
+  search het_b33 0.33333 1 2> "$OUT/search_het_b33_s1.err" || rc=$?
+  if [ "$rc" -eq 2 ]; then tail -n 1 "$OUT/search_het_b33_s1.err" > "$REFUSED"; elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
 fi
+if [ -f "$REFUSED" ]; then echo "== search_het_b33_s1: refused: $(cat "$REFUSED")"; fi
 for seed in $SEEDS; do
   search het_b50 0.5 "$seed"
   search hom_b50 0.5 "$seed" "$HERE/space_homogeneous.yaml"
