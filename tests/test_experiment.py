@@ -7,9 +7,11 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 
 import pytest
@@ -178,12 +180,97 @@ def test_each_family_fine_tunes_at_the_lr_its_sweep_chose_on_validation(tmp_path
         (tmp_path / f"lr_{family}.json").write_text(json.dumps(choose_lr.choose(tmp_path / "sweep" / family)))
     assert choose_lr.choose(tmp_path / "sweep" / "dense")["lr"] == 0.003
     assert choose_lr.choose(tmp_path / "sweep" / "het_b50")["lr"] == 0.0015  # a tie goes to the smaller LR
+    # a choice at an end of the grid is no choice: the next sweep goes one factor 2 further
+    assert choose_lr.choose(tmp_path / "sweep" / "dense")["extend"] is None
+    assert choose_lr.choose(tmp_path / "sweep" / "het_b50")["extend"] == 0.00075
+    (tmp_path / "sweep" / "dense" / "lr0.006" / "metrics.json").write_text(json.dumps({"best_valid_loss": 1.6}))
+    assert choose_lr.choose(tmp_path / "sweep" / "dense")["extend"] == 0.012
+    # at most max_extend LRs beyond the design's grid: then the end of what was swept stands
+    assert choose_lr.choose(tmp_path / "sweep" / "dense", (0.003, 0.006), 1)["extend"] is None
+    assert choose_lr.choose(tmp_path / "sweep" / "dense", (0.0015, 0.003, 0.006), 1)["extend"] == 0.012
     with pytest.raises(ValueError, match="no finished sweep run"):
         choose_lr.choose(tmp_path / "sweep" / "hom_b50")
     assert r.family_lr(tmp_path, {"search": ""}) == 0.003  # every dense model: the reference's choice
     assert r.family_lr(tmp_path, {"search": "het_b50"}) == 0.0015 and r.family_lr(tmp_path, {"search": "x"}) is None
     table = r.learning_rates(tmp_path)
     assert "| dense family (the reference) | 0.0015: 1.900, 0.003: 1.700, 0.006: 1.800 | 0.003 |" in table
+
+
+def test_a_model_over_its_budget_after_fine_tuning_is_searched_again_at_a_fraction_scaled_by_the_overshoot(tmp_path):
+    spec = importlib.util.spec_from_file_location("budget_retry", EXPERIMENT / "budget_retry.py")
+    retry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(retry)
+    v = retry.decide(0.535, 0.5, 0.5, 0.02)  # 7% over: the next search aims 7% lower
+    assert v["over"] and v["next_fraction"] == pytest.approx(0.5 * 0.5 / 0.535)
+    v = retry.decide(0.52, 0.5, 0.45, 0.02)  # a retry that still overshoots: its own fraction, scaled again
+    assert v["over"] and v["next_fraction"] == pytest.approx(0.45 * 0.5 / 0.52)
+    assert retry.decide(0.509, 0.5, 0.5, 0.02) == {"ratio": 0.509, "budget": 0.5, "slack": 0.02, "fraction": 0.5,
+                                                   "over": False, "next_fraction": None}  # fmt: skip
+    assert not retry.decide(0.48, 0.5, 0.5, 0.0)["over"] and retry.decide(0.501, 0.5, 0.5, 0.0)["over"]
+    v = retry.decide(0.45, 0.5, 0.5, -0.2)  # a negative slack is a margin: over 0.4, and 0.4 is the aim
+    assert v["over"] and v["next_fraction"] == pytest.approx(0.5 * 0.4 / 0.45)
+    for bad in ((0.0, 0.5, 0.5, 0.02), (0.5, -0.5, 0.5, 0.02), (0.5, 0.5, 0.5, -1.0)):
+        with pytest.raises(ValueError):
+            retry.decide(*bad)
+    ev = tmp_path / "evaluate_het_b50_s1.json"
+    ev.write_text(json.dumps({"searched_latency_ms": 15.0, "dense_latency_ms": 30.0}))
+    assert retry.measured_ratio(ev) == 0.5
+    out = tmp_path / "budget.json"  # the CLI: one line naming the input on bad input, and nothing written
+    cli = [sys.executable, str(EXPERIMENT / "budget_retry.py"), str(tmp_path / "missing.json")]
+    bad = subprocess.run(cli + ["--budget", "0.5", "--fraction", "0.5", "--metrics", str(out)],
+                         capture_output=True, text=True, env=subprocess_env())  # fmt: skip
+    assert bad.returncode != 0 and "missing.json" in bad.stderr and not out.exists()
+
+
+def test_the_report_stands_each_seed_on_its_last_try_and_names_every_budget_verdict(tmp_path):
+    r = _report_module()
+
+    def evaluation(name: str, searched_ms: float, bleu: float, verdict: dict | None) -> None:
+        sides = {"searched": (bleu, searched_ms), "dense": (36.0, 30.0)}
+        m = {f"{side}_{k}": v for side, (b, ms) in sides.items() for k, v in
+             {"bleu": b, "chrf": 60.0, "latency_ms": ms, "encoder_ms": 1.0, "decoder_ms": 9.0,
+              "translate_sentences_per_s": 5.0, "gflops": 0.1, "params_active": 1e6, "params_total": 2e6,
+              "init": "supernet", "train_updates": 4.0, "train_target_tokens": 1e4}.items()}  # fmt: skip
+        (tmp_path / "evaluate" / name).mkdir(parents=True)
+        (tmp_path / "evaluate" / name / "metrics.json").write_text(
+            json.dumps(m | {"bleu_signature": "s", "chrf_signature": "c"})
+        )
+        if verdict is not None:
+            (tmp_path / f"budget_{name}.json").write_text(json.dumps(verdict))
+
+    def verdict(ratio: float, fraction: float) -> dict:
+        over = ratio > 0.51
+        return {"ratio": ratio, "budget": 0.5, "slack": 0.02, "fraction": fraction, "over": over,
+                "next_fraction": fraction * 0.5 / ratio if over else None}  # fmt: skip
+
+    evaluation("het_b50_s1", 16.2, 30.0, verdict(0.54, 0.5))  # over: replaced by its retry
+    evaluation("het_b50_s1_t2", 14.7, 29.0, verdict(0.49, 0.463))
+    evaluation("het_b50_s2", 15.0, 31.0, verdict(0.50, 0.5))
+    evaluation("hom_b50_s1", 16.5, 32.0, verdict(0.55, 0.5))  # over, and no retry (refused or no try left)
+    evaluation("hom_b50_s2", 14.4, 31.5, verdict(0.48, 0.5))
+    assert (r.kind("het_b50_s1_t2"), r.attempt("het_b50_s1_t2"), r.attempt("het_b50_s1")) == (
+        ("searched", "het_b50", 1), 2, 1)  # fmt: skip
+    models = r.load(tmp_path)
+    assert models["het_b50_s1"]["replaced"] and not models["het_b50_s1_t2"]["replaced"]
+    assert set(r.final(models)) == {r.REF, "het_b50_s1_t2", "het_b50_s2", "hom_b50_s1", "hom_b50_s2"}
+    assert sorted(r.arms(models)["heterogeneous"]) == [29.0, 31.0]  # seed 1 counts with its retry, once
+    assert "| heterogeneous | 2 | 30.00 [" in r.ablation(models)
+    table = r.budgets(models)
+    assert "| heterogeneous experts, 1/2 | 1 | 1 | 0.5000 | 0.540 | 0.5000 (+2%) | over: searched again at 0.4630 |" \
+        in table  # fmt: skip
+    assert "| heterogeneous experts, 1/2 | 1 | 2 | 0.4630 | 0.490 | 0.5000 (+2%) | within budget |" in table
+    assert "| homogeneous experts, 1/2 | 1 | 1 | 0.5000 | 0.550 | 0.5000 (+2%) | **over, not replaced**" in table
+    assert table.endswith("3 of 4 standing searched models within their budget.")
+    goals = r.goals(models, r.dense_curve(models), tmp_path)
+    assert "fine-tuned routing (+2%): **missed** (3 of 4; 1 after a retry; over: homogeneous experts, 1/2 seed 1 " \
+        "0.550x)" in goals  # fmt: skip
+    assert "heterogeneous experts, 1/2, try 2 |" in r.models_table(models, r.dense_curve(models))
+    assert "heterogeneous experts, 1/2 (over budget: replaced) |" in r.models_table(models, r.dense_curve(models))
+    (tmp_path / "budget_het_b50_s1.json").write_text(json.dumps(verdict(0.50, 0.5)))  # judged again: within
+    models = r.load(tmp_path)  # then seed 1 stands on its first try, and the retry is not used
+    assert "het_b50_s1" in r.final(models) and "het_b50_s1_t2" not in r.final(models)
+    assert sorted(r.arms(models)["heterogeneous"]) == [30.0, 31.0]
+    assert "1/2, try 2 (not used: an earlier try is within budget) |" in r.models_table(models, r.dense_curve(models))
 
 
 def _toy_params(path, multi30k) -> None:
@@ -198,12 +285,20 @@ def _toy_params(path, multi30k) -> None:
     path.write_text(yaml.safe_dump(p, sort_keys=False))
 
 
-TOY_DESIGN = {"SEEDS": "1 2", "LR_GRID": "0.003 0.006", "SWEEP_UPDATES": "2"}
+# BUDGET_SLACK 1: no model is over its budget by chance (the toy routing is random); the test forces one
+TOY_DESIGN = {
+    "SEEDS": "1 2",
+    "LR_GRID": "0.003 0.006",
+    "SWEEP_UPDATES": "2",
+    "MAX_TRIES": "2",
+    "LR_EXTEND": "1",
+    "BUDGET_SLACK": "1",
+}
 
 
-def _start(out, params, log):
+def _start(out, params, log, **design):
     env = subprocess_env(
-        EXPERIMENT_PARAMS=str(params), MLFLOW_TRACKING_URI=f"sqlite:///{out / 'mlflow.db'}", **TOY_DESIGN
+        EXPERIMENT_PARAMS=str(params), MLFLOW_TRACKING_URI=f"sqlite:///{out / 'mlflow.db'}", **TOY_DESIGN | design
     )
     return subprocess.Popen(
         ["bash", str(EXPERIMENT / "run.sh"), str(out)],
@@ -231,26 +326,42 @@ def test_the_experiment_runs_killed_and_resumed_without_redoing_finished_steps(t
     second = _start(out, params, tmp_path / "second.log")
     assert second.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
     log = (tmp_path / "second.log").read_text()
-    for step in finished:  # nothing finished before the kill ran again (retrains log to their own file)
-        own = out / f"{step}.log"
-        assert f"== {step}: done" in log + (own.read_text() if own.is_file() else "")
     steps = [line.split("\t")[0] for line in (out / "times.tsv").read_text().splitlines()]
-    assert len(steps) == len(set(steps)), "a step ran twice"
+    assert len(steps) == len(set(steps)), "a step ran twice"  # every step records its time once, when it finishes
+    # nothing finished before the kill ran again (LR choices are not steps: made on every run, rewritten if changed)
+    pooled = ("lr_", "retrain_", "sweep_")  # the pool's steps log to their own files, and the kill lands among them
+    assert all(f"== {s}: done" in log for s in finished if not s.startswith(pooled)), log
 
     # 3 dense models; 2 runs of each ablation arm (search seed = fine-tuning seed), and the
     # 1/3 search's model where the toy space's floor allowed it
     b33 = (out / "search_het_b33_s1.json").is_file()
     assert b33 != (out / "search_het_b33_s1.refused").is_file() and (b33 or "the 1/3 search was refused" in log)
-    n_models = 3 + 6 + b33
+    retries = sorted(f.name for f in (out / "evaluate").glob("*_t2"))  # models over budget, searched again
+    n_models = 3 + 6 + b33 + len(retries)
     summary = json.loads((out / "report.json").read_text())
     assert summary["models"] == n_models
     report = (out / "report.md").read_text()
     assert "## Goals" in report and "dense_d256_l3x3_f1024" in report and "runs per arm: 2, 2, 2" in report
+    verdicts = {p.stem.removeprefix("budget_"): json.loads(p.read_text()) for p in out.glob("budget_*.json")}
+    assert set(verdicts) == {f.name for f in (out / "evaluate").iterdir() if not f.name.startswith("dense_d")}
+    assert not list((out / "search").glob("*_t3"))  # MAX_TRIES 2: one retry at most
+    for name, v in verdicts.items():  # over budget: searched again at the scaled fraction, unless refused
+        retry = f"{name}_t2"
+        if name.endswith("_t2"):
+            continue
+        if not v["over"]:
+            assert retry not in retries, (name, v)
+        elif retry in retries:
+            searched = json.loads((out / "search" / retry / "budget.json").read_text())
+            assert searched["fraction_of_dense"] == pytest.approx(v["next_fraction"])
+        else:  # the tighter search was refused: under the space's floor
+            assert "search.budget" in (out / f"search_{retry}.err").read_text().splitlines()[-1], (name, v)
     assert report.count("| supernet, 4, ") == n_models  # every model inherited and fine-tuned alike:
     families = ["dense", "het_b50", "hom_b50", "dense_b50"] + ["het_b33"] * b33
     for family in families:  # each family's LR: the toy grid's lowest validation loss, used by all its models
         chosen = json.loads((out / f"lr_{family}.json").read_text())
-        assert set(chosen["valid_loss"]) == {"0.003", "0.006"} and chosen["lr"] in (0.003, 0.006)
+        swept = {float(lr) for lr in chosen["valid_loss"]}  # two LRs choose an end: one more beyond it (LR_EXTEND 1)
+        assert swept - {0.003, 0.006} in ({0.0015}, {0.012}) and {0.003, 0.006} <= swept and chosen["extend"] is None
         r = _report_module()  # a model's family: the report's own reading of its folder name
         members = [f for f in (out / "retrain").iterdir() if (r.kind(f.name)[1] or "dense") == family]
         assert members
@@ -275,6 +386,43 @@ def test_the_experiment_runs_killed_and_resumed_without_redoing_finished_steps(t
         artifacts = db.execute("select count(*) from runs where name = 'report'").fetchone()[0]
     assert {"multi30k_fair", "report", "dense_d256_l3x3_f1024", "het_b50_s2"} <= names and artifacts == 1
     assert len(list((out / "mlartifacts").rglob("multi30k_fair_pareto.png"))) == 1
+
+    # a model within its budget judged again under a margin that puts it over (its verdict removed,
+    # as a user redoes a step): its search runs again at 0.95 of its fraction, and only that retry
+    # runs; the report is made again, with the retry standing for the seed in the ablation
+    r = _report_module()
+    within = sorted(n for n, v in verdicts.items() if not v["over"] and "_t" not in n and "_b50_" in n)
+    if within:
+        name, before = within[0], len((out / "times.tsv").read_text().splitlines())
+        (out / f"budget_{name}.json").unlink()
+        margin = 0.95 * verdicts[name]["ratio"] / 0.5 - 1
+        forced = _start(out, params, tmp_path / "forced.log", BUDGET_SLACK=repr(margin))
+        assert forced.wait(timeout=300) == 0, (tmp_path / "forced.log").read_text()[-3000:]
+        ran = {line.split("\t")[0] for line in (out / "times.tsv").read_text().splitlines()[before:]}
+        assert ran == {f"budget_{name}", f"search_{name}_t2", f"retrain_{name}_t2", f"evaluate_{name}_t2",
+                       f"budget_{name}_t2", "report"}, ran  # fmt: skip
+        assert json.loads((out / f"budget_{name}.json").read_text())["next_fraction"] == pytest.approx(0.475)
+        assert json.loads((out / "search" / f"{name}_t2" / "budget.json").read_text())["fraction_of_dense"] == (
+            pytest.approx(0.475))  # fmt: skip
+        models = r.load(out)
+        assert models[name]["replaced"] and f"{name}_t2" in r.final(models) and name not in r.final(models)
+        assert "| 1 | 0.5000 | " in (out / "report.md").read_text() and "over: searched again at 0.4750 |" in (
+            out / "report.md").read_text()  # fmt: skip
+
+    # a family's choice that changes after its models trained (here a sweep result added by hand)
+    # stops the run before any training, naming the model to train again
+    fake = out / "sweep" / "dense_b50" / "lr0.0042"
+    fake.mkdir()
+    (fake / "metrics.json").write_text(json.dumps({"best_valid_loss": -1.0}))
+    trained = {p: p.stat().st_mtime_ns for p in out.glob("retrain_*.json")}
+    stale = subprocess.run(["bash", str(EXPERIMENT / "run.sh"), str(out)], capture_output=True, text=True,
+                           timeout=300, env=subprocess_env(EXPERIMENT_PARAMS=str(params), **TOY_DESIGN))  # fmt: skip
+    assert stale.returncode == 1 and "its family now chooses 0.0042: remove" in stale.stderr, stale.stderr[-2000:]
+    assert (
+        f"{out / 'retrain' / 'dense_b50_s'}" in stale.stderr and not (out / "sweep" / "dense_b50" / "lr0.0084").exists()
+    )
+    assert {p: p.stat().st_mtime_ns for p in out.glob("retrain_*.json")} == trained
+    shutil.rmtree(fake)
 
     third = subprocess.run(
         ["bash", str(EXPERIMENT / "run.sh"), str(out)],

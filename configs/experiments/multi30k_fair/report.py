@@ -53,11 +53,21 @@ def t975(dof: float) -> float:
 
 
 def kind(name: str) -> tuple[str, str, int]:
-    """(group, search or '', seed) of a retrain folder's name."""
+    """(group, search or '', seed) of a retrain folder's name (a retry's `_t<try>` set aside)."""
     if name.startswith("dense_d"):
         return "dense", "", 1
     search, seed = name.rsplit("_s", 1)
-    return "searched", search, int(seed)
+    return "searched", search, int(seed.split("_t")[0])
+
+
+def attempt(name: str) -> int:
+    """Which search of its seed a model's is: 1, or the try of a retry over budget (`..._s1_t2`)."""
+    return int(name.rsplit("_t", 1)[1]) if "_t" in name.rsplit("_s", 1)[-1] else 1
+
+
+def final(models: dict[str, dict]) -> dict[str, dict]:
+    """The models that stand: each search seed's last try (a model over its budget is replaced)."""
+    return {n: m for n, m in models.items() if not (m.get("replaced") or m.get("unused"))}
 
 
 def label(search: str) -> str:
@@ -98,12 +108,31 @@ def load(out: Path) -> dict[str, dict]:
     ref_ms = models[REF]["latency_ms"] if models else float("nan")
     for name, m in models.items():
         group, search, seed = kind(name)
-        m |= {"group": group, "search": search, "seed": seed, "latency_at_ref": m["ratio"] * ref_ms}
+        m |= {
+            "group": group,
+            "search": search,
+            "seed": seed,
+            "try": attempt(name),
+            "latency_at_ref": m["ratio"] * ref_ms,
+        }
         arch = out / "retrain" / name / "arch.yaml"
         m["arch"] = yaml.safe_load(arch.read_text()) if arch.is_file() else {}
         trained = out / "retrain" / name / "metrics.json"  # the validation figure models are chosen by
         m["valid_loss"] = json.loads(trained.read_text())["best_valid_loss"] if trained.is_file() else float("nan")
         m["lr"] = family_lr(out, m)
+        verdict = out / f"budget_{name}.json"
+        m["budget_verdict"] = json.loads(verdict.read_text()) if verdict.is_file() else None
+    chains: dict[tuple[str, int], dict[int, dict]] = {}
+    for m in models.values():
+        m["replaced"] = m["unused"] = False
+        if m["group"] == "searched":
+            chains.setdefault((m["search"], m["seed"]), {})[m["try"]] = m
+    for tries in chains.values():  # a try stands unless its verdict is over and the next try exists
+        t = min(tries)
+        while (tries[t]["budget_verdict"] or {}).get("over") and t + 1 in tries:
+            tries[t]["replaced"], t = True, t + 1
+        for later in (u for u in tries if u > t):
+            tries[later]["unused"] = True  # after a try that stands (its verdict changed since)
     return dict(sorted(models.items(), key=lambda kv: (kv[1]["group"] != "dense", -kv[1]["ratio"], kv[0])))
 
 
@@ -141,7 +170,7 @@ def seed_sd(models: dict[str, dict]) -> float | None:
     """The BLEU spread between runs of one searched configuration (pooled sd over the searches
     run with more than one seed), or None where no search was repeated."""
     groups: dict[str, list[float]] = {}
-    for m in models.values():
+    for m in final(models).values():
         if m["group"] == "searched":
             groups.setdefault(m["search"], []).append(m["bleu"])
     repeated = [b for b in groups.values() if len(b) > 1]
@@ -190,6 +219,12 @@ def models_table(models: dict[str, dict], curve: list[tuple[float, float]]) -> s
     sd = seed_sd(models)
     for name, m in models.items():
         title = name if m["group"] == "dense" else label(m["search"])
+        if m["group"] == "searched" and m["try"] > 1:
+            title += f", try {m['try']}"
+        if m.get("replaced"):
+            title += " (over budget: replaced)"
+        if m.get("unused"):
+            title += " (not used: an earlier try is within budget)"
         vs = "-" if m["group"] == "dense" else f"{above_curve(curve, m)[0]:+.2f} ({versus_curve(curve, m, sd)})"
         lines.append(
             f"| {title} | {m['seed']} | {describe(m['arch'])} | {m['bleu']:.2f} | {m['chrf']:.2f} "
@@ -247,10 +282,11 @@ def difference(a: list[float], b: list[float]) -> tuple[float, float, float]:
 
 def arms(models: dict[str, dict]) -> dict[str, list[float]]:
     """The ablation's BLEU per arm, one value per independent run (search and fine-tuning seed)."""
+    standing = final(models).values()
     return {
-        arm: [m["bleu"] for m in models.values() if m["search"] == search]
+        arm: [m["bleu"] for m in standing if m["search"] == search]
         for search, arm in ARMS.items()
-        if any(m["search"] == search for m in models.values())
+        if any(m["search"] == search for m in standing)
     }
 
 
@@ -261,7 +297,7 @@ def ablation(models: dict[str, dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for search, arm in ARMS.items():
-        ms = sorted((m for m in models.values() if m["search"] == search), key=lambda m: m["seed"])
+        ms = sorted((m for m in final(models).values() if m["search"] == search), key=lambda m: m["seed"])
         if not ms:
             continue
         b = [m["bleu"] for m in ms]
@@ -322,7 +358,7 @@ def goals(models: dict[str, dict], curve: list[tuple[float, float]], out: Path |
     if REF not in models:
         return "(no evaluation yet)"
     ref = models[REF]
-    searched = [m for m in models.values() if m["group"] == "searched"]
+    searched = [m for m in final(models).values() if m["group"] == "searched"]
     fast = [m for m in searched if m["ratio"] <= 1 / 3]
     best = chosen_on_validation(fast)
     lines = [
@@ -341,6 +377,21 @@ def goals(models: dict[str, dict], curve: list[tuple[float, float]], out: Path |
             + ")."
         ),
     ]
+    judged = [m for m in searched if m.get("budget_verdict")]
+    if judged:
+        over = [m for m in judged if m["budget_verdict"]["over"]]
+        slack = judged[0]["budget_verdict"]["slack"]
+        lines.append(
+            f"- Every standing searched model within its budget on its fine-tuned routing (+{slack:.0%}): "
+            f"**{'missed' if over else 'met'}** ({len(judged) - len(over)} of {len(judged)}; "
+            f"{sum(m['try'] > 1 for m in judged)} after a retry"
+            + (
+                "; over: " + ", ".join(f"{label(m['search'])} seed {m['seed']} {m['ratio']:.3f}x" for m in over)
+                if over
+                else ""
+            )
+            + ")."
+        )
     close = [m for m in searched if ref["bleu"] - m["bleu"] <= 0.5]
     fastest = min(close, key=lambda m: m["ratio"], default=None)
     if fastest:
@@ -387,7 +438,8 @@ def searches(out: Path) -> str:
         path = folder / "metrics.json"
         if not path.is_file():
             continue
-        search, seed = folder.name.rsplit("_s", 1)
+        _, search, seed = kind(folder.name)
+        tried = attempt(folder.name)
         m = json.loads(path.read_text())
         ev = out / "evaluate" / folder.name / "metrics.json"
         measured = "-"
@@ -396,10 +448,11 @@ def searches(out: Path) -> str:
             measured = f"{e['searched_latency_ms'] / e['dense_latency_ms']:.3f}"
         random_best = m.get("random_best_fitness", float("nan"))
         gain = random_best - m["best_fitness"]  # lower loss is better: > 0 where evolution found the better arch
-        if not math.isnan(gain):
+        if not math.isnan(gain) and tried == 1:  # evolution vs random: the independent first searches
             gains.setdefault(search, []).append(gain)
+        run = f"{seed} (try {tried})" if tried > 1 else f"{seed}"
         lines.append(
-            f"| {label(search)} | {seed} | {m['evaluations']:.0f} | {m['budget']:.1f} | {m['best_cost']:.1f} "
+            f"| {label(search)} | {run} | {m['evaluations']:.0f} | {m['budget']:.1f} | {m['best_cost']:.1f} "
             f"| {m['best_fitness']:.3f} | {random_best:.3f} | {gain:+.4f} | {measured} |"
         )
     summary = []
@@ -413,6 +466,34 @@ def searches(out: Path) -> str:
         )
         summary.append(f"- {label(search)}: evolution's winner {mean:+.4f} nats better than random search's {spread}")
     return "\n".join(lines) + ("\n\n" + "\n".join(summary) if summary else "")
+
+
+def budgets(models: dict[str, dict]) -> str:
+    """Each searched model's latency on its served (fine-tuned) routing against its budget, and
+    what followed: within it, or its search run again at a tighter fraction (budget_retry.py)."""
+    lines = [
+        "| model | seed | try | search's fraction | measured × reference | budget (+ slack) | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in sorted(models.values(), key=lambda m: (m["search"], m["seed"], m["try"])):
+        v = m.get("budget_verdict")
+        if m["group"] != "searched" or not v:
+            continue
+        if not v["over"]:
+            verdict = "within budget"
+        elif m["replaced"]:
+            verdict = f"over: searched again at {v['next_fraction']:.4f}"
+        else:
+            verdict = "**over, not replaced** (no try left, or the tighter search was refused)"
+        lines.append(
+            f"| {label(m['search'])} | {m['seed']} | {m['try']} | {v['fraction']:.4f} | {m['ratio']:.3f} "
+            f"| {v['budget']:.4f} (+{v['slack']:.0%}) | {verdict} |"
+        )
+    if len(lines) == 2:
+        return "No budget verdicts."
+    standing = [m for m in final(models).values() if m["group"] == "searched" and m.get("budget_verdict")]
+    within = sum(not m["budget_verdict"]["over"] for m in standing)
+    return "\n".join(lines) + f"\n\n{within} of {len(standing)} standing searched models within their budget."
 
 
 def times(out: Path) -> str:
@@ -435,8 +516,18 @@ def plots(out: Path, models: dict[str, dict], curve: list[tuple[float, float]], 
         for x, y, n in dense:
             ax.annotate(n.removeprefix("dense_"), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
         markers = {"het_b33": "D", "het_b50": "o", "hom_b50": "^", "dense_b50": "v"}
+        replaced = [m for m in models.values() if m.get("replaced")]
+        if replaced:
+            ax.scatter(
+                [m["latency_at_ref"] for m in replaced],
+                [m["bleu"] for m in replaced],
+                marker="x",
+                color="grey",
+                s=40,
+                label="over budget after fine-tuning (replaced by a retry)",
+            )
         for search, (title, _) in SEARCHES.items():
-            ms = [m for m in models.values() if m["search"] == search]
+            ms = [m for m in final(models).values() if m["search"] == search]
             if ms:
                 ax.scatter(
                     [m["latency_at_ref"] for m in ms],
@@ -498,6 +589,7 @@ def report(out: Path, models: dict[str, dict], curve: list[tuple[float, float]])
         "## Models (test2016)\n\n" + models_table(models, curve),
         "Dense curve (latency × reference, BLEU): " + ", ".join(f"({x:.3f}, {y:.2f})" for x, y in curve),
         "## Routing (test2016)\n\n" + routing(models),
+        "## Budgets on the fine-tuned routing\n\n" + budgets(models),
         "## Fine-tuning LR, chosen on validation\n\n" + learning_rates(out),
         "## Ablation at 1/2 of the reference's latency\n\n" + ablation(models),
         "## Searches\n\n" + searches(out),

@@ -18,6 +18,10 @@
 #   LR_GRID="0.003 0.006"         fine-tuning LRs each family's sweep tries (3e-3: the earlier choice, made on
 #                                 the searched model alone; every curve was still falling at its end)
 #   SWEEP_UPDATES=200             updates per sweep run (the recipe otherwise; lowest validation loss wins)
+#   LR_EXTEND=2                   a choice at an end of the grid sweeps one LR further, at most this often
+#   BUDGET_SLACK=0.02             a fine-tuned searched model may measure this much over its budget; beyond,
+#                                 its search runs again at a fraction scaled by the overshoot (budget_retry.py)
+#   MAX_TRIES=3                   searches per seed at most (the first and two retries)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 cd "$HERE/../../.."
@@ -55,27 +59,39 @@ step train_predictor automoe train_predictor $P --latency "$OUT/latency" --out "
 # refuses a budget under its fastest arch: then the report gives the floor), and the
 # ablation at 1/2: the same supernet, predictor and budget, searched in the whole space
 # and in its homogeneous-expert and dense-only parts, once per seed
-search() {  # search NAME FRACTION SEED [SPACE]
+search() {  # search RUN FRACTION SEED [SPACE]   (RUN: SEARCH_sSEED, a retry SEARCH_sSEED_tTRY)
   local space=${4:+--set search.space=$4}
-  step "search_$1_s$3" automoe search $P --set "search.budget.value=$2" --set "search.seed=$3" $space $D $S \
-    --predictor "$OUT/predictor" --out "$OUT/search/$1_s$3"
+  step "search_$1" automoe search $P --set "search.budget.value=$2" --set "search.seed=$3" $space $D $S \
+    --predictor "$OUT/predictor" --out "$OUT/search/$1"
 }
+declare -A BUDGET=([het_b33]=0.33333 [het_b50]=0.5 [hom_b50]=0.5 [dense_b50]=0.5)
+declare -A SPACE=([het_b33]="" [het_b50]="" [hom_b50]=$HERE/space_homogeneous.yaml [dense_b50]=$HERE/space_dense.yaml)
 # a refusal (exit 2: the budget is under the space's floor) is recorded, so a rerun does not ask again
 REFUSED=$OUT/search_het_b33_s1.refused
 if [ ! -f "$REFUSED" ]; then
   rc=0
-  search het_b33 0.33333 1 2> "$OUT/search_het_b33_s1.err" || rc=$?
+  search het_b33_s1 0.33333 1 2> "$OUT/search_het_b33_s1.err" || rc=$?
   if [ "$rc" -eq 2 ]; then tail -n 1 "$OUT/search_het_b33_s1.err" > "$REFUSED"; elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
 fi
 if [ -f "$REFUSED" ]; then echo "== search_het_b33_s1: refused: $(cat "$REFUSED")"; fi
 for seed in $SEEDS; do
-  search het_b50 0.5 "$seed"
-  search hom_b50 0.5 "$seed" "$HERE/space_homogeneous.yaml"
-  search dense_b50 0.5 "$seed" "$HERE/space_dense.yaml"
+  for v in het_b50 hom_b50 dense_b50; do search "${v}_s$seed" "${BUDGET[$v]}" "$seed" "${SPACE[$v]}"; done
 done
+
+peak_lr() {  # peak_lr FOLDER: the highest LR a finished training's schedule reached
+  python -c 'import csv, sys; print(max(float(r["lr"]) for r in csv.DictReader(open(sys.argv[1]))))' "$1/curves.csv"
+}
 
 pool() {  # pool JOB...: "STEP OUT_FOLDER ARCH SEED LR UPDATES" per job, two at a time, one thread each
   local running=0 job name folder arch seed lr updates
+  for job in "$@"; do  # a finished training whose family's LR changed since is not passed over silently
+    read -r name folder arch seed lr updates <<< "$job"
+    if [ -f "$OUT/$name.json" ] && python -c 'import sys; sys.exit(abs(float(sys.argv[1]) / float(sys.argv[2]) - 1) < 0.25)' \
+      "$(peak_lr "$folder")" "$lr"; then
+      echo "run.sh: $folder was trained at LR $(peak_lr "$folder"), its family now chooses $lr: remove $OUT/$name.json and $folder to train it again (its evaluation follows)" >&2
+      exit 1
+    fi
+  done
   for job in "$@"; do
     read -r name folder arch seed lr updates <<< "$job"
     if [ "$running" -ge 2 ]; then wait -n; running=$((running - 1)); fi
@@ -101,10 +117,21 @@ for family in "${!FIRST[@]}"; do
   done
 done
 pool "${SWEEP[@]}"
+# a family whose choice is at an end of what it swept sweeps one LR further (half the lowest or
+# twice the highest), at most LR_EXTEND times; the choice is made again on every run (it is cheap)
 declare -A LR
-for family in "${!FIRST[@]}"; do
-  step "lr_$family" python "$HERE/choose_lr.py" "$OUT/sweep/$family"
-  LR[$family]=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["lr"])' "$OUT/lr_$family.json")
+while true; do
+  SWEEP=()
+  for family in "${!FIRST[@]}"; do
+    # shellcheck disable=SC2086  # the grid: one argument per LR
+    python "$HERE/choose_lr.py" "$OUT/sweep/$family" --metrics "$OUT/lr_$family.json" --grid $LR_GRID \
+      --max-extend "${LR_EXTEND:-2}"
+    read -r lr extend < <(python -c 'import json, sys; c = json.load(open(sys.argv[1])); print(c["lr"], c["extend"] or "")' "$OUT/lr_$family.json")
+    LR[$family]=$lr
+    [ -z "$extend" ] || SWEEP+=("sweep_${family}_lr$extend $OUT/sweep/$family/lr$extend ${FIRST[$family]} 1 $extend $SWEEP_UPDATES")
+  done
+  [ "${#SWEEP[@]}" -gt 0 ] || break
+  pool "${SWEEP[@]}"
 done
 
 # fine-tuning: every model inherits its supernet slice and gets the same updates at its
@@ -128,12 +155,54 @@ pool "${RETRAIN[@]}"
 # evaluation on test2016, alone on the machine: each model beside the reference, whose
 # latency is measured in the same alternating rounds (the ratio is what compares across runs)
 REF=$OUT/retrain/dense_d256_l3x3_f1024
+evaluate() {  # evaluate NAME: beside the reference; again where the model or the reference trained since
+  if [ "$OUT/retrain_$1.json" -nt "$OUT/evaluate_$1.json" ] || [ "$OUT/retrain_dense_d256_l3x3_f1024.json" -nt "$OUT/evaluate_$1.json" ]; then
+    rm -f "$OUT/evaluate_$1.json" "$OUT/budget_$1.json"
+  fi
+  step "evaluate_$1" automoe evaluate $P $D --model "$OUT/retrain/$1" --baseline "$REF" --out "$OUT/evaluate/$1"
+}
 for job in "${JOBS[@]}"; do
   read -r name _ _ _ <<< "$job"
-  [ "$name" = "dense_d256_l3x3_f1024" ] && continue
-  step "evaluate_$name" automoe evaluate $P $D --model "$OUT/retrain/$name" --baseline "$REF" \
-    --out "$OUT/evaluate/$name"
+  [ "$name" = "dense_d256_l3x3_f1024" ] || evaluate "$name"
 done
+# the budget on the routing that is served: a search confirms its winner with the supernet's
+# routing, and fine-tuning moves the routers. Every searched model measured over its budget by
+# more than BUDGET_SLACK is replaced: its search runs again (same seed) at its fraction scaled by
+# the overshoot, and the new winner is fine-tuned and evaluated alike (OUT/budget_RUN.json);
+# at most MAX_TRIES searches per seed. The report's ablation uses each seed's last try.
+CURRENT=()   # RUN FAMILY SEED FRACTION
+for job in "${JOBS[@]}"; do
+  read -r name _ seed family <<< "$job"
+  [ -n "${BUDGET[$family]:-}" ] && CURRENT+=("$name $family $seed ${BUDGET[$family]}")
+done
+try=1
+while [ "${#CURRENT[@]}" -gt 0 ]; do
+  try=$((try + 1)); NEXT=(); RETRAIN=()
+  for entry in "${CURRENT[@]}"; do
+    read -r name family seed fraction <<< "$entry"
+    step "budget_$name" python "$HERE/budget_retry.py" "$OUT/evaluate_$name.json" --budget "${BUDGET[$family]}" \
+      --fraction "$fraction" --slack "${BUDGET_SLACK:-0.02}"
+    next=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["next_fraction"] or "")' "$OUT/budget_$name.json")
+    [ -n "$next" ] && [ "$try" -le "${MAX_TRIES:-3}" ] || continue
+    run=${family}_s${seed}_t$try
+    rc=0
+    search "$run" "$next" "$seed" "${SPACE[$family]}" 2> "$OUT/search_$run.err" || rc=$?
+    if [ "$rc" -eq 2 ]; then echo "== search_$run: refused: $(tail -n 1 "$OUT/search_$run.err")"; continue; fi
+    [ "$rc" -eq 0 ] || exit "$rc"
+    NEXT+=("$run $family $seed $next")
+    RETRAIN+=("retrain_$run $OUT/retrain/$run $OUT/search/$run/best_arch.yaml $seed ${LR[$family]}")
+  done
+  [ "${#RETRAIN[@]}" -gt 0 ] && pool "${RETRAIN[@]}"
+  for entry in "${NEXT[@]}"; do
+    read -r run _ _ _ <<< "$entry"
+    evaluate "$run"
+  done
+  CURRENT=("${NEXT[@]}")
+done
+
+# the report is made again where an evaluation, a verdict or an LR choice is newer than it
+if [ -f "$OUT/report.json" ] && [ -n "$(find "$OUT" -maxdepth 1 \( -name 'evaluate_*.json' -o -name 'budget_*.json' \
+  -o -name 'lr_*.json' \) -newer "$OUT/report.json" -print -quit)" ]; then rm "$OUT/report.json"; fi
 step report python "$HERE/report.py" "$OUT"
 cat "$OUT/report.md"
 echo "== multi30k_fair: done in $(awk '{s += $2} END {print s}' "$OUT/times.tsv") s of steps (steps: $OUT/times.tsv)"
