@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=165, help="fine-tuning updates per arch")
     p.add_argument("--valid-sentences", type=int, default=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[1], help="fine-tuning seeds per arch")
+    p.add_argument("--lr", type=float, help="fine-tuning LR (default: params.yaml retrain.train.lr)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("results/supernet_rank"))
     a = p.parse_args()
@@ -106,7 +107,7 @@ def main() -> None:
         "valid_max_sentences": a.valid_sentences,
         "valid_interval": a.updates,
         "threads": a.threads,
-    }
+    } | ({"lr": a.lr} if a.lr else {})
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "space.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))  # the supernet's space
     configs = {
@@ -119,7 +120,8 @@ def main() -> None:
         for seed in a.seeds
     }
     setup = {"updates": a.updates, "valid_sentences": a.valid_sentences, "supernet": str(a.supernet),
-             "policy": "inherit, then fine-tune", "budget": budget, "band": a.band, "rows": "by seed"}  # fmt: skip
+             "policy": "inherit, then fine-tune", "budget": budget, "band": a.band, "rows": "by seed",
+             "lr": train.get("lr")}  # fmt: skip
     state_file = a.out / "rank.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if state.get("setup") != setup:

@@ -285,11 +285,11 @@ def _toy_params(path, multi30k) -> None:
     path.write_text(yaml.safe_dump(p, sort_keys=False))
 
 
-# BUDGET_SLACK 1: no model is over its budget by chance (the toy routing is random); the test forces one
+# BUDGET_SLACK 1: no model is over its budget by chance (the toy routing is random); the test forces one.
+# SWEEP_UPDATES unset: sweeps at the fine-tuning length, whose run at the chosen LR is the family's first model
 TOY_DESIGN = {
     "SEEDS": "1 2",
     "LR_GRID": "0.003 0.006",
-    "SWEEP_UPDATES": "2",
     "MAX_TRIES": "2",
     "LR_EXTEND": "1",
     "BUDGET_SLACK": "1",
@@ -362,6 +362,9 @@ def test_the_experiment_runs_killed_and_resumed_without_redoing_finished_steps(t
         chosen = json.loads((out / f"lr_{family}.json").read_text())
         swept = {float(lr) for lr in chosen["valid_loss"]}  # two LRs choose an end: one more beyond it (LR_EXTEND 1)
         assert swept - {0.003, 0.006} in ({0.0015}, {0.012}) and {0.003, 0.006} <= swept and chosen["extend"] is None
+        first = "dense_d256_l3x3_f1024" if family == "dense" else f"{family}_s1"  # sweeps at the full length: the
+        model = out / "retrain" / first / "model.pt"  # family's first model is its sweep run at the chosen LR
+        assert model.samefile(out / "sweep" / family / f"lr{chosen['lr']}" / "model.pt")
         r = _report_module()  # a model's family: the report's own reading of its folder name
         members = [f for f in (out / "retrain").iterdir() if (r.kind(f.name)[1] or "dense") == family]
         assert members

@@ -15,9 +15,10 @@
 # per model, to MLflow (OUT/mlflow.db unless MLFLOW_TRACKING_URI is set). Toy sizes for a check:
 # EXPERIMENT_PARAMS=other_params.yaml. The design, from the environment:
 #   SEEDS="1 2 3"                 runs per ablation arm (search seed = fine-tuning seed)
-#   LR_GRID="0.003 0.006"         fine-tuning LRs each family's sweep tries (3e-3: the earlier choice, made on
-#                                 the searched model alone; every curve was still falling at its end)
-#   SWEEP_UPDATES=200             updates per sweep run (the recipe otherwise; lowest validation loss wins)
+#   LR_GRID="0.0015 0.003 0.006"  fine-tuning LRs each family's sweep tries
+#   SWEEP_UPDATES=                updates per sweep run; empty: the fine-tuning length, and then the family's
+#                                 first model is its sweep run at the chosen LR (the same command). Shorter
+#                                 sweeps choose lower LRs than the full length would (BENCHMARKS.md section 3)
 #   LR_EXTEND=2                   a choice at an end of the grid sweeps one LR further, at most this often
 #   BUDGET_SLACK=0.02             a fine-tuned searched model may measure this much over its budget; beyond,
 #                                 its search runs again at a fraction scaled by the overshoot (budget_retry.py)
@@ -28,8 +29,8 @@ cd "$HERE/../../.."
 [ -f .venv/bin/activate ] && . .venv/bin/activate
 OUT=${1:-results/experiments/multi30k_fair}
 SEEDS=${SEEDS:-1 2 3}
-LR_GRID=${LR_GRID:-0.003 0.006}
-SWEEP_UPDATES=${SWEEP_UPDATES:-200}
+LR_GRID=${LR_GRID:-0.0015 0.003 0.006}
+SWEEP_UPDATES=${SWEEP_UPDATES:-}
 P="--params ${EXPERIMENT_PARAMS:-$HERE/params.yaml}"   # EXPERIMENT_PARAMS: another params file (the tests: toy sizes)
 export DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true
 mkdir -p "$OUT"
@@ -133,6 +134,20 @@ while true; do
   [ "${#SWEEP[@]}" -gt 0 ] || break
   pool "${SWEEP[@]}"
 done
+
+# with sweeps at the fine-tuning length, a family's first model at its chosen LR is that LR's
+# sweep run (the same command): it is linked (hard links; every write is a rename), not trained again
+if [ -z "$SWEEP_UPDATES" ]; then
+  for family in "${!FIRST[@]}"; do
+    if [ "$family" = dense ]; then name=dense_d256_l3x3_f1024; else name=${family}_s1; fi
+    src=$OUT/sweep/$family/lr${LR[$family]}
+    if [ ! -f "$OUT/retrain_$name.json" ] && [ -f "$OUT/sweep_${family}_lr${LR[$family]}.json" ]; then
+      mkdir -p "$OUT/retrain" && rm -rf "$OUT/retrain/$name" && cp -al "$src" "$OUT/retrain/$name"
+      cp "$OUT/sweep_${family}_lr${LR[$family]}.json" "$OUT/retrain_$name.json"
+      echo "== retrain_$name: the sweep's run at LR ${LR[$family]} (the same command)"
+    fi
+  done
+fi
 
 # fine-tuning: every model inherits its supernet slice and gets the same updates at its
 # family's LR; the slowest first
