@@ -250,8 +250,10 @@ def routing(models: dict[str, dict]) -> str:
         if not loads:
             continue
         busiest = ", ".join(f"{layer} {max(v):.2f} (1/{len(v)})" for layer, v in loads.items())
+        title = label(m["search"]) if m["search"] else name
+        title += (f", try {m['try']}" if m.get("try", 1) > 1 else "") + (" (replaced)" if m.get("replaced") else "")
         lines.append(
-            f"| {label(m['search']) if m['search'] else name} | {m['seed']} "
+            f"| {title} | {m['seed']} "
             f"| {m['gflops']:.3f} / {m['gflops_routed']:.3f} "
             f"| {m['params_active'] / 1e6:.2f}M / {m['params_active_routed'] / 1e6:.2f}M | {busiest} |"
         )
