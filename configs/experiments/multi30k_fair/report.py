@@ -384,7 +384,7 @@ def goals(models: dict[str, dict], curve: list[tuple[float, float]], out: Path |
         over = [m for m in judged if m["budget_verdict"]["over"]]
         slack = judged[0]["budget_verdict"]["slack"]
         lines.append(
-            f"- Every standing searched model within its budget on its fine-tuned routing (+{slack:.0%}): "
+            f"- Every standing searched model within its budget on its fine-tuned routing ({slack:+.0%}): "
             f"**{'missed' if over else 'met'}** ({len(judged) - len(over)} of {len(judged)}; "
             f"{sum(m['try'] > 1 for m in judged)} after a retry"
             + (
@@ -489,7 +489,7 @@ def budgets(models: dict[str, dict]) -> str:
             verdict = "**over, not replaced** (no try left, or the tighter search was refused)"
         lines.append(
             f"| {label(m['search'])} | {m['seed']} | {m['try']} | {v['fraction']:.4f} | {m['ratio']:.3f} "
-            f"| {v['budget']:.4f} (+{v['slack']:.0%}) | {verdict} |"
+            f"| {v['budget']:.4f} ({v['slack']:+.0%}) | {verdict} |"
         )
     if len(lines) == 2:
         return "No budget verdicts."
