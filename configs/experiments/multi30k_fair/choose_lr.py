@@ -29,13 +29,9 @@ def choose(sweep: Path, grid: tuple[float, ...] | None = None, max_extend: int =
     if not losses:
         raise ValueError(f"{sweep}: no finished sweep run (lr*/metrics.json)")
     lr = min(sorted(losses), key=lambda x: losses[x])
-    extend = None
-    if grid is not None and len(set(losses) - set(grid)) >= max_extend:
-        pass  # as far beyond the grid as allowed
-    elif len(losses) > 1 and lr == min(losses):
-        extend = lr / 2
-    elif len(losses) > 1 and lr == max(losses):
-        extend = lr * 2
+    extend = lr / 2 if lr == min(losses) else lr * 2 if lr == max(losses) else None
+    if len(losses) < 2 or (grid is not None and len(set(losses) - set(grid)) >= max_extend):
+        extend = None  # one LR chooses nothing; or as far beyond the grid as allowed
     return {"lr": lr, "valid_loss": {str(k): v for k, v in sorted(losses.items())}, "extend": extend}
 
 

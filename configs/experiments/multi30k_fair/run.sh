@@ -67,29 +67,31 @@ search() {  # search RUN FRACTION SEED [SPACE]   (RUN: SEARCH_sSEED, a retry SEA
 }
 declare -A BUDGET=([het_b33]=0.33333 [het_b50]=0.5 [hom_b50]=0.5 [dense_b50]=0.5)
 declare -A SPACE=([het_b33]="" [het_b50]="" [hom_b50]=$HERE/space_homogeneous.yaml [dense_b50]=$HERE/space_dense.yaml)
-# a refusal (exit 2: the budget is under the space's floor) is recorded, so a rerun does not ask again
-REFUSED=$OUT/search_het_b33_s1.refused
-if [ ! -f "$REFUSED" ]; then
-  rc=0
-  search het_b33_s1 0.33333 1 2> "$OUT/search_het_b33_s1.err" || rc=$?
-  if [ "$rc" -eq 2 ]; then tail -n 1 "$OUT/search_het_b33_s1.err" > "$REFUSED"; elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
-fi
-if [ -f "$REFUSED" ]; then echo "== search_het_b33_s1: refused: $(cat "$REFUSED")"; fi
+may_refuse() {  # may_refuse RUN FRACTION SEED [SPACE]: a search whose budget may be under the space's
+  # floor; a refusal (exit 2) is recorded in OUT/search_RUN.refused and not asked again (returns 2)
+  local refused=$OUT/search_$1.refused rc=0
+  if [ ! -f "$refused" ]; then
+    search "$@" 2> "$OUT/search_$1.err" || rc=$?
+    if [ "$rc" -eq 2 ]; then tail -n 1 "$OUT/search_$1.err" > "$refused"; elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
+  fi
+  if [ -f "$refused" ]; then echo "== search_$1: refused: $(cat "$refused")"; return 2; fi
+}
+may_refuse het_b33_s1 0.33333 1 || true
 for seed in $SEEDS; do
   for v in het_b50 hom_b50 dense_b50; do search "${v}_s$seed" "${BUDGET[$v]}" "$seed" "${SPACE[$v]}"; done
 done
 
-peak_lr() {  # peak_lr FOLDER: the highest LR a finished training's schedule reached
-  python -c 'import csv, sys; print(max(float(r["lr"]) for r in csv.DictReader(open(sys.argv[1]))))' "$1/curves.csv"
+other_lr() {  # other_lr FOLDER LR: succeeds, printing its peak LR, where a training's schedule peaked off LR
+  python -c 'import csv, sys; p = max(float(r["lr"]) for r in csv.DictReader(open(sys.argv[1])))
+sys.exit(print(p) if abs(p / float(sys.argv[2]) - 1) > 0.25 else 1)' "$1/curves.csv" "$2"
 }
 
 pool() {  # pool JOB...: "STEP OUT_FOLDER ARCH SEED LR UPDATES" per job, two at a time, one thread each
   local running=0 job name folder arch seed lr updates
   for job in "$@"; do  # a finished training whose family's LR changed since is not passed over silently
     read -r name folder arch seed lr updates <<< "$job"
-    if [ -f "$OUT/$name.json" ] && python -c 'import sys; sys.exit(abs(float(sys.argv[1]) / float(sys.argv[2]) - 1) < 0.25)' \
-      "$(peak_lr "$folder")" "$lr"; then
-      echo "run.sh: $folder was trained at LR $(peak_lr "$folder"), its family now chooses $lr: remove $OUT/$name.json and $folder to train it again (its evaluation follows)" >&2
+    if [ -f "$OUT/$name.json" ] && peak=$(other_lr "$folder" "$lr"); then
+      echo "run.sh: $folder was trained at LR $peak, its family now chooses $lr: remove $OUT/$name.json and $folder to train it again (its evaluation follows)" >&2
       exit 1
     fi
   done
@@ -200,10 +202,7 @@ while [ "${#CURRENT[@]}" -gt 0 ]; do
     next=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["next_fraction"] or "")' "$OUT/budget_$name.json")
     [ -n "$next" ] && [ "$try" -le "${MAX_TRIES:-3}" ] || continue
     run=${family}_s${seed}_t$try
-    rc=0
-    search "$run" "$next" "$seed" "${SPACE[$family]}" 2> "$OUT/search_$run.err" || rc=$?
-    if [ "$rc" -eq 2 ]; then echo "== search_$run: refused: $(tail -n 1 "$OUT/search_$run.err")"; continue; fi
-    [ "$rc" -eq 0 ] || exit "$rc"
+    may_refuse "$run" "$next" "$seed" "${SPACE[$family]}" || continue
     NEXT+=("$run $family $seed $next")
     RETRAIN+=("retrain_$run $OUT/retrain/$run $OUT/search/$run/best_arch.yaml $seed ${LR[$family]}")
   done
